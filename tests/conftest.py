@@ -1,0 +1,34 @@
+"""Shared pytest fixtures for the whole test suite.
+
+Keep fixtures here small, documented and cheap; add new ones below the existing ones.
+
+``tiny_checkpoint``
+    Session-scoped factory: ``tiny_checkpoint(arch, seed=0) -> Path`` of a folder
+    written by ``save_pretrained`` (``model.safetensors``, ``config.json``, and the
+    tiny character tokenizer) for one of ``expertkit.models.tiny.TINY_ARCHS``. Each
+    ``(arch, seed)`` is built once per session and shared, so treat the folder as
+    read-only: copy it (``shutil.copytree``) before changing anything in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from expertkit.models.tiny import save_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory ``(arch, seed=0) -> Path`` of a saved tiny model (shared, read-only)."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def make(arch: str, seed: int = 0) -> Path:
+        key = (arch, seed)
+        if key not in cache:
+            cache[key] = save_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}-{seed}"), seed)
+        return cache[key]
+
+    return make

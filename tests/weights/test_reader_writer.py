@@ -1,0 +1,356 @@
+"""Round trips through ShardedWriter and Checkpoint, atomicity, and the pickle guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from expertkit.errors import CheckpointError, ConfigError, PickleRefusedError, UnknownNameError
+from expertkit.weights.reader import Checkpoint
+from expertkit.weights.writer import (
+    INDEX_NAME,
+    SINGLE_SHARD,
+    TEMPLATE_FILES,
+    ShardedWriter,
+    parse_size,
+    save_state_dict,
+    shard_file_name,
+)
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "f32": torch.randn(7, 5, generator=g),
+        "bf16": torch.randn(3, 11, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(13, generator=g).to(torch.float16),
+        "f64": torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+        "i64": torch.arange(-20, 17, dtype=torch.int64),
+        "i32": torch.tensor([[1, -2], [3, 2**31 - 1]], dtype=torch.int32),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255, 7], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True, True, False]),
+        "scalar_f32": torch.tensor(3.25),
+        "scalar_i64": torch.tensor(-9, dtype=torch.int64),
+        "empty": torch.empty(0, 4),
+        "empty_bf16": torch.empty(3, 0, dtype=torch.bfloat16),
+        "big": torch.randn(40, 10, generator=g),  # 1600 bytes: bigger than the shard size below
+        "noncontig": torch.arange(24, dtype=torch.float32).reshape(4, 6).t(),
+    }
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype, name
+        assert got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with Checkpoint(path) as ckpt:
+        return dict(ckpt.iter_tensors())
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], *, layout: bool, **kw) -> Path:
+    lay = [(n, t.shape, t.dtype) for n, t in tensors.items()] if layout else None
+    with ShardedWriter(out, layout=lay, **kw) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+    return out
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+# ----------------------------------------------------------------- round trips
+@pytest.mark.parametrize("layout", [False, True])
+def test_sharded_round_trip(tmp_path: Path, layout: bool) -> None:
+    tensors = _tensors()
+    out = _write(tmp_path / "out", tensors, layout=layout, max_shard_size=300)
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and INDEX_NAME in files
+    assert files == sorted(shards + [INDEX_NAME])  # no spill or temp files left
+    assert shards == [shard_file_name(i, len(shards)) for i in range(len(shards))]
+    _assert_same(_read_all(out), tensors)
+    # the safetensors library reads every shard, and the index is right
+    index = json.loads((out / INDEX_NAME).read_text())
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == total
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = load_file(out / shard)
+        assert all(index["weight_map"][n] == shard for n in part)
+        loaded.update(part)
+        with safe_open(out / shard, "pt") as f:
+            assert f.metadata()["format"] == "pt"
+    _assert_same(loaded, tensors)
+    assert _siblings(out) == ["out"]  # no temporary folder left
+
+
+def test_shard_limits(tmp_path: Path) -> None:
+    tensors = {"a": torch.zeros(25), "b": torch.zeros(25), "huge": torch.zeros(100), "c": torch.zeros(10)}
+    out = _write(tmp_path / "o", tensors, layout=False, max_shard_size=200)
+    wm = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    # a+b fill the first shard (200 bytes), huge (400 bytes) gets its own, c starts a new one
+    assert wm == {"a": shard_file_name(0, 3), "b": shard_file_name(0, 3),
+                  "huge": shard_file_name(1, 3), "c": shard_file_name(2, 3)}
+
+
+def test_single_shard_has_no_index(tmp_path: Path) -> None:
+    tensors = _tensors()
+    out = save_state_dict(tensors, tmp_path / "one", metadata={"note": "hi"})
+    assert sorted(p.name for p in out.iterdir()) == [SINGLE_SHARD]
+    _assert_same(load_file(out / SINGLE_SHARD), tensors)
+    with Checkpoint(out) as ckpt:
+        assert ckpt.metadata == {"format": "pt", "note": "hi"}
+
+
+def test_layout_and_stream_give_identical_bytes(tmp_path: Path) -> None:
+    tensors = _tensors()
+    a = _write(tmp_path / "a", tensors, layout=False, max_shard_size=500)
+    b = _write(tmp_path / "b", tensors, layout=True, max_shard_size=500)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_data_is_aligned(tmp_path: Path) -> None:
+    tensors = {"flag": torch.tensor([True, False, True]), "w": torch.arange(5, dtype=torch.float64)}
+    out = save_state_dict(tensors, tmp_path / "o")
+    with Checkpoint(out) as ckpt:
+        for info in ckpt.infos():
+            assert info.offset % info.dtype.itemsize == 0, info
+
+
+def test_layout_any_order(tmp_path: Path) -> None:
+    tensors = _tensors()
+    layout = [(n, t.shape, t.dtype) for n, t in tensors.items()]
+    with ShardedWriter(tmp_path / "o", layout=layout, max_shard_size=300) as w:
+        for name in reversed(list(tensors)):
+            w.add(name, tensors[name])
+    _assert_same(_read_all(tmp_path / "o"), tensors)
+
+
+def test_progress_hook(tmp_path: Path) -> None:
+    seen: list[str] = []
+    save_state_dict({"x": torch.ones(2), "y": torch.zeros(3)}, tmp_path / "o", on_tensor=seen.append)
+    assert seen == ["x", "y"]
+
+
+# ----------------------------------------------------------------- atomicity
+@pytest.mark.parametrize("layout", [False, True])
+def test_exception_mid_write_leaves_nothing(tmp_path: Path, layout: bool) -> None:
+    tensors = _tensors()
+    lay = [(n, t.shape, t.dtype) for n, t in tensors.items()] if layout else None
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardedWriter(tmp_path / "out", layout=lay, max_shard_size=300) as w:
+            for i, (name, t) in enumerate(tensors.items()):
+                if i == 6:
+                    raise RuntimeError("boom")
+                w.add(name, t)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_layout_tensor_errors_and_leaves_nothing(tmp_path: Path) -> None:
+    layout = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
+    with pytest.raises(CheckpointError, match="never added"):
+        with ShardedWriter(tmp_path / "out", layout=layout) as w:
+            w.add("a", torch.ones(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_layout_mismatch_and_unknown_name(tmp_path: Path) -> None:
+    w = ShardedWriter(tmp_path / "out", layout=[("a", (2,), torch.float32)])
+    with pytest.raises(CheckpointError, match="layout declares"):
+        w.add("a", torch.ones(3))
+    with pytest.raises(UnknownNameError, match="Did you mean 'a'"):
+        w.add("aa", torch.ones(2))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_name_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="already added"):
+        with ShardedWriter(tmp_path / "out") as w:
+            w.add("x", torch.ones(2))
+            w.add("x", torch.ones(2))
+    with pytest.raises(CheckpointError, match="twice in the layout"):
+        ShardedWriter(tmp_path / "out", layout=[("x", (1,), torch.float32)] * 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_tensors_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no tensors"):
+        with ShardedWriter(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_semantics(tmp_path: Path) -> None:
+    out = save_state_dict({"v": torch.tensor([1.0])}, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="exists.*overwrite=True"):
+        ShardedWriter(out)
+    # a failed overwrite keeps the old folder untouched
+    with pytest.raises(RuntimeError):
+        with ShardedWriter(out, overwrite=True) as w:
+            w.add("v", torch.tensor([2.0]))
+            raise RuntimeError("fail")
+    assert torch.equal(load_file(out / SINGLE_SHARD)["v"], torch.tensor([1.0]))
+    # the old folder stays in place until the new one is complete
+    w = ShardedWriter(out, overwrite=True, max_shard_size=4)
+    w.add("v", torch.tensor([3.0]))
+    w.add("u", torch.tensor([4.0]))
+    assert torch.equal(load_file(out / SINGLE_SHARD)["v"], torch.tensor([1.0]))
+    assert w.finish() == out
+    _assert_same(_read_all(out), {"v": torch.tensor([3.0]), "u": torch.tensor([4.0])})
+    assert not (out / SINGLE_SHARD).exists()  # nothing stale from the old folder
+    assert _siblings(out) == ["out"]
+    with pytest.raises(CheckpointError, match="finished"):
+        w.add("z", torch.ones(1))
+
+
+def test_template_files_copied(tmp_path: Path) -> None:
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "config.json").write_text('{"a": 1}')
+    (tpl / "tokenizer.json").write_text("{}")
+    (tpl / "model.safetensors").write_bytes(b"not copied")
+    (tpl / "notes.txt").write_text("not copied")
+    out = save_state_dict({"x": torch.ones(1)}, tmp_path / "out", template=tpl)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (out / "config.json").read_text() == '{"a": 1}'
+    assert "config.json" in TEMPLATE_FILES and "merges.txt" in TEMPLATE_FILES
+    with pytest.raises(CheckpointError, match="template"):
+        ShardedWriter(tmp_path / "x", template=tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [(123, 123), ("500MB", 500 * 10**6), ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29),
+     ("10 kib", 10240), ("7", 7), ("64B", 64)],
+)
+def test_parse_size(text: int | str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "2XB", "GB", "-1MB", 0, -5, 1.5, True])
+def test_parse_size_rejects(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(bad)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- reader
+def test_reader_lists_without_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = _tensors()
+    out = _write(tmp_path / "out", tensors, layout=True, max_shard_size=300)
+
+    def no_read(*a: object, **k: object) -> None:
+        raise AssertionError("data was read")
+
+    with Checkpoint(out) as ckpt:
+        monkeypatch.setattr(Checkpoint, "read", no_read)
+        assert sorted(ckpt.names()) == sorted(tensors)
+        for name, t in tensors.items():
+            info = ckpt.info(name)
+            assert info.shape == tuple(t.shape) and info.dtype == t.dtype
+            assert info.nbytes == t.numel() * t.element_size()
+        assert ckpt.num_parameters == sum(t.numel() for t in tensors.values())
+        assert ckpt._handles == {}
+
+
+def test_reader_one_handle_per_shard(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.full((8,), float(i)) for i in range(40)}
+    out = _write(tmp_path / "out", tensors, layout=False, max_shard_size=100)
+    with Checkpoint(out) as ckpt:
+        assert len(ckpt.shards) > 5
+        for _ in range(3):
+            for name in reversed(ckpt.names()):
+                assert torch.equal(ckpt.read(name), tensors[name])
+        assert len(ckpt._handles) <= len(ckpt.shards)
+    assert ckpt._handles == {}
+
+
+def test_reader_refuses_pickles(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(4.0), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    for suffix in (".bin", ".pt"):
+        folder = tmp_path / suffix.strip(".")
+        folder.mkdir()
+        torch.save(tensors, folder / f"pytorch_model{suffix}")
+        for path in (folder, folder / f"pytorch_model{suffix}"):
+            with pytest.raises(PickleRefusedError, match="allow_pickle"):
+                Checkpoint(path)
+        with Checkpoint(folder, allow_pickle=True) as ckpt:
+            _assert_same(dict(ckpt.iter_tensors()), tensors)
+
+
+def test_truncated_shard_errors(tmp_path: Path) -> None:
+    out = save_state_dict({"a": torch.randn(100), "b": torch.randn(100)}, tmp_path / "out")
+    shard = out / SINGLE_SHARD
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Checkpoint(out)
+    shard.write_bytes(data[:20])
+    with pytest.raises(CheckpointError):
+        Checkpoint(out)
+
+
+def test_reader_reads_safetensors_library_output(tmp_path: Path) -> None:
+    tensors = _tensors()
+    tensors["noncontig"] = tensors["noncontig"].contiguous()
+    (tmp_path / "m").mkdir()
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    _assert_same(_read_all(tmp_path / "m"), tensors)
+
+
+# ------------------------------------------------------------- transformers
+def test_transformers_round_trip(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    with Checkpoint(src) as ckpt:
+        layout = [(i.name, i.shape, i.dtype) for i in ckpt.infos()]
+        with ShardedWriter(tmp_path / "dst", template=src, layout=layout, max_shard_size="20KB") as w:
+            for name, t in ckpt.iter_tensors():
+                w.add(name, t)
+    dst = tmp_path / "dst"
+    assert (dst / "config.json").exists() and (dst / INDEX_NAME).exists()
+    assert len(list(dst.glob("*.safetensors"))) > 2
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = reloaded(ids).logits
+    assert torch.equal(got, want)
+    ref = model.state_dict()
+    for name, t in reloaded.state_dict().items():
+        assert torch.equal(t, ref[name]), name
+
+
+def test_rewrite_in_place_from_reader_infos(tmp_path: Path) -> None:
+    tensors = _tensors()
+    out = _write(tmp_path / "m", tensors, layout=False, max_shard_size=300)
+    (out / "config.json").write_text("{}")
+    with Checkpoint(out) as ckpt:  # read the old folder while its replacement is written
+        with ShardedWriter(out, layout=ckpt.infos(), template=out, overwrite=True, max_shard_size="1MB") as w:
+            for name in ckpt.names():
+                w.add(name, ckpt.read(name))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_SHARD]
+    _assert_same(load_file(out / SINGLE_SHARD), tensors)
+    assert _siblings(out) == ["m"]
