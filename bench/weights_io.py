@@ -184,11 +184,12 @@ def verify(src: Path, work: Path) -> dict:
 def main() -> None:
     """Run the benchmark (or one measured child when ``--child`` is given)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="safetensors folder or file (default: bundled SmolLM2 in fp32)")
+    ap.add_argument("--model", type=Path, help="safetensors folder or file (default: SmolLM2 in fp32)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-shard-size", default="200MB")
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    ap.add_argument("--child", choices=["expertkit", "peer", "build", "describe", "verify"], help=argparse.SUPPRESS)
+    children = ["expertkit", "peer", "build", "describe", "verify"]
+    ap.add_argument("--child", choices=children, help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -225,7 +226,8 @@ def main() -> None:
                  "repeats": args.repeats, "cpus": os.cpu_count(), "verified_tensors": n_checked}
     for kind, rs in runs.items():
         wall = statistics.median(r["wall_s"] for r in rs)
-        res[kind] = {"wall_s": wall, "mb_per_s": total / mb / wall, "best_wall_s": min(r["wall_s"] for r in rs),
+        res[kind] = {"wall_s": wall, "mb_per_s": total / mb / wall,
+                     "best_wall_s": min(r["wall_s"] for r in rs),
                      "peak_above_baseline_mb": max(r["peak_above_baseline"] for r in rs) / mb,
                      "baseline_mb": statistics.median(r["baseline_rss"] for r in rs) / mb,
                      "walls_s": [round(r["wall_s"], 3) for r in rs]}

@@ -74,3 +74,28 @@ def test_info_refuses_pickle_exit_2_one_line(tmp_path, capsys):
     code, out, _ = run_cli(["info", str(tmp_path), "--allow-pickle", "--json"], capsys)
     assert code == 0
     assert json.loads(out)["num_parameters"] == 2
+
+
+EXPECTED_MOE = {"mixtral": ("expert", "router"), "qwen2_moe": ("expert", "router", "shared_expert"),
+                "switch_transformers": ("expert", "router")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "t5", "mixtral", "qwen2_moe",
+                                  "switch_transformers"])
+def test_info_lists_groups_for_every_tiny_architecture(arch, tiny_checkpoint, capsys):
+    code, out, err = run_cli(["info", str(tiny_checkpoint(arch)), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["architecture"] == arch and not summary["inferred"]
+    assert summary["other"] == []
+    groups = summary["groups"]
+    assert {"embedding", "attention", "norm"} <= set(groups)
+    assert sum(g["tensors"] for g in groups.values()) == summary["num_tensors"]
+    for group in EXPECTED_MOE.get(arch, ()):
+        assert group in groups, group
+    if arch in EXPECTED_MOE:
+        assert summary["num_experts"] == 4
+        layers = 4 if arch == "switch_transformers" else 2  # switch: MoE layers over encoder + decoder
+        assert groups["router"]["tensors"] == layers
+    else:
+        assert "expert" not in groups and "router" not in groups and summary["num_experts"] == 0

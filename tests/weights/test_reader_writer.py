@@ -354,3 +354,31 @@ def test_rewrite_in_place_from_reader_infos(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_SHARD]
     _assert_same(load_file(out / SINGLE_SHARD), tensors)
     assert _siblings(out) == ["m"]
+
+
+def test_stream_mode_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unsupported(*a: object) -> int:
+        raise OSError(38, "copy_file_range not supported")
+
+    monkeypatch.setattr("expertkit.weights.writer.os.copy_file_range", unsupported)
+    tensors = _tensors()
+    out = _write(tmp_path / "out", tensors, layout=False, max_shard_size=300)
+    _assert_same(_read_all(out), tensors)
+
+
+def test_abandoned_writer_cleans_up(tmp_path: Path) -> None:
+    w = ShardedWriter(tmp_path / "out")
+    w.add("x", torch.ones(3))
+    assert len(list(tmp_path.iterdir())) == 1  # the hidden temporary folder
+    del w
+    import gc
+
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_shards_are_not_executable(tmp_path: Path, layout: bool) -> None:
+    out = _write(tmp_path / "out", _tensors(), layout=layout, max_shard_size=300)
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o111 == 0, p.name

@@ -85,7 +85,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if not isinstance(t, torch.Tensor):
         raise InputTypeError(f"expected a torch.Tensor, got {type(t).__name__}.")
     if t.layout != torch.strided or t.is_meta:
-        raise CheckpointError(f"cannot save a {t.layout} / meta tensor; materialize it as a dense tensor first.")
+        raise CheckpointError(f"cannot save a {t.layout}/meta tensor; make it a dense tensor with data.")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -214,22 +214,24 @@ class ShardedWriter:
 
     def _check_open(self) -> None:
         if self._state != "open":
-            raise CheckpointError(f"the writer for {self.out_dir} is {self._state}; start a new ShardedWriter.")
+            raise CheckpointError(f"the writer for {self.out_dir} is {self._state}; start a new one.")
 
     def _check_target(self) -> None:
         if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.overwrite:
-            raise CheckpointError(f"output folder exists: {self.out_dir}. Choose another path or pass overwrite=True.")
+            raise CheckpointError(
+                f"output folder exists: {self.out_dir}. Choose another path or pass overwrite=True.")
 
     def _entry(self, name: str, shape: Iterable[int], dtype: torch.dtype) -> _Entry:
         if not isinstance(name, str) or not name or name == "__metadata__":
-            raise CheckpointError(f"invalid tensor name {name!r}: use a non-empty string other than '__metadata__'.")
+            raise CheckpointError(f"bad tensor name {name!r}: use a non-empty string, not '__metadata__'.")
         shape = [int(s) for s in shape]
         itemsize = dtype.itemsize
         return _Entry(name, dtype_name(dtype), shape, math.prod(shape) * itemsize, itemsize)
 
     def _breaks_before(self, shard: _OpenShard, nbytes: int) -> bool:
         """Shard rule: fill up to max_shard_size; an oversized tensor gets a shard of its own."""
-        return bool(shard.entries) and (shard.size + nbytes > self.max_shard_size or nbytes > self.max_shard_size)
+        limit = self.max_shard_size
+        return bool(shard.entries) and (shard.size + nbytes > limit or nbytes > limit)
 
     def _groups(self, entries: list[_Entry]) -> list[list[_Entry]]:
         groups = [_OpenShard()]
@@ -278,7 +280,8 @@ class ShardedWriter:
         shard = self._open
         key = ("spill", entry.itemsize)
         if entry.nbytes and key not in self._fds:
-            self._fds[key] = os.open(self.tmp_dir / f".spill-{entry.itemsize}", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            spill = self.tmp_dir / f".spill-{entry.itemsize}"
+            self._fds[key] = os.open(spill, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         entry.pos = shard.spills.get(entry.itemsize, 0)
         if entry.nbytes:
             _pwrite_all(self._fds[key], data, entry.pos)
@@ -294,7 +297,7 @@ class ShardedWriter:
         header, _, _ = _lay_out(shard.entries, self.metadata)
         k = len(self._shard_names)
         fname = f".part-{k:05d}"
-        fd = self._fds["part"] = os.open(self.tmp_dir / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        fd = self._fds["part"] = os.open(self.tmp_dir / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         _pwrite_all(fd, memoryview(header), 0)
         pos = len(header)
         for itemsize in sorted(shard.spills, reverse=True):
@@ -323,8 +326,8 @@ class ShardedWriter:
         if self._layout is not None:
             declared, shard, offset = self._layout[name]
             if (declared.shape, declared.dtype) != (entry.shape, entry.dtype):
-                raise CheckpointError(f"tensor '{name}' is {entry.dtype} {entry.shape} but the layout declares "
-                                      f"{declared.dtype} {declared.shape}; fix the layout or the tensor.")
+                raise CheckpointError(f"tensor '{name}' is {entry.dtype} {entry.shape} but the layout "
+                                      f"declares {declared.dtype} {declared.shape}; fix one of them.")
             self._write_at(declared, shard, offset, data)
         else:
             self._append(entry, data)
@@ -414,7 +417,9 @@ class ShardedWriter:
             self.finish()
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike[str], **kwargs: Any
+) -> Path:
     """Write a whole state dict as a (sharded) checkpoint folder; ``kwargs`` go to :class:`ShardedWriter`."""
     for name, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
