@@ -100,6 +100,8 @@ def error_lines(exc: ValidationError, model: type[BaseModel], prefix: tuple[Any,
             lines.append(f"{where}: unknown key '{bad}'.{hint}")
         elif err["type"] == "missing":
             lines.append(f"{where}: required field is missing.")
+        elif err["type"] == "value_error":
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{where}: {err['msg']} (got {err.get('input')!r}).")
     return lines

@@ -28,6 +28,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+from expertkit.cli.tasks_cmd import tasks_app  # noqa: E402 - after app, as the CLI's sub-apps
+
+app.add_typer(tasks_app, name="tasks")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

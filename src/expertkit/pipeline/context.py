@@ -15,6 +15,7 @@ class RunContext:
 
     config: RunConfig
     run_dir: Path
+    results: dict[str, Any] = field(default_factory=dict)  # stage name -> saved result of earlier stages
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -31,6 +32,10 @@ class RunContext:
             with status(f"Loading {self.config.model}"):
                 self._model = load_model(self.config.model)
         return self._model
+
+    def earlier(self, kind: str) -> list[dict[str, Any]]:
+        """Results of the earlier stages of ``kind``, in run order."""
+        return [saved["result"] for saved in self.results.values() if saved.get("kind") == kind]
 
     def model_path(self) -> Path:
         """Local folder of the base model (bundled models are converted on first use)."""

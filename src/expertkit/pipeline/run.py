@@ -68,7 +68,7 @@ def run_pipeline(source: str | Path | ParsedRun, *, output_dir: str | Path | Non
          "stages": [{"kind": s.kind, "name": s.name, **s.params.model_dump(mode="json")} for s in run.stages]},
         sort_keys=False))
     ctx = RunContext(config=run.config, run_dir=run_dir)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = ctx.results
     for i, spec in enumerate(run.stages):
         stage = STAGES.get(spec.kind)
         sdir = _stage_dir(run_dir, i, spec)

@@ -8,6 +8,8 @@ whichever answer follows, so per-choice log-likelihoods compare like with like.
 
 * :func:`choice_logprobs`: sum of log-probabilities of each continuation after
   its prompt, batched with right padding (positions stay ``0..len-1``).
+* :func:`shared_prefix_logprobs`: the same numbers with each prompt run once and its
+  KV cache shared by all of its continuations (what evaluation uses).
 * :func:`greedy_generate`: greedy generation with left padding; generation stops
   early once every row has finished a line (or produced EOS), and each
   prediction is the first non-empty line of the new text.
@@ -102,6 +104,68 @@ def choice_logprobs(
         for row, i in enumerate(batch):
             p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
             out[i] = float(tok_lp[row, p_len - 1 : p_len - 1 + c_len].sum())
+    return out
+
+
+def _forward_last(model: Any, **inputs: Any) -> Any:
+    """Forward asking for last-position logits only when the model supports it."""
+    try:
+        return model(**inputs, logits_to_keep=1)
+    except TypeError:  # a model without ``logits_to_keep``: full logits
+        return model(**inputs)
+
+
+@torch.inference_mode()
+def shared_prefix_logprobs(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    description: str = "Scoring",
+) -> list[list[float]]:
+    """Summed log p(continuation | prompt) for every continuation of every prompt, prompt run once.
+
+    ``continuations[i]`` are the candidate id lists for ``prompts[i]``. Each batch of
+    ``batch_size`` prompts runs once, left-padded with explicit position ids, keeping its
+    KV cache; the first continuation token is scored from the last prompt position. The
+    remaining tokens of all multi-token continuations then run in one forward over the
+    cache rows of their prompts (right-padded). Equals :func:`choice_logprobs` on
+    ``(prompt, continuation)`` pairs, at about ``1 / n_choices`` of the prompt cost.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    out: list[list[float]] = [[0.0] * len(c) for c in continuations]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for batch in track(_batches(order, batch_size), description):
+        ids, mask = pad([prompts[i] for i in batch], pad_id, side="left")  # (B, Lp)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp): real tokens at 0..len-1
+        res = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)  # (B, V)
+        rows = []  # (batch row, example, choice) of continuations longer than one token
+        for b, i in enumerate(batch):
+            for j, cont in enumerate(continuations[i]):
+                if cont:
+                    out[i][j] = float(first[b, cont[0]])
+                if len(cont) > 1:
+                    rows.append((b, i, j))
+        if not rows:
+            continue
+        cache = res.cache  # transformers 5: ``cache`` (formerly ``past_key_values``)
+        cache.reorder_cache(torch.tensor([b for b, _, _ in rows]))  # (R, ...) one cache row per continuation
+        feed = [list(continuations[i][j][:-1]) for _, i, j in rows]  # tokens fed; they predict cont[1:]
+        cont_ids, cont_mask = pad(feed, pad_id, side="right")  # (R, Lc)
+        row_b = torch.tensor([b for b, _, _ in rows])  # (R,)
+        full_mask = torch.cat([mask[row_b], cont_mask], dim=1)  # (R, Lp + Lc)
+        cont_pos = mask[row_b].sum(1, keepdim=True) + torch.arange(cont_ids.shape[1])  # (R, Lc)
+        logits = model(
+            input_ids=cont_ids, attention_mask=full_mask, position_ids=cont_pos, cache=cache, use_cache=True,
+        ).logits.float()  # (R, Lc, V)
+        logp = torch.log_softmax(logits, dim=-1)  # (R, Lc, V)
+        for r, (_, i, j) in enumerate(rows):
+            targets = torch.tensor(continuations[i][j][1:])  # (Lc_r,)
+            out[i][j] += float(logp[r, : len(targets)].gather(-1, targets[:, None]).sum())
     return out
 
 

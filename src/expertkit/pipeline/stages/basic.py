@@ -1,4 +1,4 @@
-"""Built-in pipeline stages. Each is registered by kind with its parameter model.
+"""Basic stages on the base model. Each is registered by kind with its parameter model.
 
 * ``inspect``: architecture, parameter count, dtypes and tensor groups of the base checkpoint.
 * ``generate``: greedy answers of the base model to a list of prompts (chat template when the

@@ -1,0 +1,163 @@
+"""Stages of the expert zoo: train LoRA experts, evaluate base and experts on every task.
+
+* ``train_experts``: one LoRA expert per task on the run's base model; adapters go to
+  ``<run>/experts/<task>/`` (standard PEFT folders). Interrupted training resumes.
+* ``evaluate``: the base model and every expert trained earlier in the run, on every task;
+  accuracy with a 95% Wilson interval, a models x tasks heatmap (``heatmap.png``), and for each
+  expert whether it beats the base on its own task beyond the intervals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from expertkit.config import Config
+from expertkit.pipeline.config import STAGES
+from expertkit.pipeline.context import RunContext
+from expertkit.train.config import LoraTrainConfig
+
+
+def _known_tasks(names: list[str]) -> list[str]:
+    """Check task names at validation time (no weights are loaded)."""
+    from expertkit.errors import UnknownNameError
+    from expertkit.tasks.base import get_task
+
+    for name in names:
+        try:
+            get_task(name)
+        except UnknownNameError as exc:  # pydantic reports ValueErrors beside the file's other errors
+            raise ValueError(str(exc)) from None
+    if len(set(names)) != len(names):
+        raise ValueError("a task is listed twice")
+    return names
+
+
+class TrainExpertsParams(Config):
+    """Parameters of the ``train_experts`` stage."""
+
+    tasks: list[str] = Field(min_length=1, description="one LoRA expert is trained per task")
+    train: LoraTrainConfig = Field(default_factory=LoraTrainConfig, description="LoRA training settings")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        return _known_tasks(v)
+
+
+class TrainExpertsStage:
+    """Train one LoRA expert per task."""
+
+    def run(self, ctx: RunContext, params: TrainExpertsParams) -> dict[str, Any]:
+        """Train (or resume, or reuse) each expert."""
+        from expertkit.train import train_lora
+
+        loaded = ctx.model()
+        experts = {}
+        for task in params.tasks:
+            out = ctx.run_dir / "experts" / task
+            res = train_lora(loaded, task, out, params.train.model_copy(update={"seed": ctx.seed}))
+            experts[task] = {"path": str(out.relative_to(ctx.run_dir)), "task": task,
+                             "steps": params.train.steps, "final_loss": res.final_loss,
+                             "train_loss": res.train_loss, "seconds": round(res.seconds, 1)}
+        return {"experts": experts}
+
+    def report(self, result: dict[str, Any]) -> str:
+        """A table of experts."""
+        rows = ["| expert | task | steps | final loss | seconds |", "|---|---|---:|---:|---:|"]
+        for name, e in result["experts"].items():
+            rows.append(f"| {name} | {e['task']} | {e['steps']} | {e['final_loss']:.3f} | {e['seconds']} |")
+        return "\n".join(rows)
+
+
+class EvaluateParams(Config):
+    """Parameters of the ``evaluate`` stage."""
+
+    tasks: list[str] | None = Field(None, description="tasks to evaluate on; default: the experts' tasks")
+    n: int = Field(100, ge=1, description="examples per task")
+    split: str = Field("test", pattern="^(validation|test)$", description="validation or test")
+    batch_size: int = Field(16, ge=1, description="examples per forward pass")
+    include_base: bool = Field(True, description="also evaluate the base model")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _known_tasks(v)
+
+
+def beats(expert: dict[str, Any], base: dict[str, Any]) -> bool:
+    """True when the expert's 95% interval lies entirely above the base's."""
+    return expert["ci"][0] > base["ci"][1]
+
+
+class EvaluateStage:
+    """Evaluate the base and the run's experts on every task."""
+
+    def run(self, ctx: RunContext, params: EvaluateParams) -> dict[str, Any]:
+        """Fill the models x tasks accuracy matrix."""
+        from expertkit.models.bundled import cache_root
+        from expertkit.pipeline.plots import heatmap
+        from expertkit.tasks.evaluate import evaluate
+
+        experts: dict[str, dict[str, Any]] = {}
+        for res in ctx.earlier("train_experts"):
+            experts.update(res["experts"])
+        tasks = params.tasks or [e["task"] for e in experts.values()]
+        if not tasks:
+            from expertkit.errors import ConfigError
+
+            raise ConfigError("evaluate: no tasks given and no experts trained earlier in the run; "
+                              "add 'tasks:' to the stage or a train_experts stage before it.")
+        models: dict[str, Path | None] = {"base": None} if params.include_base else {}
+        models.update({f"expert:{name}": ctx.run_dir / e["path"] for name, e in experts.items()})
+        loaded = ctx.model()
+        matrix: dict[str, dict[str, Any]] = {}
+        for label, adapter in models.items():
+            matrix[label] = {}
+            for task in tasks:
+                r = evaluate(loaded, None, task, split=params.split, n=params.n, seed=ctx.seed,
+                             batch_size=params.batch_size, adapter=adapter, cache_dir=cache_root() / "eval")
+                matrix[label][task] = {"accuracy": r.accuracy, "ci": [r.ci_low, r.ci_high], "n": r.n}
+        own = {}
+        if "base" in matrix:
+            for name, e in experts.items():
+                if e["task"] in tasks:
+                    mine, base = matrix[f"expert:{name}"][e["task"]], matrix["base"][e["task"]]
+                    own[name] = {"task": e["task"], "expert": mine["accuracy"], "base": base["accuracy"],
+                                 "beats_base_beyond_ci": beats(mine, base)}
+        rows = list(matrix)
+        highlight = [(rows.index(f"expert:{n}"), tasks.index(o["task"])) for n, o in own.items()]
+        heatmap([[matrix[m][t]["accuracy"] for t in tasks] for m in rows], rows, tasks,
+                ctx.run_dir / "heatmap.png", title=f"accuracy on {params.split} (n={params.n} per task)",
+                highlight=highlight)
+        return {"tasks": tasks, "split": params.split, "n": params.n, "matrix": matrix, "own_task": own,
+                "heatmap": "heatmap.png"}
+
+    def report(self, result: dict[str, Any]) -> str:
+        """The accuracy matrix with intervals, the heatmap, and the own-task verdicts."""
+        tasks = result["tasks"]
+        lines = [f"![models x tasks accuracy]({result['heatmap']})", "",
+                 "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for model, row in result["matrix"].items():
+            cells = []
+            for t in tasks:
+                c = row[t]
+                cells.append(f"{c['accuracy']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += ["", f"Accuracy on the {result['split']} split, n = {result['n']} per task, "
+                  "with 95% Wilson intervals in brackets."]
+        if result["own_task"]:
+            lines += ["", "| expert | own task | base | expert | beats base beyond the 95% intervals |",
+                      "|---|---|---:|---:|---|"]
+            for name, o in result["own_task"].items():
+                verdict = "yes" if o["beats_base_beyond_ci"] else "**no**"
+                lines.append(f"| {name} | {o['task']} | {o['base']:.2f} | {o['expert']:.2f} | {verdict} |")
+        return "\n".join(lines)
+
+
+STAGES.add("train_experts", TrainExpertsStage(), params=TrainExpertsParams,
+           summary="train one LoRA expert per task on the base model")
+STAGES.add("evaluate", EvaluateStage(), params=EvaluateParams,
+           summary="accuracy of the base and every expert on every task, with a heatmap")

@@ -1,0 +1,75 @@
+"""Configuration of LoRA expert training."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from expertkit.config import Config
+
+#: Fields that may differ between an interrupted run and its resumption.
+RESUME_FREE_FIELDS = frozenset({"resume", "save_every", "eval_n", "eval_split"})
+
+
+class LoraTrainConfig(Config):
+    """How to train one LoRA expert (frozen; unknown keys are errors).
+
+    Defaults suit the bundled 135M model on 2 CPU cores: rank 8 on the attention
+    and MLP projections, AdamW at 2e-3, batch 8, 40 steps (about 2 minutes at about
+    3 s per step). Measured: family_relation 0.30 -> 0.95 (test, n=64) after 40 steps;
+    reverse_words 0.00 -> 0.96 (n=48) after 60 steps.
+    """
+
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    schedule: Literal["constant", "linear"] = Field(
+        "constant", description="learning-rate schedule after warmup: constant, or linear decay to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps from 0 to lr")
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"),
+        min_length=1,
+        description="module-name suffixes that get a LoRA adapter (a suffix matching nothing is an error)",
+    )
+    batch_size: int = Field(8, ge=1, description="examples per step")
+    seed: int = Field(0, description="seed of LoRA init, dropout, data draw and data order")
+    optimizer: str = Field("adamw", description="a name registered in expertkit.train.OPTIMIZERS")
+    optimizer_params: dict[str, Any] = Field(
+        default_factory=dict, description="optimizer hyperparameters, checked against the optimizer's params"
+    )
+    train_examples: int | None = Field(
+        None, ge=1, description="size of the training pool drawn from the train split; None = steps * batch_size"
+    )
+    max_prompt_tokens: int = Field(256, ge=1, description="longer prompts keep their last tokens")
+    save_every: int = Field(25, ge=0, description="checkpoint every this many steps (0 = never)")
+    eval_n: int = Field(0, ge=0, description="evaluate on this many examples after training (0 = skip)")
+    eval_split: Literal["validation", "test"] = Field("test", description="split used for the final evaluation")
+    resume: bool = Field(True, description="continue from out_dir/checkpoint, or reuse a finished adapter")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_empty_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not m.strip() for m in value):
+            raise ValueError("target_modules entries must be non-empty module names")
+        return value
+
+    def pool_size(self) -> int:
+        """How many training examples are drawn."""
+        return self.train_examples or self.steps * self.batch_size
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of 0-based ``step`` (a pure function of the step, so resuming needs no state)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "linear":
+            span = max(1, self.steps - self.warmup_steps)
+            return self.lr * max(0.0, 1.0 - (step - self.warmup_steps) / span)
+        return self.lr
+
+    def training_fields(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree on to be resumed (all but :data:`RESUME_FREE_FIELDS`)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUME_FREE_FIELDS}

@@ -1,0 +1,190 @@
+"""Pluggable optimizers for expert training.
+
+The training loop knows nothing about how parameters are updated. It asks the
+:data:`OPTIMIZERS` registry for a factory by name and calls it once::
+
+    factory(params: list[torch.nn.Parameter], setup: OptimizerSetup) -> TrainOptimizer
+
+``params`` are the trainable parameters (the LoRA factors); ``setup`` carries the
+peak learning rate, the number of steps, the seed and the optimizer's own
+hyperparameters, validated against the pydantic model registered as the
+entry's ``params`` (``LoraTrainConfig.optimizer_params`` -> ``setup.hparams``).
+
+The result follows the :class:`TrainOptimizer` protocol. Each training step calls
+``step(loss_fn, lr)`` once, where ``loss_fn()`` runs the model on the current
+batch and returns the **per-example** losses, shape ``(batch,)``, with the
+autograd graph attached when grad mode is on. The optimizer decides what to do
+with it:
+
+* first-order methods (``adamw``, ``sgd``): ``loss_fn().mean().backward()``, clip, step;
+* zeroth-order methods: call ``loss_fn()`` under ``torch.no_grad()`` at perturbed
+  parameters and update from the loss differences;
+* differentially private methods: per-example gradients from the per-example losses,
+  clipped and noised.
+
+``step`` returns the batch loss (a float, for the progress bar and the log). Its
+``state_dict()`` / ``load_state_dict()`` must round-trip everything needed to make a
+resumed run identical to an uninterrupted one; values may be tensors, numbers,
+strings, ``None``, and dicts (any keys), lists and tuples of these. Randomness
+should come from the torch global RNG (saved and restored by checkpoints) or be
+derived from ``setup.seed`` and the step.
+
+To add a method, register it in its own module; no other file changes::
+
+    @OPTIMIZERS.register("my-zo", summary="...", paper="...", params=MyParams)
+    def my_zo(params, setup): return MyZO(params, setup)
+
+Names not yet registered are looked up again after importing
+:data:`PLUGIN_PACKAGES`, whose ``__init__`` imports their methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, Field
+
+from expertkit.config import Config, validate
+from expertkit.registry import Registry
+
+LossFn = Callable[[], torch.Tensor]  # () -> (batch,) per-example losses
+#: Packages imported (when present) before an unknown optimizer name is refused.
+PLUGIN_PACKAGES = ("expertkit.optim", "expertkit.privacy", "expertkit.federated")
+
+
+@runtime_checkable
+class TrainOptimizer(Protocol):
+    """What the training loop needs from an optimizer (see the module docstring)."""
+
+    def step(self, loss_fn: LossFn, lr: float) -> float:
+        """Make one update at learning rate ``lr``; return the batch loss."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically after a restart."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+@dataclass(frozen=True)
+class OptimizerSetup:
+    """What a factory gets besides the parameters."""
+
+    lr: float  # peak learning rate (each step passes the scheduled one)
+    steps: int
+    seed: int
+    hparams: BaseModel  # validated instance of the entry's params model
+
+
+OptimizerFactory = Callable[[list[torch.nn.Parameter], OptimizerSetup], TrainOptimizer]
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+
+
+class TorchOptimizer:
+    """A first-order ``torch.optim`` optimizer behind the :class:`TrainOptimizer` protocol.
+
+    Each step: zero the grads, backpropagate the mean per-example loss, clip the
+    global grad norm to ``max_grad_norm`` (when set), set ``lr`` on every group, step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> None:
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(self, loss_fn: LossFn, lr: float) -> float:
+        """Backpropagate ``loss_fn().mean()`` and update at ``lr``; return the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn().mean()  # () mean over examples
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the wrapped optimizer's state."""
+        self.optimizer.load_state_dict(state)
+
+
+class AdamWParams(Config):
+    """Hyperparameters of ``adamw``."""
+
+    betas: tuple[float, float] = Field((0.9, 0.999), description="moment decay rates")
+    eps: float = Field(1e-8, gt=0, description="denominator epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global grad norm (None = no clipping)")
+
+
+class SGDParams(Config):
+    """Hyperparameters of ``sgd``."""
+
+    momentum: float = Field(0.0, ge=0, lt=1, description="momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global grad norm (None = no clipping)")
+
+
+@OPTIMIZERS.register(
+    "adamw", summary="AdamW with global grad-norm clipping", params=AdamWParams,
+    paper="Loshchilov & Hutter, Decoupled Weight Decay Regularization (ICLR 2019)",
+)
+def adamw(params: list[torch.nn.Parameter], setup: OptimizerSetup) -> TrainOptimizer:
+    """AdamW over ``params`` (``setup.hparams``: :class:`AdamWParams`)."""
+    hp: AdamWParams = setup.hparams  # type: ignore[assignment]
+    opt = torch.optim.AdamW(params, lr=setup.lr, betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
+    return TorchOptimizer(opt, hp.max_grad_norm)
+
+
+@OPTIMIZERS.register("sgd", summary="SGD (optionally with momentum) with grad-norm clipping", params=SGDParams)
+def sgd(params: list[torch.nn.Parameter], setup: OptimizerSetup) -> TrainOptimizer:
+    """SGD over ``params`` (``setup.hparams``: :class:`SGDParams`)."""
+    hp: SGDParams = setup.hparams  # type: ignore[assignment]
+    opt = torch.optim.SGD(
+        params, lr=setup.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+    )
+    return TorchOptimizer(opt, hp.max_grad_norm)
+
+
+def _load_plugins() -> None:
+    for pkg in PLUGIN_PACKAGES:
+        try:
+            importlib.import_module(pkg)
+        except ImportError:
+            pass
+
+
+def optimizer_entry(name: str) -> Any:
+    """The registry entry of optimizer ``name``; unknown names raise with a suggestion."""
+    if name not in OPTIMIZERS:
+        _load_plugins()
+    return OPTIMIZERS.entry(name)
+
+
+def build_optimizer(
+    name: str,
+    params: list[torch.nn.Parameter],
+    *,
+    lr: float,
+    steps: int,
+    seed: int,
+    hparams: Mapping[str, Any] | None = None,
+) -> TrainOptimizer:
+    """Build optimizer ``name`` over ``params``; ``hparams`` are validated against its params model."""
+    entry = optimizer_entry(name)
+    model = entry.params or Config
+    checked = validate(model, dict(hparams or {}), source=f"optimizer '{name}' parameters")
+    return entry.obj(list(params), OptimizerSetup(lr=lr, steps=steps, seed=seed, hparams=checked))

@@ -1,0 +1,73 @@
+"""train_experts + evaluate stages end to end on a tiny model and a tiny task."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from expertkit.errors import ConfigError
+from expertkit.pipeline import parse_run_config, run_pipeline
+from expertkit.registry import Entry
+from expertkit.tasks.base import TASKS, Example, Task
+
+OFFSET = {"train": 0, "validation": 1, "test": 2}
+
+
+def _build(split: str, n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed * 10 + OFFSET[split])
+    out = []
+    for _ in range(n):
+        label = rng.choice(["lo", "hi"])
+        pool = "abcde" if label == "lo" else "vwxyz"
+        out.append(Example("".join(rng.choice(pool) for _ in range(3)) + ":", label, ("lo", "hi")))
+    return out
+
+
+LOHI = Task("lohi", "toy", "choice", "test", "MIT", "early or late letters", _build,
+            lambda e, p: float(p.strip() == e.answer))
+
+
+@pytest.fixture
+def lohi(monkeypatch):
+    import expertkit.tasks  # noqa: F401 - registers built-ins first
+
+    monkeypatch.setitem(TASKS._entries, "lohi", Entry("lohi", LOHI, summary="toy"))
+    return LOHI
+
+
+def test_train_then_evaluate_writes_matrix_heatmap_and_verdict(tmp_path, tiny_checkpoint, lohi, monkeypatch):
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    data = {
+        "name": "zoo", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),
+        "stages": [
+            {"kind": "train_experts", "tasks": ["lohi"],
+             "train": {"steps": 30, "lr": 0.01, "rank": 8, "batch_size": 16, "save_every": 0,
+                       "target_modules": ["q_proj", "v_proj", "lm_head"]}},
+            {"kind": "evaluate", "n": 40},
+        ],
+    }
+    run_dir = run_pipeline(parse_run_config(data))
+    results = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert (run_dir / "experts" / "lohi" / "adapter_config.json").exists()
+    ev = results["evaluate"]["result"]
+    assert set(ev["matrix"]) == {"base", "expert:lohi"}
+    expert, base = ev["matrix"]["expert:lohi"]["lohi"], ev["matrix"]["base"]["lohi"]
+    assert expert["accuracy"] == 1.0 and expert["n"] == 40
+    assert ev["own_task"]["lohi"]["beats_base_beyond_ci"] == (expert["ci"][0] > base["ci"][1])
+    assert (run_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    report = (run_dir / "report.md").read_text()
+    assert "![models x tasks accuracy](heatmap.png)" in report and "| expert:lohi |" in report
+
+
+def test_unknown_task_and_typo_reported_together():
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"name": "x", "stages": [
+            {"kind": "train_experts", "tasks": ["revrse_words"], "train": {"stpes": 3}},
+            {"kind": "evaluate", "tasks": ["gsm8"]}]})
+    msg = str(info.value)
+    assert "3 problems" in msg
+    assert "unknown task 'revrse_words'. Did you mean 'reverse_words'?" in msg
+    assert "stages[0].train.stpes: unknown key 'stpes'. Did you mean 'steps'?" in msg
+    assert "unknown task 'gsm8'. Did you mean 'gsm8k'?" in msg
