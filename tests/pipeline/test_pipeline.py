@@ -62,7 +62,7 @@ def test_missing_name_and_duplicate_stage_names(count_stage):
 
 
 def test_interrupted_run_resumes(tmp_path, count_stage):
-    data = {"name": "r", "model": "unused", "output_dir": str(tmp_path),
+    data = {"name": "r", "model": str(tmp_path), "output_dir": str(tmp_path),
             "stages": [{"kind": "count", "name": "a", "value": 3}, {"kind": "count", "name": "b", "fail": True}]}
     run = parse_run_config(data)
     with pytest.raises(KeyboardInterrupt):
@@ -83,8 +83,14 @@ def test_interrupted_run_resumes(tmp_path, count_stage):
 
 
 def test_changed_params_rerun_the_stage(tmp_path, count_stage):
-    base = {"name": "r", "model": "unused", "output_dir": str(tmp_path)}
+    base = {"name": "r", "model": str(tmp_path), "output_dir": str(tmp_path)}
     run_pipeline(parse_run_config({**base, "stages": [{"kind": "count", "value": 1}]}))
     run_pipeline(parse_run_config({**base, "stages": [{"kind": "count", "value": 1}]}))
     run_pipeline(parse_run_config({**base, "stages": [{"kind": "count", "value": 5}]}))
     assert count_stage.calls == [1, 5]
+
+
+def test_unknown_model_named_at_validation(count_stage):
+    with pytest.raises(ConfigError) as info:
+        parse_run_config({"name": "r", "model": "smollm2-35m", "stages": [{"kind": "count"}]})
+    assert "model: unknown model 'smollm2-35m'. Did you mean 'smollm2-135m'?" in str(info.value)

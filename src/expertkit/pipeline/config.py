@@ -84,12 +84,29 @@ def parse_run_config(data: Any, *, source: str = "config") -> ParsedRun:
             lines += error_lines(exc, params_model, prefix=("stages", i))
             continue
         specs.append(StageSpec(kind=kind, name=name, params=params))
+    if config is not None:
+        lines += _check_model(config.model)
     if config is not None and not raw_stages:
         lines.append("stages: the run has no stages; add at least one.")
     if lines:
         raise config_error(source, lines)
     assert config is not None  # every failure above added a line
     return ParsedRun(config=config, stages=specs)
+
+
+def _check_model(model: str) -> list[str]:
+    """A model that is neither bundled, nor an existing folder, nor shaped like a hub id is an error."""
+    from expertkit.models.bundled import BUNDLED
+    from expertkit.models.loader import HUB_ID
+
+    if model in BUNDLED or Path(model).expanduser().exists():
+        return []
+    if "/" in model and HUB_ID.match(model) and not model.startswith("."):
+        return []  # a hub id: checked when loaded, where a hub is reachable
+    if "/" in model or model.startswith("."):
+        return [f"model: folder not found: {model}."]
+    return [f"model: unknown model '{model}'.{suggest(model, BUNDLED)} "
+            f"Use a bundled name ({', '.join(BUNDLED)}), a local folder or a hub id like org/name."]
 
 
 def load_run_config(path: str | Path) -> ParsedRun:
