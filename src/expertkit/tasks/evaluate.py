@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from expertkit.errors import CheckpointError, ConfigError, InputTypeError
+from expertkit.fileio import sha256_file, write_atomic
 from expertkit.tasks.base import Example, Task
 from expertkit.tasks.infer import (
     encode_continuations,
@@ -104,13 +104,6 @@ class EvalResult:
         )
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def adapter_identity(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies a PEFT adapter folder for caching: resolved path and hashes of its files."""
@@ -118,7 +111,7 @@ def adapter_identity(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     if not (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path} is not a PEFT adapter folder (no adapter_config.json).")
     files = {
-        p.name: _sha256_file(p)
+        p.name: sha256_file(p)
         for p in sorted(path.iterdir())
         if p.is_file() and p.name.startswith("adapter_")
     }
@@ -150,17 +143,7 @@ def cache_path(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def _read_cache(path: Path, key: dict[str, Any]) -> EvalResult | None:

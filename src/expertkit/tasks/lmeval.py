@@ -22,14 +22,13 @@ expertkit_<task>``. lm-eval is a peer tool, never a runtime dependency of expert
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from expertkit.errors import ConfigError
+from expertkit.fileio import write_atomic
 from expertkit.tasks.base import Example, Task, get_task
 
 GSM8K_FILTERS = [
@@ -40,19 +39,6 @@ GSM8K_FILTERS = [
         {"function": "take_first"}]},
 ]
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename (no half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def example_record(task: Task, example: Example) -> dict[str, Any]:
@@ -116,7 +102,7 @@ def export_lm_eval(task: Task | str, out_dir: str | Path, split: str = "test", n
     out.mkdir(parents=True, exist_ok=True)
     data_file = out / f"{task.name}_{split}.jsonl"
     lines = [json.dumps(example_record(task, ex), ensure_ascii=False) for ex in examples]
-    _atomic_write(data_file, "\n".join(lines) + "\n")
+    write_atomic(data_file, "\n".join(lines) + "\n")
     yaml_file = out / f"expertkit_{task.name}.yaml"
-    _atomic_write(yaml_file, yaml.safe_dump(task_config(task, data_file, split), sort_keys=False, allow_unicode=True))
+    write_atomic(yaml_file, yaml.safe_dump(task_config(task, data_file, split), sort_keys=False, allow_unicode=True))
     return yaml_file

@@ -29,7 +29,6 @@ failed save leaves no folder behind. Patches are held in memory.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from expertkit.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from expertkit.fileio import fsync_path, sha256_file
 from expertkit.weights.deltas import ModelSource, TensorSource, apply_delta, task_vector
 from expertkit.weights.fingerprint import fingerprint
 from expertkit.weights.lora import LoraAdapter
@@ -59,20 +59,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -299,8 +285,8 @@ class Patch:
         try:
             meta = self._meta()
             save_file(self._tensors(), str(tmp / TENSORS_FILE), metadata={"format": "pt", "kind": self.kind})
-            _fsync(tmp / TENSORS_FILE)
-            meta["sha256"] = _sha256(tmp / TENSORS_FILE)
+            fsync_path(tmp / TENSORS_FILE)
+            meta["sha256"] = sha256_file(tmp / TENSORS_FILE)
             with open(tmp / META_FILE, "w") as fh:
                 json.dump(meta, fh, indent=2, sort_keys=True)
                 fh.flush()
@@ -344,7 +330,7 @@ class Patch:
             expected = _expected_names(listing)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path / META_FILE}: corrupt patch metadata ({exc}). Recreate the patch.") from exc
-        if meta.get("sha256") != _sha256(path / TENSORS_FILE):
+        if meta.get("sha256") != sha256_file(path / TENSORS_FILE):
             raise CheckpointError(
                 f"{path / TENSORS_FILE} does not match the checksum in {META_FILE}; the file is corrupt "
                 "or was changed. Recreate the patch."

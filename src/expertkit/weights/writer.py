@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import CheckpointError, ConfigError, InputTypeError, unknown
+from expertkit.fileio import fsync_path
 from expertkit.weights._format import dtype_name, encode_header
 
 TEMPLATE_FILES: tuple[str, ...] = (
@@ -117,13 +118,6 @@ def _copy_all(src: int, dst: int, count: int, dst_offset: int) -> None:
             n = len(chunk)
         done += n
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cleanup(tmp: Path, fds: dict[Any, int]) -> None:
@@ -368,18 +362,18 @@ class ShardedWriter:
                 os.replace(self.tmp_dir / part, self.tmp_dir / self._shard_names[k])
             shard_of = self._shard_of
         for fname in self._shard_names:  # cheap for shards already flushed when they completed
-            _fsync_path(self.tmp_dir / fname)
+            fsync_path(self.tmp_dir / fname)
         if len(self._shard_names) > 1:
             index = {"metadata": {"total_size": sum(self._written.values())},
                      "weight_map": {n: self._shard_names[shard_of[n]] for n in sorted(shard_of)}}
             (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync_path(self.tmp_dir / INDEX_NAME)
+            fsync_path(self.tmp_dir / INDEX_NAME)
         if self.template is not None:
             for fname in TEMPLATE_FILES:
                 if (self.template / fname).is_file():
                     shutil.copyfile(self.template / fname, self.tmp_dir / fname)
-                    _fsync_path(self.tmp_dir / fname)
-        _fsync_path(self.tmp_dir)
+                    fsync_path(self.tmp_dir / fname)
+        fsync_path(self.tmp_dir)
 
     def _install(self) -> None:
         """Rename the finished temporary folder to out_dir (replacing an old one if allowed)."""
@@ -395,7 +389,7 @@ class ShardedWriter:
                 os.replace(old, self.out_dir)
             raise
         self._finalizer.detach()
-        _fsync_path(self.out_dir.parent)
+        fsync_path(self.out_dir.parent)
         if old is not None and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         elif old is not None:

@@ -1,0 +1,37 @@
+"""Atomic writes leave the old file or the new one, never a half-written one."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from expertkit import fileio
+
+
+def test_write_atomic_replaces_and_cleans(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    fileio.write_atomic(target, "one")
+    fileio.write_atomic(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]
+
+
+def test_write_atomic_failure_keeps_old(tmp_path, monkeypatch):
+    target = tmp_path / "a.txt"
+    fileio.write_atomic(target, "old")
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileio.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fileio.write_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_sha256_file(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(b"abc" * 1000)
+    assert fileio.sha256_file(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
