@@ -10,6 +10,7 @@ reuse that folder; a partial or corrupt cache is detected and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,25 @@ def ensure_bundled(name: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar; our status spinner already covers the step."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - module moved in another transformers version
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,7 +132,7 @@ def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_gguf_bar():
             warnings.simplefilter("ignore")
             tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
