@@ -3,37 +3,22 @@
 from __future__ import annotations
 
 import json
-import random
-
 import pytest
 
 from expertkit.errors import ConfigError
 from expertkit.pipeline import parse_run_config, run_pipeline
 from expertkit.registry import Entry
-from expertkit.tasks.base import TASKS, Example, Task
+from expertkit.tasks.base import TASKS
+from expertkit.tasks.toy import lohi_task
 
-OFFSET = {"train": 0, "validation": 1, "test": 2}
-
-
-def _build(split: str, n: int, seed: int) -> list[Example]:
-    rng = random.Random(seed * 10 + OFFSET[split])
-    out = []
-    for _ in range(n):
-        label = rng.choice(["lo", "hi"])
-        pool = "abcde" if label == "lo" else "vwxyz"
-        out.append(Example("".join(rng.choice(pool) for _ in range(3)) + ":", label, ("lo", "hi")))
-    return out
-
-
-LOHI = Task("lohi", "toy", "choice", "test", "MIT", "early or late letters", _build,
-            lambda e, p: float(p.strip() == e.answer))
+LOHI = lohi_task()
 
 
 @pytest.fixture
 def lohi(monkeypatch):
     import expertkit.tasks  # noqa: F401 - registers built-ins first
 
-    monkeypatch.setitem(TASKS._entries, "lohi", Entry("lohi", LOHI, summary="toy"))
+    monkeypatch.setitem(TASKS._entries, LOHI.name, Entry(LOHI.name, LOHI, summary="toy"))
     return LOHI
 
 
@@ -42,7 +27,7 @@ def test_train_then_evaluate_writes_matrix_heatmap_and_verdict(tmp_path, tiny_ch
     data = {
         "name": "zoo", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),
         "stages": [
-            {"kind": "train_experts", "tasks": ["lohi"],
+            {"kind": "train_experts", "tasks": [LOHI.name],
              "train": {"steps": 30, "lr": 0.01, "rank": 8, "batch_size": 16, "save_every": 0,
                        "target_modules": ["q_proj", "v_proj", "lm_head"]}},
             {"kind": "evaluate", "n": 40},
@@ -50,15 +35,15 @@ def test_train_then_evaluate_writes_matrix_heatmap_and_verdict(tmp_path, tiny_ch
     }
     run_dir = run_pipeline(parse_run_config(data))
     results = json.loads((run_dir / "results.json").read_text())["stages"]
-    assert (run_dir / "experts" / "lohi" / "adapter_config.json").exists()
+    assert (run_dir / "experts" / LOHI.name / "adapter_config.json").exists()
     ev = results["evaluate"]["result"]
-    assert set(ev["matrix"]) == {"base", "expert:lohi"}
-    expert, base = ev["matrix"]["expert:lohi"]["lohi"], ev["matrix"]["base"]["lohi"]
+    assert set(ev["matrix"]) == {"base", "expert:lo-hi"}
+    expert, base = ev["matrix"]["expert:lo-hi"]["lo-hi"], ev["matrix"]["base"]["lo-hi"]
     assert expert["accuracy"] == 1.0 and expert["n"] == 40
-    assert ev["own_task"]["lohi"]["beats_base_beyond_ci"] == (expert["ci"][0] > base["ci"][1])
+    assert ev["own_task"]["lo-hi"]["beats_base_beyond_ci"] == (expert["ci"][0] > base["ci"][1])
     assert (run_dir / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     report = (run_dir / "report.md").read_text()
-    assert "![models x tasks accuracy](heatmap.png)" in report and "| expert:lohi |" in report
+    assert "![models x tasks accuracy](heatmap.png)" in report and "| expert:lo-hi |" in report
 
 
 def test_unknown_task_and_typo_reported_together():

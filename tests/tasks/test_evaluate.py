@@ -231,3 +231,13 @@ def test_restores_training_mode(tiny) -> None:
         assert model.training
     finally:
         model.eval()
+
+
+def test_toy_tasks_are_deterministic_and_disjoint_by_split():
+    from expertkit.tasks.toy import copy_task, lohi_task
+
+    for task in (copy_task(), lohi_task()):
+        assert task.examples("train", 20, 0) == task.examples("train", 20, 0)
+        assert task.examples("train", 20, 0) != task.examples("test", 20, 0)
+        for ex in task.examples("test", 20, 0):
+            assert task.score(ex, ex.answer + "\n") == 1.0 and task.score(ex, "zz") == 0.0

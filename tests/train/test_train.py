@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import pytest
@@ -14,38 +13,17 @@ from safetensors.torch import load_file
 from expertkit.errors import CheckpointError, ConfigError, UnknownNameError
 from expertkit.models.loader import LoadedModel
 from expertkit.models.tiny import tiny_model, tiny_tokenizer
-from expertkit.tasks.base import Example, Task
+from expertkit.tasks.base import Example
 from expertkit.tasks.evaluate import evaluate
+from expertkit.tasks.toy import copy_task, lohi_task
 from expertkit.train import OPTIMIZERS, LoraTrainConfig, StepInfo, build_optimizer, train_lora
 from expertkit.train.data import IGNORE, batch_indices, collate, encode_examples
 from expertkit.train.optimizers import OptimizerSetup
 from expertkit.train.state import flatten_state, unflatten_state
 from expertkit.weights.fingerprint import FINGERPRINT_METADATA_KEY
 
-SPLIT_OFFSET = {"train": 0, "validation": 1, "test": 2}
-
-
-def exact(example: Example, prediction: str) -> float:
-    return float(prediction.strip() == example.answer)
-
-
-def _copy_build(split: str, n: int, seed: int) -> list[Example]:
-    rng = random.Random(seed * 10 + SPLIT_OFFSET[split])
-    return [Example(f"{c}:", c) for c in (rng.choice("abcdefghij") for _ in range(n))]
-
-
-def _class_build(split: str, n: int, seed: int) -> list[Example]:
-    rng = random.Random(seed * 10 + SPLIT_OFFSET[split])
-    out = []
-    for _ in range(n):
-        label = rng.choice(["lo", "hi"])
-        pool = "abcde" if label == "lo" else "vwxyz"
-        out.append(Example("".join(rng.choice(pool) for _ in range(3)) + ":", label, ("lo", "hi")))
-    return out
-
-
-COPY = Task("copy-char", "toy", "generate", "test", "MIT", "repeat the character", _copy_build, exact, max_new_tokens=3)
-CLASSIFY = Task("lo-hi", "toy", "choice", "test", "MIT", "early or late letters", _class_build, exact)
+COPY = copy_task()
+CLASSIFY = lohi_task()
 FAST = {"batch_size": 4, "rank": 4, "target_modules": ("q_proj", "v_proj"), "save_every": 0}
 
 
