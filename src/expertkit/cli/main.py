@@ -28,9 +28,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-from expertkit.cli.tasks_cmd import tasks_app  # noqa: E402 - after app, as the CLI's sub-apps
 
-app.add_typer(tasks_app, name="tasks")
+
+def _add_subcommands() -> None:
+    """Every ``expertkit/cli/*_cmd.py`` module contributes through ``register(app)``.
+
+    A new command group is one new file; this module is not edited. Command modules keep their
+    heavy imports (torch, transformers, flwr) inside the command functions so that ``expertkit
+    --help`` stays fast.
+    """
+    import importlib
+    import pkgutil
+
+    import expertkit.cli as cli_pkg
+
+    for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
+        if info.name.endswith("_cmd"):
+            module = importlib.import_module(f"expertkit.cli.{info.name}")
+            module.register(app)
+
+
+_add_subcommands()
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

@@ -1,6 +1,6 @@
 """``expertkit tasks``: list the task suite, show examples, export to lm-eval.
 
-Wired into the main app with ``app.add_typer(tasks_app, name="tasks")``. Each command parses its
+Wired into the main app by :func:`register` (found by ``expertkit.cli.main``). Each command parses its
 arguments and calls one library function; errors are :class:`~expertkit.errors.ExpertkitError`
 and are printed by the main entry point.
 """
@@ -91,3 +91,8 @@ def export_cmd(
     path = export_lm_eval(name, out_dir, split=split, n=n, seed=seed)
     out.print(f"wrote {path} (run: lm_eval --include_path {out_dir} --tasks expertkit_{name} ...)",
               markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``expertkit tasks`` to the main app."""
+    app.add_typer(tasks_app, name="tasks")
