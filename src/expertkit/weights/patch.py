@@ -17,7 +17,10 @@ Metadata: ``kind`` (``"lora"``, ``"dense"``, ``"task_vector"``),
 ``base_fingerprint`` (see :mod:`expertkit.weights.fingerprint`; None when
 unknown), ``target_modules``, ``scale`` (a multiplier applied to deltas and
 factors when the patch is applied, 1.0 by default), ``source`` (free text),
-``created_at`` (ISO 8601, UTC) and ``extra`` (JSON-safe dict).
+``created_at`` (ISO 8601, UTC) and ``extra`` (JSON-safe dict). Optionally ``sketch``: for some
+base tensor names, the base's values at a few seeded coordinates (see
+:mod:`expertkit.port.sketch`), so that how far another base has moved can be estimated later
+without the original base at hand.
 
 On disk a patch is a folder with ``patch.safetensors`` (tensor names
 ``delta/<name>``, ``lora_A/<name>``, ``lora_B/<name>``, ``replace/<name>``) and
@@ -75,6 +78,7 @@ class Patch:
     source: str = ""
     created_at: str = field(default_factory=_now)
     extra: dict[str, Any] = field(default_factory=dict)
+    sketch: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -251,6 +255,7 @@ class Patch:
         out.update({f"replace/{n}": t for n, t in self.replacements.items()})
         for n, (a, b) in self.factors.items():
             out[f"lora_A/{n}"], out[f"lora_B/{n}"] = a, b
+        out.update({f"sketch/{n}": t for n, t in self.sketch.items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def _meta(self) -> dict[str, Any]:
@@ -268,6 +273,7 @@ class Patch:
                 "deltas": sorted(self.deltas),
                 "factors": sorted(self.factors),
                 "replacements": sorted(self.replacements),
+                "sketch": sorted(self.sketch),
             },
         }
 
@@ -351,12 +357,14 @@ class Patch:
             source=str(meta.get("source", "")),
             created_at=str(meta.get("created_at", "")),
             extra=dict(meta.get("extra") or {}),
+            sketch={n: stored[f"sketch/{n}"] for n in listing.get("sketch", [])},
         )
 
 
 def _expected_names(listing: dict[str, Iterable[str]]) -> set[str]:
     names = {f"delta/{n}" for n in listing["deltas"]}
     names |= {f"replace/{n}" for n in listing["replacements"]}
+    names |= {f"sketch/{n}" for n in listing.get("sketch", [])}
     for n in listing["factors"]:
         names |= {f"lora_A/{n}", f"lora_B/{n}"}
     return names

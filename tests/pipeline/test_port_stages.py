@@ -1,0 +1,56 @@
+"""evolve + port stages end to end on a tiny model: experts ported to an evolved base keep their skill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertkit.errors import ConfigError
+from expertkit.pipeline import parse_run_config, run_pipeline
+from expertkit.registry import Entry
+from expertkit.tasks.base import TASKS
+from expertkit.tasks.toy import lohi_task
+
+LOHI = lohi_task()
+
+
+@pytest.fixture
+def lohi(monkeypatch):
+    import expertkit.tasks  # noqa: F401 - registers built-ins first
+
+    monkeypatch.setitem(TASKS._entries, LOHI.name, Entry(LOHI.name, LOHI, summary="toy"))
+    return LOHI
+
+
+def test_experts_ported_to_an_evolved_base_keep_their_skill(tmp_path, tiny_checkpoint, lohi, monkeypatch):
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"note {i}: numbers go up and down, {i} then {i * 3}." for i in range(60)))
+    data = {
+        "name": "port", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),
+        "stages": [
+            {"kind": "train_experts", "tasks": [LOHI.name],
+             "train": {"steps": 30, "lr": 0.01, "rank": 8, "batch_size": 16, "save_every": 0,
+                       "target_modules": ["q_proj", "v_proj", "lm_head"]}},
+            {"kind": "evolve", "corpus": str(corpus), "steps": 5, "lr": 1e-3, "seq_len": 16},
+            {"kind": "port", "n": 40},
+        ],
+    }
+    run_dir = run_pipeline(parse_run_config(data))
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert (run_dir / "evolved" / "README.md").is_file()
+    row = stages["port"]["result"]["experts"][LOHI.name]
+    assert row["relation"] == "evolved" and 0 < row["median_rel_drift"] < 0.5
+    assert row["old_expert"]["accuracy"] == 1.0
+    assert row["new_ported"]["accuracy"] >= 0.9 > row["new_base"]["accuracy"]
+    assert (run_dir / "ported" / LOHI.name / "adapter_config.json").is_file()
+    assert "new base + ported expert" in (run_dir / "report.md").read_text()
+
+
+def test_port_without_new_base_or_evolve_is_a_clear_error(tmp_path, tiny_checkpoint, lohi):
+    data = {"name": "p", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),
+            "stages": [{"kind": "train_experts", "tasks": [LOHI.name], "train": {"steps": 1, "save_every": 0}},
+                       {"kind": "port"}]}
+    with pytest.raises(ConfigError, match="no new_base given and no evolve stage"):
+        run_pipeline(parse_run_config(data))
