@@ -4,7 +4,9 @@
   ``<run>/experts/<task>/`` (standard PEFT folders). Interrupted training resumes.
 * ``evaluate``: the base model and every expert trained earlier in the run, on every task;
   accuracy with a 95% Wilson interval, a models x tasks heatmap (``heatmap.png``), and for each
-  expert whether it beats the base on its own task beyond the intervals.
+  expert whether it beats the base on its own task beyond the intervals. Models written by
+  earlier ``merge`` stages are evaluated beside them (rows ``merge:<label>``), with their mean
+  accuracy next to the base's and the experts' own-task mean.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def beats(expert: dict[str, Any], base: dict[str, Any]) -> bool:
     return expert["ci"][0] > base["ci"][1]
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def merge_summary(matrix: dict[str, dict[str, Any]], own: dict[str, Any], merged: list[str]) -> dict[str, Any]:
+    """Per merged model: its mean accuracy over the tasks, the base's, and the experts' on their own tasks."""
+    def mean(row: dict[str, Any]) -> float:
+        return sum(c["accuracy"] for c in row.values()) / len(row)
+
+    base = mean(matrix["base"]) if "base" in matrix else None
+    experts = sum(o["expert"] for o in own.values()) / len(own) if own else None
+    return {label: {"mean": mean(matrix[label]), "base_mean": base, "experts_own_mean": experts} for label in merged}
+
+
 class EvaluateStage:
     """Evaluate the base and the run's experts on every task."""
 
@@ -112,12 +128,18 @@ class EvaluateStage:
                               "add 'tasks:' to the stage or a train_experts stage before it.")
         models: dict[str, Path | None] = {"base": None} if params.include_base else {}
         models.update({f"expert:{name}": ctx.run_dir / e["path"] for name, e in experts.items()})
+        merged = {f"merge:{m['label']}": ctx.run_dir / m["path"] for m in ctx.earlier("merge")}
         loaded = ctx.model()
         matrix: dict[str, dict[str, Any]] = {}
-        for label, adapter in models.items():
+        for label, adapter in [*models.items(), *((k, None) for k in merged)]:
+            model = loaded
+            if label in merged:  # a merged model folder from an earlier merge stage
+                from expertkit.models import load_model
+
+                model = load_model(str(merged[label]))
             matrix[label] = {}
             for task in tasks:
-                r = evaluate(loaded, None, task, split=params.split, n=params.n, seed=ctx.seed,
+                r = evaluate(model, None, task, split=params.split, n=params.n, seed=ctx.seed,
                              batch_size=params.batch_size, adapter=adapter, cache_dir=cache_root() / "eval")
                 matrix[label][task] = {"accuracy": r.accuracy, "ci": [r.ci_low, r.ci_high], "n": r.n}
         own = {}
@@ -132,8 +154,11 @@ class EvaluateStage:
         heatmap([[matrix[m][t]["accuracy"] for t in tasks] for m in rows], rows, tasks,
                 ctx.run_dir / "heatmap.png", title=f"accuracy on {params.split} (n={params.n} per task)",
                 highlight=highlight)
-        return {"tasks": tasks, "split": params.split, "n": params.n, "matrix": matrix, "own_task": own,
-                "heatmap": "heatmap.png"}
+        result = {"tasks": tasks, "split": params.split, "n": params.n, "matrix": matrix, "own_task": own,
+                  "heatmap": "heatmap.png"}
+        if merged:
+            result["merges"] = merge_summary(matrix, own, list(merged))
+        return result
 
     def report(self, result: dict[str, Any]) -> str:
         """The accuracy matrix with intervals, the heatmap, and the own-task verdicts."""
@@ -154,6 +179,11 @@ class EvaluateStage:
             for name, o in result["own_task"].items():
                 verdict = "yes" if o["beats_base_beyond_ci"] else "**no**"
                 lines.append(f"| {name} | {o['task']} | {o['base']:.2f} | {o['expert']:.2f} | {verdict} |")
+        if result.get("merges"):
+            lines += ["", "Merged models beside the experts (mean accuracy over the tasks above):", "",
+                      "| model | mean accuracy | base | each expert on its own task (mean) |", "|---|---:|---:|---:|"]
+            for label, m in result["merges"].items():
+                lines.append(f"| {label} | {m['mean']:.3f} | {_fmt(m['base_mean'])} | {_fmt(m['experts_own_mean'])} |")
         return "\n".join(lines)
 
 

@@ -1,0 +1,241 @@
+"""The merge-method protocol, the :data:`METHODS` registry and shared tensor maths.
+
+A merge method is pure maths over one tensor name: it receives a :class:`TensorInputs`
+(the tensors of every input model, the base tensor when there is one, the per-model
+weights, the resolved parameters, a seeded generator and optional per-model statistics)
+and returns the merged tensor. File handling, sharding and dtype casting live in the
+executor (:mod:`expertkit.merge.executor`); :func:`expertkit.merge.merge_state_dicts` is the
+in-memory reference over whole state dicts.
+
+Every method registers itself where it is defined with :func:`merge_method`, declaring a
+pydantic parameter model (defaults and help text), whether it needs a base model, and which
+parameters may differ per input model (``per_model``, e.g. ``density``).
+
+Arithmetic is done in float32 (float64 when any input is float64); the executor casts the
+result to the output dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from expertkit.errors import ConfigError, IncompatibleModelsError
+from expertkit.registry import Registry
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: frozen, unknown keys refused, ``lambda`` alias allowed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: the function and its contract."""
+
+    name: str
+    fn: Callable[[TensorInputs], torch.Tensor]
+    params: type[MethodParams]
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    per_model: frozenset[str] = frozenset()  # parameters that may take a value per input model
+    stats: str | None = None  # "fisher" or "gram": per-model statistics the method needs
+
+    def __call__(self, x: TensorInputs) -> torch.Tensor:
+        return self.fn(x)
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def merge_method(
+    name: str, *, params: type[MethodParams], paper: str, summary: str, needs_base: bool = False,
+    min_models: int = 1, max_models: int | None = None, per_model: Sequence[str] = (), stats: str | None = None,
+) -> Callable[[Callable[[TensorInputs], torch.Tensor]], Callable[[TensorInputs], torch.Tensor]]:
+    """Decorator registering ``fn(TensorInputs) -> Tensor`` in :data:`METHODS` as ``name``."""
+
+    def deco(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
+        method = MergeMethod(name, fn, params, needs_base, min_models, max_models, frozenset(per_model), stats)
+        METHODS.add(name, method, params=params, paper=paper, summary=summary)
+        return fn
+
+    return deco
+
+
+@dataclass
+class TensorInputs:
+    """Everything a merge method sees for one tensor name.
+
+    ``tensors[i]`` is model *i*'s tensor, ``base`` the base model's (or None), ``weights[i]`` the
+    per-model weight, ``params`` the method's parameters resolved for this tensor, ``per_model[i]``
+    the parameters resolved for model *i* (equal to ``params`` except for per-model overrides),
+    ``generator`` a CPU generator seeded from the merge seed and the tensor name (so any order of
+    tensors gives the same result), ``stats[i]`` model *i*'s statistic for this tensor (Fisher
+    diagonal or input Gram matrix) or None.
+    """
+
+    name: str
+    tensors: list[torch.Tensor]
+    base: torch.Tensor | None
+    weights: list[float]
+    params: Any
+    per_model: list[Any]
+    generator: torch.Generator
+    stats: list[torch.Tensor | None] | None = None
+    owned: bool = False  # the caller hands over ``tensors``: a method may overwrite them (saves memory)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """float64 when any input is float64, else float32."""
+        ts = [*self.tensors, *([self.base] if self.base is not None else [])]
+        return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+    def work(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as a fresh tensor in the working dtype (never aliases the input)."""
+        return t.to(self.work_dtype, copy=True)
+
+    def deltas(self) -> list[torch.Tensor]:
+        """Task vectors ``tensors[i] - base`` in the working dtype (the base must be present).
+
+        New tensors, or, when ``owned``, the input tensors themselves overwritten in place.
+        """
+        assert self.base is not None  # the executor checks needs_base before any work
+        wd = self.work_dtype
+        b = self.base.to(wd)
+        return [t.sub_(b) if self.owned and t.dtype == wd else torch.sub(t.to(wd), b) for t in self.tensors]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A stable per-tensor seed: the merge seed mixed with the CRC-32 of the tensor name."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by :func:`tensor_seed`."""
+    g = torch.Generator()
+    g.manual_seed(tensor_seed(seed, name))
+    return g
+
+
+# ----------------------------------------------------------------------- shared maths
+def top_k_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask keeping the ``k = max(1, int(density * numel))`` largest ``|t|`` of the whole tensor.
+
+    The threshold is the k-th largest magnitude; elements tied with it are all kept (so a
+    tensor with ties may keep slightly more than k). ``density >= 1`` keeps everything,
+    ``density <= 0`` nothing.
+    """
+    if density >= 1:
+        return torch.ones_like(t, dtype=torch.bool)
+    if density <= 0 or t.numel() == 0:
+        return torch.zeros_like(t, dtype=torch.bool)
+    mag = t.abs()  # (*shape)
+    return mag >= _kth_largest(mag, density)
+
+
+def _kth_largest(mag: torch.Tensor, density: float) -> torch.Tensor:
+    n = mag.numel()
+    k = max(1, int(density * n))
+    return torch.kthvalue(mag.reshape(-1), n - k + 1).values  # the k-th largest magnitude
+
+
+def trim_(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero, in place, every element of ``t`` outside :func:`top_k_mask` (same rule); returns ``t``."""
+    if density >= 1:
+        return t
+    if density <= 0 or t.numel() == 0:
+        return t.zero_()
+    mag = t.abs()  # (*shape)
+    return t.masked_fill_(mag < _kth_largest(mag, density), 0)
+
+
+def bernoulli_keep(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Bool mask keeping each element independently with probability ``density`` (seeded)."""
+    if density >= 1:
+        return torch.ones_like(t, dtype=torch.bool)
+    if density <= 0:
+        return torch.zeros_like(t, dtype=torch.bool)
+    u = torch.rand(t.shape, generator=generator, dtype=torch.float32)  # (*shape) in [0, 1)
+    return u < density
+
+
+def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """TIES sign election and disjoint (weighted) mean of already-trimmed deltas.
+
+    With ``s = sum_i w_i d_i`` the elected sign is ``+1`` where ``s >= 0`` else ``-1``. Model *i*
+    takes part at an element when the sign of ``w_i d_i`` equals the elected sign (a zero delta
+    never does; a negative weight flips the sign). The result is ``sum_i w_i d_i [agree_i]``,
+    divided by ``sum_i w_i [agree_i]`` when ``normalize`` (a zero divisor counts as 1). Deltas are
+    consumed (modified in place).
+    """
+    sign = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weights, strict=True):
+        sign.add_(d, alpha=w)
+    sign.ge_(0).mul_(2).sub_(1)  # (*shape): the elected sign, +1 / -1, in place of the sum
+    acc = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for d, w in zip(deltas, weights, strict=True):
+        if w == 0:
+            continue  # w_i d_i is 0: it never agrees
+        # |w_i d_i| where w_i d_i has the elected sign, else 0: relu(sign(w_i) * elected * d_i)
+        d.mul_(sign)
+        if w < 0:
+            d.neg_()
+        d.clamp_(min=0)
+        acc.add_(d, alpha=abs(w))
+        if divisor is not None:
+            divisor.add_(d > 0, alpha=w)
+    if divisor is not None:
+        acc.div_(divisor.masked_fill_(divisor == 0, 1))
+    return acc.mul_(sign)  # sum_i w_i d_i [agree_i] (/ divisor), the same numbers as summing signed terms
+
+
+def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
+                 dtype: torch.dtype | None = None, *, inplace: bool = False) -> torch.Tensor:
+    """``sum_i w_i t_i`` in ``dtype`` (default the first tensor's), divided by ``sum_i w_i`` when
+    ``normalize`` (a sum below 1e-8 counts as 1). A new tensor, unless ``inplace`` (then the
+    first tensor, when of ``dtype``, is overwritten and returned); other inputs are only read."""
+    dtype = dtype or ts[0].dtype
+    first, w0 = ts[0], weights[0]
+    if inplace and first.dtype == dtype:
+        out = first if w0 == 1 else first.mul_(w0)  # multiplying by 1 is exact: skip the pass
+    else:
+        out = torch.mul(first.to(dtype), w0)
+    for t, w in zip(ts[1:], weights[1:], strict=True):
+        out.add_(t.to(dtype), alpha=w)
+    if normalize:
+        s = float(sum(weights))
+        out.div_(s if abs(s) >= 1e-8 else 1.0)
+    return out
+
+
+def check_method_inputs(method: MergeMethod, n_models: int, has_base: bool) -> None:
+    """Raise when the number of models or the base does not fit the method's contract."""
+    if method.needs_base and not has_base:
+        raise ConfigError(
+            f"merge method '{method.name}' needs a base model (it merges task vectors, model - base); "
+            "give base_model in the config (or base= in Python)."
+        )
+    if n_models < method.min_models:
+        raise ConfigError(f"merge method '{method.name}' needs at least {method.min_models} input model(s), "
+                          f"got {n_models}.")
+    if method.max_models is not None and n_models > method.max_models:
+        raise ConfigError(f"merge method '{method.name}' takes at most {method.max_models} input model(s) "
+                          f"(besides the base), got {n_models}.")
+
+
+def shapes_equal(name: str, ts: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`IncompatibleModelsError` when the tensors of ``name`` differ in shape."""
+    shapes = {tuple(t.shape) for t in ts}
+    if len(shapes) > 1:
+        raise IncompatibleModelsError(
+            f"tensor '{name}' has different shapes across the models: {sorted(shapes)}; "
+            "the models have different architectures or sizes.")
