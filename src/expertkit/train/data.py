@@ -74,7 +74,8 @@ def collate(rows: Sequence[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 def per_example_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy on the labelled tokens of each row: ``(batch,)``."""
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V), or (B, P + L, V) with prompt tuning
+    logits = logits[:, logits.shape[1] - ids.shape[1] :]  # (B, L, V): drop virtual-token positions
     shift_logits = logits[:, :-1].float()  # (B, L-1, V): position t predicts token t + 1
     shift_labels = labels[:, 1:]  # (B, L-1)
     tok = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")  # (B, L-1)

@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +39,14 @@ from expertkit.tasks.base import Task
 from expertkit.train.config import LoraTrainConfig
 from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
 from expertkit.train.optimizers import build_optimizer, optimizer_entry
+from expertkit.train.schemes import output_files, save, wrap
 from expertkit.train.state import load_checkpoint, save_checkpoint
 
 META_NAME = "expertkit.json"
 CHECKPOINT = Path("checkpoint") / "state.safetensors"
 FORMAT = "expertkit-lora-v1"
-_OURS = {"adapter_config.json", "adapter_model.safetensors", META_NAME, "checkpoint", "README.md"}
+_OURS = {"adapter_config.json", "adapter_model.safetensors", META_NAME, "checkpoint", "README.md",
+         "config.json", "model.safetensors", "generation_config.json"}  # the last three: scheme "full"
 
 
 @dataclass(frozen=True)
@@ -102,23 +103,9 @@ def _base_name(loaded: Any) -> str:
     return loaded.name if loaded.name in BUNDLED or loaded.path is None else str(loaded.path)
 
 
-def _wrap(model: Any, config: LoraTrainConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
-            return get_peft_model(model, lora)
-    except ValueError as exc:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(
-            f"target_modules {list(config.target_modules)} match no layer of the model ({exc}). "
-            f"Linear layer names in this model: {', '.join(names)}."
-        ) from exc
+def config_scheme(meta: dict[str, Any]) -> str:
+    """The fine-tuning scheme recorded in an output's metadata (``lora`` before schemes existed)."""
+    return (meta.get("config") or {}).get("scheme", "lora")
 
 
 def _identity(config: LoraTrainConfig, task: Task, base_fp: str) -> dict[str, Any]:
@@ -131,7 +118,7 @@ def _finished(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     same = meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in ident.items())
-    complete = all((out_dir / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+    complete = all((out_dir / f).is_file() for f in output_files(config_scheme(meta)))
     return meta if same and complete else None
 
 
@@ -151,10 +138,11 @@ def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_na
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        for cfg in peft_model.peft_config.values():
+        scheme = config_scheme(meta)
+        for cfg in getattr(peft_model, "peft_config", {}).values():
             cfg.base_model_name_or_path = base_name
-        peft_model.save_pretrained(tmp, save_embedding_layers=False)  # no hub look-up for the vocab
-        weights = tmp / "adapter_model.safetensors"
+        save(peft_model, tmp, scheme)
+        weights = tmp / ("model.safetensors" if scheme == "full" else "adapter_model.safetensors")
         tensors = load_file(weights)
         save_file(tensors, weights, metadata={"format": "pt", FINGERPRINT_METADATA_KEY: meta["base_fingerprint"]})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
@@ -259,12 +247,11 @@ def train_lora(
         ckpt_path.unlink()  # starting over: an old checkpoint must not be resumed later
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = _wrap(loaded.model, config)
+        model, give_back = wrap(loaded.model, config, loaded.path)
         try:
             return _train(model, tok, task, config, rows, out_dir, ckpt_path, ident, _base_name(loaded), callbacks)
         finally:
-            model.unload()  # the caller's base model gets its plain layers back
-            loaded.model.eval()
+            give_back()  # the caller's base model gets its plain layers (or its weights) back
 
 
 def _train(
@@ -274,7 +261,7 @@ def _train(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = build_optimizer(
         config.optimizer, [p for _, p in named], lr=config.lr, steps=config.steps, seed=config.seed,
-        hparams=config.optimizer_params,
+        hparams=config.optimizer_params, names=[n for n, _ in named], model=model,
     )
     start, losses, prior_seconds, resumed_from = 0, [], 0.0, None
     if ckpt_path.exists() and config.resume:
@@ -316,6 +303,7 @@ def _train(
     meta = {
         "format": FORMAT, **ident, "base": base_name, "steps": config.steps, "seed": config.seed,
         "lr": config.lr, "rank": config.rank, "alpha": config.alpha, "optimizer": config.optimizer,
+        "scheme": config.scheme,
         "final_loss": losses[-1], "train_loss": sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10),
         "losses": losses, "metrics": metrics, "seconds": seconds, "trainable_params": sum(p.numel() for _, p in named),
     }

@@ -41,7 +41,7 @@ Names not yet registered are looked up again after importing
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,6 +81,8 @@ class OptimizerSetup:
     steps: int
     seed: int
     hparams: BaseModel  # validated instance of the entry's params model
+    names: tuple[str, ...] | None = None  # parameter names, aligned with params (block-wise, hybrid)
+    model: Any = None  # the module the parameters belong to (forward-mode methods need it)
 
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter], OptimizerSetup], TrainOptimizer]
@@ -182,9 +184,17 @@ def build_optimizer(
     steps: int,
     seed: int,
     hparams: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    model: Any = None,
 ) -> TrainOptimizer:
-    """Build optimizer ``name`` over ``params``; ``hparams`` are validated against its params model."""
+    """Build optimizer ``name`` over ``params``; ``hparams`` are validated against its params model.
+
+    ``names`` (aligned with ``params``) and ``model`` are passed on for methods that need them
+    (block-wise and hybrid zeroth-order training, forward-mode gradients).
+    """
     entry = optimizer_entry(name)
-    model = entry.params or Config
-    checked = validate(model, dict(hparams or {}), source=f"optimizer '{name}' parameters")
-    return entry.obj(list(params), OptimizerSetup(lr=lr, steps=steps, seed=seed, hparams=checked))
+    params_model = entry.params or Config
+    checked = validate(params_model, dict(hparams or {}), source=f"optimizer '{name}' parameters")
+    setup = OptimizerSetup(lr=lr, steps=steps, seed=seed, hparams=checked,
+                           names=tuple(names) if names is not None else None, model=model)
+    return entry.obj(list(params), setup)

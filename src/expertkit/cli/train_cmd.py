@@ -1,0 +1,112 @@
+"""``expertkit train``: train one expert on a task with any registered optimizer and scheme.
+
+    expertkit train family_relation experts/fr --optimizer zo-sgd --scheme lora --steps 200
+    expertkit optimizers          # registered optimizers and their parameters
+
+Zeroth-order methods (``zo-*``, ``forward-grad``) get the MeZO/ZO-Bench learning rate and ε of
+the scheme unless ``--lr`` / ``--eps`` are given (see ``docs/zo.md``). Wired in by :func:`register`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    """``["q=2", "block=layer"]`` -> ``{"q": 2, "block": "layer"}`` (values read as YAML scalars)."""
+    import yaml
+
+    from expertkit.errors import ConfigError
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param '{item}' is not KEY=VALUE (e.g. --param q=2).")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
+def resolve_settings(
+    optimizer: str, scheme: str, lr: float | None, eps: float | None, params: dict[str, Any],
+) -> tuple[float | None, dict[str, Any]]:
+    """The learning rate and optimizer parameters after applying the per-scheme ZO defaults."""
+    from expertkit.train.optimizers import optimizer_entry
+
+    entry = optimizer_entry(optimizer)
+    params = dict(params)
+    if entry.extra.get("zo"):
+        from expertkit.optim.zo import zo_defaults
+
+        defaults = zo_defaults(scheme)
+        lr = defaults["lr"] if lr is None else lr
+        if eps is not None or "eps" not in params:
+            params["eps"] = defaults["eps"] if eps is None else eps
+    elif eps is not None:
+        from expertkit.errors import ConfigError
+
+        raise ConfigError(f"--eps is a zeroth-order setting; optimizer '{optimizer}' is first-order.")
+    return lr, params
+
+
+def train_cmd(
+    task: Annotated[str, typer.Argument(help="Task name (see `expertkit tasks list`).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (PEFT adapter, or a full model for --scheme full).")],
+    model: Annotated[str, typer.Option(help="Base model: bundled name or folder.")] = "smollm2-135m",
+    optimizer: Annotated[str, typer.Option(help="A registered optimizer (`expertkit optimizers`).")] = "adamw",
+    scheme: Annotated[str, typer.Option(help="lora, full, prefix or prompt.")] = "lora",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 40,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: per optimizer and scheme).")] = None,
+    eps: Annotated[float | None, typer.Option(help="ZO perturbation scale ε (default: per scheme).")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="Optimizer parameter KEY=VALUE (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
+    virtual_tokens: Annotated[int, typer.Option(min=1, help="Virtual tokens of prefix/prompt tuning.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of init, data and directions.")] = 0,
+    eval_n: Annotated[int, typer.Option(min=0, help="Evaluate on this many test examples after training.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT_DIR.")] = True,
+) -> None:
+    """Train one expert on TASK and write it to OUT_DIR (resumable; written atomically)."""
+    from expertkit.models import load_model
+    from expertkit.train import train_lora
+
+    lr, params = resolve_settings(optimizer, scheme, lr, eps, _parse_params(param or []))
+    overrides: dict[str, Any] = {
+        "optimizer": optimizer, "optimizer_params": params, "scheme": scheme, "steps": steps,
+        "batch_size": batch_size, "rank": rank, "num_virtual_tokens": virtual_tokens, "seed": seed,
+        "eval_n": eval_n, "resume": resume,
+    }
+    if lr is not None:
+        overrides["lr"] = lr
+    res = train_lora(load_model(model), task, out_dir, **overrides)
+    what = "reused" if res.reused else f"trained {res.steps} steps in {res.seconds:.0f} s"
+    line = f"{what}: loss {res.losses[0]:.4f} -> {res.train_loss:.4f}"
+    if res.metrics:
+        m = res.metrics
+        line += f"; {m['split']} accuracy {m['accuracy']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] (n={m['n']})"
+    out.print(f"[green]done[/green]: {line}; wrote {res.out_dir}", highlight=False)
+
+
+def optimizers_cmd() -> None:
+    """List the registered optimizers (first- and zeroth-order) and their parameters."""
+    from expertkit.train.optimizers import OPTIMIZERS, _load_plugins
+
+    _load_plugins()
+    for entry in OPTIMIZERS:
+        kind = "zeroth-order" if entry.extra.get("zo") else "first-order"
+        out.print(f"[bold]{entry.name}[/bold] ({kind}): {entry.summary}", highlight=False)
+        if entry.params is not None:
+            for pname, field in entry.params.model_fields.items():
+                out.print(f"    {pname} (default {field.default!r}): {field.description or ''}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``expertkit train`` and ``expertkit optimizers`` to the main app."""
+    app.command("train")(train_cmd)
+    app.command("optimizers")(optimizers_cmd)

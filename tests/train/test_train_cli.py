@@ -1,0 +1,51 @@
+"""``expertkit train``: per-scheme ZO defaults, optimizer parameters, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertkit.cli.main import main
+from expertkit.cli.train_cmd import resolve_settings
+
+
+def run_cli(args, capsys):
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_with_zo_uses_the_scheme_defaults(tiny_checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / "expert"
+    code, stdout, err = run_cli(
+        ["--quiet", "train", "leap_year", str(out), "--model", str(tiny_checkpoint("llama")), "--optimizer",
+         "zo-sgd", "--scheme", "lora", "--steps", "2", "--batch-size", "2", "--param", "q=2"], capsys)
+    assert code == 0, err
+    assert "trained 2 steps" in stdout
+    meta = json.loads((out / "expertkit.json").read_text())
+    assert meta["lr"] == 1e-4 and meta["optimizer"] == "zo-sgd"
+    assert meta["config"]["optimizer_params"] == {"q": 2, "eps": 1e-2}
+
+
+@pytest.mark.parametrize("scheme,lr,eps", [("full", 1e-6, 1e-3), ("lora", 1e-4, 1e-2), ("prefix", 1e-2, 1e-1)])
+def test_resolve_settings_per_scheme(scheme: str, lr: float, eps: float) -> None:
+    assert resolve_settings("zo-adam", scheme, None, None, {}) == (lr, {"eps": eps})
+    assert resolve_settings("zo-adam", scheme, 0.5, None, {"eps": 0.2}) == (0.5, {"eps": 0.2})
+    assert resolve_settings("adamw", scheme, None, None, {}) == (None, {})
+
+
+def test_train_errors_are_one_line(tmp_path, capsys) -> None:
+    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sdg"], capsys)
+    assert code == 2 and "Did you mean 'zo-sgd'" in err and "Traceback" not in err
+    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sgd",
+                            "--scheme", "ful"], capsys)
+    assert code == 2 and "Did you mean 'full'" in err
+    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--param", "q"], capsys)
+    assert code == 2 and "KEY=VALUE" in err
+    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--eps", "0.1"], capsys)
+    assert code == 2 and "first-order" in err
