@@ -32,3 +32,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, str, str]]:
+    """Run the ``expertkit`` command in-process: ``cli(args) -> (exit code, stdout, stderr)``."""
+    from expertkit.cli.main import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

@@ -10,35 +10,26 @@ import torch
 from expertkit.cli.main import main
 
 
-def run_cli(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def test_help_lists_commands(capsys):
-    code, out, _ = run_cli(["--help"], capsys)
+def test_help_lists_commands(cli):
+    code, out, _ = cli(["--help"])
     assert code == 0
     for command in ("info", "validate", "run"):
         assert command in out
 
 
-def test_validate_reports_two_typos_of_one_file(tmp_path, capsys):
+def test_validate_reports_two_typos_of_one_file(tmp_path, cli):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("name: demo\nmodle: smollm2-135m\nstages:\n  - kind: generate\n    prompt: [hi]\n")
-    code, _, err = run_cli(["validate", str(cfg)], capsys)
+    code, _, err = cli(["validate", str(cfg)])
     assert code == 2
     assert "unknown key 'modle'. Did you mean 'model'?" in err
     assert "stages[0].prompt: unknown key 'prompt'. Did you mean 'prompts'?" in err
     assert "Traceback" not in err
 
 
-def test_validate_ok_loads_no_weights(tmp_path, capsys, monkeypatch):
+def test_validate_ok_loads_no_weights(tmp_path, monkeypatch, cli):
     import expertkit.models.loader as loader
 
     def boom(*a, **k):
@@ -46,32 +37,32 @@ def test_validate_ok_loads_no_weights(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(loader, "load_model", boom)
     monkeypatch.setattr(loader, "resolve", boom)
-    code, out, _ = run_cli(["validate", "examples/quickstart.yaml"], capsys)
+    code, out, _ = cli(["validate", "examples/quickstart.yaml"])
     assert code == 0, out
     assert "is valid" in out and "7 stage(s)" in out
 
 
-def test_unknown_model_is_one_line_exit_2(tmp_path, capsys):
-    code, out, err = run_cli(["info", "smollm3-135m"], capsys)
+def test_unknown_model_is_one_line_exit_2(tmp_path, cli):
+    code, out, err = cli(["info", "smollm3-135m"])
     assert code == 2
     assert "unknown model 'smollm3-135m'. Did you mean 'smollm2-135m'?" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_debug_shows_traceback(capsys):
+def test_debug_shows_traceback():
     from expertkit.errors import UnknownNameError
 
     with pytest.raises(UnknownNameError):
         main(["--debug", "info", "smollm3-135m"])
 
 
-def test_info_refuses_pickle_exit_2_one_line(tmp_path, capsys):
+def test_info_refuses_pickle_exit_2_one_line(tmp_path, cli):
     torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
-    code, _, err = run_cli(["info", str(tmp_path)], capsys)
+    code, _, err = cli(["info", str(tmp_path)])
     assert code == 2
     assert "pickle" in err and "allow" in err
     assert len(err.strip().splitlines()) == 1
-    code, out, _ = run_cli(["info", str(tmp_path), "--allow-pickle", "--json"], capsys)
+    code, out, _ = cli(["info", str(tmp_path), "--allow-pickle", "--json"])
     assert code == 0
     assert json.loads(out)["num_parameters"] == 2
 
@@ -82,8 +73,8 @@ EXPECTED_MOE = {"mixtral": ("expert", "router"), "qwen2_moe": ("expert", "router
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "t5", "mixtral", "qwen2_moe",
                                   "switch_transformers"])
-def test_info_lists_groups_for_every_tiny_architecture(arch, tiny_checkpoint, capsys):
-    code, out, err = run_cli(["info", str(tiny_checkpoint(arch)), "--json"], capsys)
+def test_info_lists_groups_for_every_tiny_architecture(arch, tiny_checkpoint, cli):
+    code, out, err = cli(["info", str(tiny_checkpoint(arch)), "--json"])
     assert code == 0, err
     summary = json.loads(out)
     assert summary["architecture"] == arch and not summary["inferred"]

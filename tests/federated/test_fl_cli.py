@@ -6,56 +6,47 @@ import json
 
 import yaml
 
-from expertkit.cli.main import main
 
 
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def test_keys_lifecycle(tmp_path, capsys):
+def test_keys_lifecycle(tmp_path, cli):
     d, store = tmp_path / "keys", tmp_path / "trust"
-    code, out, _ = run_cli(["fl", "keys", "gen", "client-0", "--scheme", "fn-dsa-512", "--dir", str(d)], capsys)
+    code, out, _ = cli(["fl", "keys", "gen", "client-0", "--scheme", "fn-dsa-512", "--dir", str(d)])
     assert code == 0 and "fn-dsa-512" in out
     old_fp = out.split("fingerprint ")[1].split()[0]
-    assert run_cli(["fl", "keys", "trust", str(d / "client-0.pub"), "--store", str(store)], capsys)[0] == 0
-    code, out, _ = run_cli(["fl", "keys", "rotate", "client-0", "--dir", str(d)], capsys)
+    assert cli(["fl", "keys", "trust", str(d / "client-0.pub"), "--store", str(store)])[0] == 0
+    code, out, _ = cli(["fl", "keys", "rotate", "client-0", "--dir", str(d)])
     assert code == 0 and old_fp in out
-    assert run_cli(["fl", "keys", "trust", str(d / "client-0.pub"), "--store", str(store)], capsys)[0] == 0
-    assert run_cli(["fl", "keys", "revoke", old_fp[:12], "--store", str(store), "--reason", "rotated"], capsys)[0] == 0
-    code, out, _ = run_cli(["fl", "keys", "list", "--store", str(store)], capsys)
+    assert cli(["fl", "keys", "trust", str(d / "client-0.pub"), "--store", str(store)])[0] == 0
+    assert cli(["fl", "keys", "revoke", old_fp[:12], "--store", str(store), "--reason", "rotated"])[0] == 0
+    code, out, _ = cli(["fl", "keys", "list", "--store", str(store)])
     assert code == 0 and out.count("active") == 1 and out.count("revoked") == 1
-    code, _, err = run_cli(["fl", "keys", "gen", "client-1", "--scheme", "ml-dsa-66", "--dir", str(d)], capsys)
+    code, _, err = cli(["fl", "keys", "gen", "client-1", "--scheme", "ml-dsa-66", "--dir", str(d)])
     assert code == 2 and "ml-dsa-65" in err  # unknown scheme: one line, nearest name
 
 
-def test_simulate_from_config(tmp_path, capsys):
+def test_simulate_from_config(tmp_path, cli):
     cfg = {"name": "t", "model": "tiny:llama", "task": "toy:lohi", "clients": 2, "rounds": 1, "examples_per_client": 8,
            "local_steps": 1, "batch_size": 4, "eval_n": 4, "engine": "inline", "output_dir": str(tmp_path),
            "signing": {"scheme": "ed25519+ml-dsa-44"}, "attack": {"kind": "tamper", "client": 0}}
     path = tmp_path / "fl.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    code, out, err = run_cli(["fl", "simulate", str(path)], capsys)
+    code, out, err = cli(["fl", "simulate", str(path)])
     assert code == 0, err
     assert "dropped round 1 update of client-0" in out
     res = json.loads((tmp_path / "t" / "result.json").read_text())
     assert res["scheme"] == "ed25519+ml-dsa-44" and res["signing"]["accepted"] == {"1": ["client-1"]}
     assert (tmp_path / "t" / "global_lora.safetensors").exists()
     path.write_text(yaml.safe_dump({**cfg, "clents": 3}))
-    code, _, err = run_cli(["fl", "simulate", str(path)], capsys)
+    code, _, err = cli(["fl", "simulate", str(path)])
     assert code == 2 and "clients" in err
 
 
-def test_measure_prints_the_table(tmp_path, capsys):
-    code, out, _ = run_cli(["fl", "measure", "--scheme", "ed25519", "--scheme", "fn-dsa-512", "--size-mb", "1",
+def test_measure_prints_the_table(tmp_path, cli):
+    code, out, _ = cli(["fl", "measure", "--scheme", "ed25519", "--scheme", "fn-dsa-512", "--size-mb", "1",
                             "--no-full-model", "--repeats", "1", "--round-seconds", "10",
-                            "--json", str(tmp_path / "m.json")], capsys)
+                            "--json", str(tmp_path / "m.json")])
     assert code == 0 and "fn-dsa-512 | yes | 897 |" in out
     res = json.loads((tmp_path / "m.json").read_text())
     assert [r["scheme"] for r in res["schemes"]] == ["ed25519", "fn-dsa-512"]

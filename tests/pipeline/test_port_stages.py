@@ -8,19 +8,9 @@ import pytest
 
 from expertkit.errors import ConfigError
 from expertkit.pipeline import parse_run_config, run_pipeline
-from expertkit.registry import Entry
-from expertkit.tasks.base import TASKS
 from expertkit.tasks.toy import lohi_task
 
 LOHI = lohi_task()
-
-
-@pytest.fixture
-def lohi(monkeypatch):
-    import expertkit.tasks  # noqa: F401 - registers built-ins first
-
-    monkeypatch.setitem(TASKS._entries, LOHI.name, Entry(LOHI.name, LOHI, summary="toy"))
-    return LOHI
 
 
 def test_experts_ported_to_an_evolved_base_keep_their_skill(tmp_path, tiny_checkpoint, lohi, monkeypatch):

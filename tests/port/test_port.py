@@ -211,21 +211,12 @@ def test_replacements_become_deltas_against_the_old_base():
     assert "same.weight" not in patch.deltas  # equal to the base: not a change
 
 
-def test_cli_port_extract_apply_and_errors(zoo, tmp_path, capsys):
-    from expertkit.cli.main import main
-
-    def cli(*args):
-        try:
-            main(list(args))
-        except SystemExit as exc:
-            return exc.code, capsys.readouterr()
-        return 0, capsys.readouterr()
-
-    code, _ = cli("port", "extract", str(zoo["adapter"]), str(tmp_path / "p"), "--base", str(zoo["old"]))
+def test_cli_port_extract_apply_and_errors(zoo, tmp_path, cli):
+    code, _, _ = cli(["port", "extract", str(zoo["adapter"]), str(tmp_path / "p"), "--base", str(zoo["old"])])
     assert code == 0 and (tmp_path / "p" / "patch.json").is_file()
-    code, io = cli("port", "apply", str(tmp_path / "p"), str(zoo["new"]), str(tmp_path / "m"), "--scale", "0.5")
-    assert code == 0 and "evolved" in io.out and (tmp_path / "m" / "model.safetensors").is_file()
-    code, io = cli("port", "apply", str(tmp_path / "p"), str(zoo["other"]), str(tmp_path / "x"))
-    assert code == 2 and "refusing to port" in io.err and not (tmp_path / "x").exists()
-    code, io = cli("port", "diagnose", str(tmp_path / "p"), str(zoo["new"]), "--old-base", str(zoo["old"]))
-    assert code == 0 and "relative drift of the base" in io.out
+    code, out, _ = cli(["port", "apply", str(tmp_path / "p"), str(zoo["new"]), str(tmp_path / "m"), "--scale", "0.5"])
+    assert code == 0 and "evolved" in out and (tmp_path / "m" / "model.safetensors").is_file()
+    code, _, err = cli(["port", "apply", str(tmp_path / "p"), str(zoo["other"]), str(tmp_path / "x")])
+    assert code == 2 and "refusing to port" in err and not (tmp_path / "x").exists()
+    code, out, _ = cli(["port", "diagnose", str(tmp_path / "p"), str(zoo["new"]), "--old-base", str(zoo["old"])])
+    assert code == 0 and "relative drift of the base" in out

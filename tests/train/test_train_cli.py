@@ -6,25 +6,16 @@ import json
 
 import pytest
 
-from expertkit.cli.main import main
 from expertkit.cli.train_cmd import resolve_settings
 
 
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def test_train_with_zo_uses_the_scheme_defaults(tiny_checkpoint, tmp_path, capsys) -> None:
+def test_train_with_zo_uses_the_scheme_defaults(tiny_checkpoint, tmp_path, cli) -> None:
     out = tmp_path / "expert"
-    code, stdout, err = run_cli(
+    code, stdout, err = cli(
         ["--quiet", "train", "leap_year", str(out), "--model", str(tiny_checkpoint("llama")), "--optimizer",
-         "zo-sgd", "--scheme", "lora", "--steps", "2", "--batch-size", "2", "--param", "q=2"], capsys)
+         "zo-sgd", "--scheme", "lora", "--steps", "2", "--batch-size", "2", "--param", "q=2"])
     assert code == 0, err
     assert "trained 2 steps" in stdout
     meta = json.loads((out / "expertkit.json").read_text())
@@ -39,13 +30,13 @@ def test_resolve_settings_per_scheme(scheme: str, lr: float, eps: float) -> None
     assert resolve_settings("adamw", scheme, None, None, {}) == (None, {})
 
 
-def test_train_errors_are_one_line(tmp_path, capsys) -> None:
-    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sdg"], capsys)
+def test_train_errors_are_one_line(tmp_path, cli) -> None:
+    code, _, err = cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sdg"])
     assert code == 2 and "Did you mean 'zo-sgd'" in err and "Traceback" not in err
-    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sgd",
-                            "--scheme", "ful"], capsys)
+    code, _, err = cli(["train", "leap_year", str(tmp_path / "a"), "--optimizer", "zo-sgd",
+                            "--scheme", "ful"])
     assert code == 2 and "Did you mean 'full'" in err
-    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--param", "q"], capsys)
+    code, _, err = cli(["train", "leap_year", str(tmp_path / "a"), "--param", "q"])
     assert code == 2 and "KEY=VALUE" in err
-    code, _, err = run_cli(["train", "leap_year", str(tmp_path / "a"), "--eps", "0.1"], capsys)
+    code, _, err = cli(["train", "leap_year", str(tmp_path / "a"), "--eps", "0.1"])
     assert code == 2 and "first-order" in err

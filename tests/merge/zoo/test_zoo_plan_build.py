@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from expertkit.cli.main import main
 from expertkit.errors import ConfigError
 from expertkit.merge import merge_state_dicts
 from expertkit.merge.zoo import MemberWeights, build_plan, discover_zoo, load_plan, plan_zoo, save_plan
@@ -104,29 +103,21 @@ def test_failed_build_leaves_no_output(plan, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
-def _cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_cli_plan_and_build_on_a_tiny_zoo(tiny_zoo, tmp_path, capsys):
+def test_cli_plan_and_build_on_a_tiny_zoo(tiny_zoo, tmp_path, cli):
     plan_path = tmp_path / "plan.yaml"
-    code, out, err = _cli(["--quiet", "zoo", "plan", str(tiny_zoo["a0"]), str(tiny_zoo["a1"]), str(tiny_zoo["b0"]),
+    code, out, err = cli(["--quiet", "zoo", "plan", str(tiny_zoo["a0"]), str(tiny_zoo["a1"]), str(tiny_zoo["b0"]),
                            "-t", "family_relation", "--n", "2", "--budget", "6", "--mixture", "model",
-                           "--out", str(plan_path)], capsys)
+                           "--out", str(plan_path)])
     assert code == 0, err
     assert "cluster0: a0, a1 ->" in out and "cluster1: b0 -> single of b0" in out
     plan = load_plan(plan_path)
     assert plan.mixture.kind == "model" and plan.validation.n == 2
     assert all(t.endswith("]") for t in plan.clusters[0].trials)
     _edit(plan_path, lambda d: d["mixture"].update(kind="none"))
-    code, out, err = _cli(["--quiet", "zoo", "build", str(plan_path), str(tmp_path / "out")], capsys)
+    code, out, err = cli(["--quiet", "zoo", "build", str(plan_path), str(tmp_path / "out")])
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out" / "clusters").iterdir()) == ["cluster0", "cluster1"]
-    code, _, err = _cli(["zoo", "build", str(plan_path), str(tmp_path / "out")], capsys)
+    code, _, err = cli(["zoo", "build", str(plan_path), str(tmp_path / "out")])
     assert code == 2 and "output folder exists" in err
