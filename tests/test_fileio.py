@@ -35,3 +35,17 @@ def test_sha256_file(tmp_path):
     path = tmp_path / "x"
     path.write_bytes(b"abc" * 1000)
     assert fileio.sha256_file(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_install_folder_replaces_only_when_complete(tmp_path):
+    from expertkit.fileio import install_folder
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    tmp = tmp_path / ".out.tmp-1"
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    install_folder(tmp, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left

@@ -40,3 +40,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def install_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """fsync the files of the finished folder ``tmp``, then move it to ``dest``.
+
+    An existing ``dest`` is replaced only now that ``tmp`` is complete: it is renamed aside,
+    ``tmp`` is renamed into place, and the old folder is removed. ``tmp`` must be a sibling of
+    ``dest`` (same file system), as made by ``tempfile.mkdtemp(dir=dest.parent)``.
+    """
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    for p in tmp.iterdir():
+        if p.is_file():
+            fsync_path(p)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

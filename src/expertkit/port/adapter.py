@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from expertkit.errors import ConfigError
+from expertkit.fileio import install_folder
 from expertkit.weights.patch import Patch
 
 PREFIX = "base_model.model."
@@ -121,10 +121,7 @@ def write_adapter(
     try:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, out_dir)
+        install_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

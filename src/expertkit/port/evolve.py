@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import CheckpointError, ConfigError
+from expertkit.fileio import install_folder
 
 META_NAME = "expertkit.json"
 
@@ -104,17 +105,7 @@ def _write(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) -> N
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(meta))
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-        for p in tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

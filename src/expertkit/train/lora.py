@@ -35,6 +35,7 @@ import torch
 
 from expertkit.config import validate
 from expertkit.errors import CheckpointError, ConfigError
+from expertkit.fileio import install_folder
 from expertkit.tasks.base import Task
 from expertkit.train.config import LoraTrainConfig
 from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
@@ -122,13 +123,6 @@ def _finished(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
     return meta if same and complete else None
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_name: str) -> None:
     """Write the adapter into a temporary sibling folder, then swap it in for ``out_dir``."""
     from safetensors.torch import load_file, save_file
@@ -146,14 +140,7 @@ def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_na
         tensors = load_file(weights)
         save_file(tensors, weights, metadata={"format": "pt", FINGERPRINT_METADATA_KEY: meta["base_fingerprint"]})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-        _fsync_tree(tmp)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
