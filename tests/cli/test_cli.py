@@ -39,7 +39,7 @@ def test_validate_ok_loads_no_weights(tmp_path, monkeypatch, cli):
     monkeypatch.setattr(loader, "resolve", boom)
     code, out, _ = cli(["validate", "examples/quickstart.yaml"])
     assert code == 0, out
-    assert "is valid" in out and "7 stage(s)" in out
+    assert "is valid" in out and "5 stage(s)" in out
 
 
 def test_unknown_model_is_one_line_exit_2(tmp_path, cli):

@@ -37,6 +37,21 @@ def test_experts_ported_to_an_evolved_base_keep_their_skill(tmp_path, tiny_check
     assert (run_dir / "ported" / LOHI.name / "adapter_config.json").is_file()
     assert "new base + ported expert" in (run_dir / "report.md").read_text()
 
+    # another run ports the same experts from their folder (as examples/portllm.yaml does)
+    again = {**data, "name": "port2", "stages": [
+        {"kind": "evolve", "corpus": str(corpus), "steps": 5, "lr": 1e-3, "seq_len": 16},
+        {"kind": "port", "n": 40, "experts": str(run_dir / "experts")}]}
+    run2 = run_pipeline(parse_run_config(again))
+    row2 = json.loads((run2 / "results.json").read_text())["stages"]["port"]["result"]["experts"][LOHI.name]
+    assert row2["new_ported"] == row["new_ported"] and row2["old_expert"] == row["old_expert"]
+
+
+def test_port_with_an_empty_experts_folder_is_a_clear_error(tmp_path, tiny_checkpoint):
+    data = {"name": "p", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),
+            "stages": [{"kind": "port", "new_base": str(tiny_checkpoint("llama", 1)), "experts": str(tmp_path)}]}
+    with pytest.raises(ConfigError, match="holds no expert adapters"):
+        run_pipeline(parse_run_config(data))
+
 
 def test_port_without_new_base_or_evolve_is_a_clear_error(tmp_path, tiny_checkpoint, lohi):
     data = {"name": "p", "model": str(tiny_checkpoint("llama")), "output_dir": str(tmp_path / "runs"),

@@ -2,7 +2,8 @@
 
 * ``evolve``: continued pretraining of the run's base model on a corpus (default: BBC News
   training articles) into ``<run>/evolved/`` (a model folder with a model card).
-* ``port``: every expert of the earlier ``train_experts`` stages is ported, without training, to
+* ``port``: every expert of the earlier ``train_experts`` stages (or of the ``experts`` folder, e.g.
+  ``runs/quickstart/experts``) is ported, without training, to
   the new base (the ``evolve`` stage's output unless ``new_base`` is given) as a PEFT adapter
   (exact for LoRA experts) in ``<run>/ported/<task>/``; then, on each expert's own task: the old
   base + expert, the new base zero-shot, and the new base + ported expert, with 95% intervals,
@@ -60,6 +61,8 @@ class PortParams(Config):
     """Parameters of the ``port`` stage."""
 
     new_base: str | None = Field(None, description="the new base; default: the earlier evolve stage's model")
+    experts: str | None = Field(None, description="a folder of expert adapters (one per task, with expertkit.json); "
+                                "default: the experts trained earlier in this run")
     scale: float = Field(1.0, description="lambda in theta_new + lambda * delta")
     n: int = Field(100, ge=1, description="evaluation examples per task")
     split: str = Field("test", pattern="^(validation|test)$", description="validation or test")
@@ -78,6 +81,30 @@ def _new_base(ctx: RunContext, params: PortParams) -> Path:
     return ctx.run_dir / evolved[-1]["path"]
 
 
+def _experts(ctx: RunContext, params: PortParams) -> dict[str, dict[str, Any]]:
+    """``{name: {"path", "task"}}`` from ``params.experts`` or the run's train_experts stages."""
+    import json
+
+    from expertkit.errors import ConfigError
+
+    experts: dict[str, dict[str, Any]] = {}
+    if params.experts is not None:
+        folder = Path(params.experts).absolute()
+        for meta in sorted(folder.glob("*/expertkit.json")):
+            task = json.loads(meta.read_text()).get("task")
+            if task and (meta.parent / "adapter_config.json").is_file():
+                experts[meta.parent.name] = {"path": str(meta.parent), "task": task}
+        if not experts:
+            raise ConfigError(f"port: {folder} holds no expert adapters (folders with adapter_config.json and "
+                              "expertkit.json); train them first, e.g. with `make run`.")
+        return experts
+    for res in ctx.earlier("train_experts"):
+        experts.update(res["experts"])
+    if not experts:
+        raise ConfigError("port: no experts to port; add a train_experts stage before it, or set experts: FOLDER.")
+    return experts
+
+
 class PortStage:
     """Port the run's experts onto the new base and evaluate them there."""
 
@@ -90,11 +117,7 @@ class PortStage:
         from expertkit.progress import status
         from expertkit.tasks.evaluate import evaluate
 
-        experts: dict[str, dict[str, Any]] = {}
-        for res in ctx.earlier("train_experts"):
-            experts.update(res["experts"])
-        if not experts:
-            raise ConfigError("port: no experts to port; add a train_experts stage before it.")
+        experts = _experts(ctx, params)
         new_dir = _new_base(ctx, params)
         rows: dict[str, dict[str, Any]] = {}
         ported: dict[str, Path] = {}
