@@ -49,3 +49,15 @@ def test_install_folder_replaces_only_when_complete(tmp_path):
     install_folder(tmp, dest)
     assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
+
+
+def test_write_atomic_bytes_with_owner_only_mode(tmp_path):
+    import stat
+
+    from expertkit.fileio import write_atomic
+
+    path = tmp_path / "secret.key"
+    write_atomic(path, b"\x00\x01key", mode=0o600)
+    assert path.read_bytes() == b"\x00\x01key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]

@@ -8,14 +8,18 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling file, fsync and rename: never half-written."""
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` via a temporary sibling file, fsync and
+    rename: never half-written. With ``mode`` the file has those permissions from its creation on
+    (e.g. ``0o600`` for secret keys: never readable by others, not even briefly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from expertkit.errors import CheckpointError, ConfigError, UnknownNameError
 from expertkit.federated.signing.base import get_signer
+from expertkit.fileio import write_atomic
 
 FORMAT = "expertkit-fl-key-v1"
 _OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -97,17 +97,7 @@ class Identity:
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
     """Atomically create ``path`` with ``mode`` (the temporary file has the mode from the start)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def _key_dir(folder: Path) -> Path:

@@ -36,6 +36,21 @@ from expertkit.config import Config, load_config
 Scalar = Union[bool, int, float, str]  # noqa: UP007 - pydantic keeps the order of a Union
 
 
+
+def known_method(name: str) -> str:
+    """``name`` when it is a registered merge method; a ValueError naming the nearest one otherwise.
+
+    For pydantic validators: the ValueError is reported beside the file's other errors.
+    """
+    from expertkit.errors import UnknownNameError
+    from expertkit.merge.methods import METHODS
+
+    try:
+        METHODS.entry(name)
+    except UnknownNameError as exc:
+        raise ValueError(str(exc)) from None
+    return name
+
 class ConditionalSetting(Config):
     """A value that applies to tensors matching ``filter``."""
 
@@ -111,14 +126,7 @@ class MergeConfig(Config):
     @field_validator("merge_method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from expertkit.errors import UnknownNameError
-        from expertkit.merge.methods import METHODS
-
-        try:
-            METHODS.entry(v)
-        except UnknownNameError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return known_method(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -31,14 +31,9 @@ class MergeStageParams(Config):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from expertkit.errors import UnknownNameError
-        from expertkit.merge.methods import METHODS
+        from expertkit.merge.config import known_method
 
-        try:
-            METHODS.entry(v)
-        except UnknownNameError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return known_method(v)
 
     @model_validator(mode="after")
     def _check(self) -> MergeStageParams:
