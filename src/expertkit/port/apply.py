@@ -154,7 +154,7 @@ def port(  # noqa: PLR0913 - keyword options of one command
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder exists: {out}. Choose another path or pass overwrite=True.")
+        raise CheckpointError(f"output folder exists: {out}. Choose another path, or pass --overwrite (overwrite=True in Python).")
     patch = _load_patch(patch)
     new_dir = _folder(new_base)
     _check(patch, new_dir)
