@@ -220,3 +220,27 @@ def test_cli_port_extract_apply_and_errors(zoo, tmp_path, cli):
     assert code == 2 and "refusing to port" in err and not (tmp_path / "x").exists()
     code, out, _ = cli(["port", "diagnose", str(tmp_path / "p"), str(zoo["new"]), "--old-base", str(zoo["old"])])
     assert code == 0 and "relative drift of the base" in out
+
+
+def test_gpt2_conv1d_patch_as_adapter_equals_dense(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    old = save_tiny("gpt2", tmp_path / "old", seed=0)
+    new = drifted(old, tmp_path / "new", 0.02)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(old),
+                                LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    dense = port(tmp_path / "adapter", new, tmp_path / "dense")
+    adapter = port(tmp_path / "adapter", new, tmp_path / "as-adapter", as_adapter=True)
+    ids = torch.tensor([[5, 17, 30, 44, 2, 9]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(dense.path)(ids).logits
+        got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(new), adapter.path)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(new)(ids).logits
+    assert (want - base).abs().max() > 1e-3  # the patch changes the model
+    assert (got - want).abs().max() < 1e-5
