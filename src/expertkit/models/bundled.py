@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertkit.fileio import install_folder
 from expertkit.errors import CheckpointError, unknown
 from expertkit.progress import status
 
@@ -158,12 +159,7 @@ def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
             "files": files,
         }
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        install_folder(tmp, folder)  # a corrupt old cache is replaced only now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from expertkit.fileio import install_folder
 from expertkit.errors import CheckpointError
 from expertkit.merge.zoo.members import MemberWeights, ZooMember
 from expertkit.merge.zoo.plan import ClusterSpec, ZooPlan, plan_text
@@ -116,9 +117,7 @@ def build_plan(plan: ZooPlan, out_dir: str | os.PathLike[str], *, overwrite: boo
             info["mixture"] = {"kind": "model", "path": "router", "experts": [c.name for c in mixed]}
         (staging / "plan.yaml").write_text(plan_text(plan))
         (staging / "build.json").write_text(json.dumps(info, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        install_folder(staging, out_dir)  # an existing out_dir is replaced only now
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
