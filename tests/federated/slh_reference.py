@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 
-# variant: (n, h', d) for the fast parameter sets (FIPS 205 table 2); lg_w = 4 everywhere
-PARAMS = {"128f": (16, 3, 22), "192f": (24, 3, 22), "256f": (32, 4, 17)}
+# variant: (n, h', d) (FIPS 205 table 2); lg_w = 4 everywhere
+PARAMS = {"128f": (16, 3, 22), "192f": (24, 3, 22), "256f": (32, 4, 17),
+          "128s": (16, 9, 7), "192s": (24, 9, 7), "256s": (32, 8, 8)}
 WOTS_HASH, WOTS_PK, TREE, WOTS_PRF = 0, 1, 2, 5
 
 
@@ -65,7 +66,7 @@ class Hashes:
 
 
 def pk_root(variant: str, sk_seed: bytes, pk_seed: bytes) -> bytes:
-    """PK.root of ``slh-dsa-{sha2,shake}-{128,192,256}f`` from the two seeds."""
+    """PK.root of ``slh-dsa-{sha2,shake}-{128,192,256}{s,f}`` from the two seeds."""
     family, size = variant.split("-")
     n, hp, d = PARAMS[size]
     hs = Hashes(family, n)

@@ -51,3 +51,41 @@ def test_measure_prints_the_table(tmp_path, cli):
     res = json.loads((tmp_path / "m.json").read_text())
     assert [r["scheme"] for r in res["schemes"]] == ["ed25519", "fn-dsa-512"]
     assert res["overhead"][0]["update_bytes"] == 2**20
+
+
+def test_serve_and_client_pass_the_tls_files_on(tmp_path, cli, monkeypatch):
+    """`fl serve --tls-*` reaches serve() as TlsFiles; `fl client --root-certificates` drops --insecure.
+    (The loopback deployment test runs the same TLS path with real processes.)"""
+    import subprocess
+
+    from expertkit.federated import deploy
+    from expertkit.federated.keys import generate_key
+
+    generate_key("server", "ed25519", tmp_path / "server")
+    generate_key("client-0", "ed25519", tmp_path / "client-0")
+    cfg = tmp_path / "fl.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny:llama", "task": "toy:lohi", "clients": 1, "rounds": 1}))
+    pems = [tmp_path / f"{n}.pem" for n in ("ca", "cert", "key")]
+    seen = {}
+
+    def fake_serve(cfg, server_key, trust, workdir, **kw):
+        seen.update(kw)
+        return {"accuracy": {}, "signing": {"rejections": []}}
+
+    monkeypatch.setattr(deploy, "serve", fake_serve)
+    base = ["fl", "serve", str(cfg), "--server-key", str(tmp_path / "server" / "server.key"), "--trust",
+            str(tmp_path / "trust"), "--workdir", str(tmp_path / "w")]
+    code, _, err = cli(base + ["--tls-ca", str(pems[0]), "--tls-cert", str(pems[1]), "--tls-key", str(pems[2])])
+    assert code == 0, err
+    assert seen["tls"] == deploy.TlsFiles(*pems)
+    code, _, err = cli(base + ["--tls-ca", str(pems[0])])
+    assert code == 2 and "--tls-cert" in err
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    client = ["fl", "client", "--superlink", "127.0.0.1:9092", "--key", str(tmp_path / "client-0" / "client-0.key"),
+              "--server-key", str(tmp_path / "server" / "server.pub"), "--partition-id", "0"]
+    assert cli(client + ["--root-certificates", str(pems[0])])[0] == 0
+    assert cli(client)[0] == 0
+    tls_cmd, plain_cmd = calls
+    assert tls_cmd[tls_cmd.index("--root-certificates") + 1] == str(pems[0]) and "--insecure" not in tls_cmd
+    assert "--insecure" in plain_cmd and "--root-certificates" not in plain_cmd

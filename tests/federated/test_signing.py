@@ -74,7 +74,8 @@ def test_ed25519_known_answers(sk, pk, msg, sig):
 
 @pytest.mark.parametrize("name,logn,pk_size,sig_max", [("fn-dsa-512", 9, 897, 666), ("fn-dsa-1024", 10, 1793, 1280)])
 def test_fn_dsa_encodings_follow_the_standard(name, logn, pk_size, sig_max):
-    """No second FN-DSA implementation installs offline: check the FALCON encodings instead.
+    """The encodings c-fn-dsa fixes (the cross-implementation and known-answer checks are in
+    test_fndsa_ref.py).
 
     Verifying key: header byte ``logn`` and 897 / 1793 bytes; signing key: header ``0x50 + logn``
     and ends with SHAKE256(verifying key) (64 bytes); signature: header ``0x30 + logn``, at most
@@ -138,3 +139,29 @@ def test_openssl_ml_dsa_backend_interoperates_with_pqcrypto():
     assert ref.verify(pk, MSG, fast.sign(seed, MSG))
     pk2, sk2 = ref.keygen()
     assert fast.verify(pk2, MSG, ref.sign(sk2, MSG)) and not fast.verify(pk2, MSG + b"!", ref.sign(sk2, MSG))
+
+
+@pytest.mark.parametrize("name", [f"slh-dsa-{h}-{p}" for h in ("sha2", "shake") for p in SLH_SIZES])
+def test_slh_dsa_signatures_verify_under_an_independent_fips205_verifier(name):
+    """pqcrypto's signatures verify under tests/federated/slh_verify_reference.py (FIPS 205 pure mode,
+    empty context: the internal message is 0x00 || 0x00 || M); a flipped bit anywhere is rejected by both."""
+    from slh_verify_reference import verify as ref_verify
+
+    s = get_signer(name)
+    variant = name.removeprefix("slh-dsa-")
+    pk, sk = s.keygen()
+    sig = s.sign(sk, MSG)
+    assert ref_verify(variant, pk, b"\x00\x00" + MSG, sig)
+    assert not ref_verify(variant, pk, MSG, sig)  # without the pure-mode prefix the digest differs
+    n = len(pk) // 2
+    cases = {"message": (pk, MSG[:-1] + b"!", sig), "R": (pk, MSG, _flip(sig, 0)),
+             "FORS": (pk, MSG, _flip(sig, n + 3)), "hypertree": (pk, MSG, _flip(sig, len(sig) - n // 2)),
+             "PK.seed": (_flip(pk, 1), MSG, sig), "PK.root": (_flip(pk, n + 1), MSG, sig)}
+    for part, (p, m, g) in cases.items():
+        assert not s.verify(p, m, g) and not ref_verify(variant, p, b"\x00\x00" + m, g), part
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0x10
+    return bytes(out)

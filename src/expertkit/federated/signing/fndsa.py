@@ -1,7 +1,9 @@
 """FN-DSA (draft FIPS 206, FALCON) through ``py-fn-dsa``: fn-dsa-512 and fn-dsa-1024.
 
-Keys are the library's encoded verifying / signing keys; signatures are variable-length (at most
-:attr:`signature_size` bytes). Pure mode (``HASH_ID_RAW``), empty context.
+Keys are the library's encoded verifying / signing keys; signatures are the library's fixed-length,
+zero-padded encoding (:attr:`signature_size` bytes). Pure mode (``HASH_ID_RAW``), empty context.
+An independent pure-Python verifier for cross-checking (slow, never used to accept updates) is
+:mod:`expertkit.federated.signing.fndsa_ref`.
 """
 
 from __future__ import annotations
