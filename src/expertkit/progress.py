@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -24,19 +25,46 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
-_state = {"quiet": os.environ.get("EXPERTKIT_QUIET", "") not in ("", "0")}
+_state: dict[str, bool] = {"quiet": os.environ.get("EXPERTKIT_QUIET", "") not in ("", "0")}
 console = Console(stderr=True)
 
 
 def set_quiet(quiet: bool) -> None:
     """Silence (or re-enable) every progress display, transformers' included."""
     _state["quiet"] = quiet
-    try:
+    set_hf_bars(not quiet)
+
+
+#: read by huggingface_hub (and so transformers) when imported; ``_state["hf_env"]`` is True while
+#: :func:`set_hf_bars` is the one that set it (so it may take it back)
+_HF_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+
+
+def set_hf_bars(on: bool) -> None:
+    """Switch transformers' (and huggingface_hub's) progress bars on or off without importing it.
+
+    Importing transformers costs about a second, which commands that never use it (``expertkit
+    merge``) should not pay. When it is already imported, its switch is flipped; otherwise
+    ``HF_HUB_DISABLE_PROGRESS_BARS=1``, which transformers reads when it is imported, is set (or
+    taken back when this function set it).
+    """
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        (hf_logging.disable_progress_bar if quiet else hf_logging.enable_progress_bar)()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+        if on and _state.get("hf_env"):  # the variable we set earlier has priority in huggingface_hub
+            os.environ.pop(_HF_ENV, None)
+            _state["hf_env"] = False
+            import importlib
+
+            importlib.import_module("huggingface_hub.utils.tqdm").HF_HUB_DISABLE_PROGRESS_BARS = None
+        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+    elif not on:
+        if _HF_ENV not in os.environ:
+            os.environ[_HF_ENV] = "1"
+            _state["hf_env"] = True
+    elif _state.get("hf_env"):
+        os.environ.pop(_HF_ENV, None)
+        _state["hf_env"] = False
 
 
 def is_quiet() -> bool:

@@ -54,10 +54,13 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _hf_bars_off() -> None:
-    """transformers' own bars (weight loading, shard writing) are noise next to ours."""
-    from transformers.utils import logging as hf_logging
+    """transformers' own bars (weight loading, shard writing) are noise next to ours.
 
-    hf_logging.disable_progress_bar()
+    Lazily: transformers is not imported here (about 1 s of start-up that ``expertkit merge`` never needs).
+    """
+    from expertkit.progress import set_hf_bars
+
+    set_hf_bars(False)
 
 
 @app.callback()

@@ -44,6 +44,7 @@ def plan_cmd(  # noqa: PLR0913 - one option per planner setting
     budget: Annotated[int, typer.Option(min=1, help="evaluations per cluster")] = 12,
     mixture: Annotated[str, typer.Option(help="ffn, model or none")] = "ffn",
     seed: Annotated[int, typer.Option(help="seed of examples and random merges")] = 0,
+    search: Annotated[str, typer.Option(help="coefficient search: grid or cmaes (per-member weights)")] = "grid",
 ) -> None:
     """Cluster the zoo, choose a merge strategy per cluster on the validation split, plan a mixture."""
     from expertkit.merge.zoo import plan_zoo, save_plan
@@ -52,12 +53,18 @@ def plan_cmd(  # noqa: PLR0913 - one option per planner setting
         from expertkit.errors import unknown
 
         raise unknown("mixture kind", mixture, ["ffn", "model", "none"])
+    if search not in ("grid", "cmaes"):
+        from expertkit.errors import unknown
+
+        raise unknown("coefficient search", search, ["grid", "cmaes"])
     plan = plan_zoo(paths, task, base=base, metric=metric, group=group, threshold=_threshold(threshold), n=n,
-                    budget=budget, mixture=mixture, seed=seed)
+                    budget=budget, mixture=mixture, seed=seed,
+                    search=search)
     save_plan(plan, out_plan)
     for c in plan.clusters:
         score = "" if c.score is None else f", validation {c.score:.3f}"
-        out.print(f"{c.name}: {', '.join(c.members)} -> {c.method} of {', '.join(c.merged)}{score}",
+        merged = [f"{m}*{c.weights[m]:.3g}" if c.weights and m in c.weights else m for m in c.merged]
+        out.print(f"{c.name}: {', '.join(c.members)} -> {c.method} of {', '.join(merged)}{score}",
                   markup=False, highlight=False)
     for line in plan.incompatible:
         out.print(f"note: {line}", markup=False, highlight=False)

@@ -110,10 +110,15 @@ def _vocab_fill(tensors: list[torch.Tensor], rows: int) -> torch.Tensor | None:
 
 
 class _JobReader:
-    """Reads one job's tensors; a base folder shared by LoRA inputs is read once per job."""
+    """Reads one job's tensors; a base folder shared by LoRA inputs is read once per job.
+
+    For a ``zero_copy`` method, folder tensors are mapped (copy-on-write) instead of read: the
+    method only reads them, so their bytes are never copied out of the page cache.
+    """
 
     def __init__(self, plan: MergePlan, dtype: torch.dtype | None) -> None:
         self.plan, self.dtype = plan, dtype
+        self.zero_copy = plan.method.zero_copy
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
 
     def read(self, idx: int, name: str) -> torch.Tensor:
@@ -128,7 +133,7 @@ class _JobReader:
     def _folder(self, src: FolderSource, name: str) -> torch.Tensor:
         key = (id(src), name)
         if key not in self.cache:
-            self.cache[key] = src.read(name)
+            self.cache[key] = src.view(name) if self.zero_copy else src.read(name)
         return self.cache[key]
 
 
@@ -149,7 +154,8 @@ def merge_job(plan: MergePlan, job: TensorJob, *, dtype: torch.dtype | None, out
     if plan.method.stats:
         st = [s.read(n) if s is not None and n in s else None for s, (_, n) in zip(stats, job.inputs, strict=True)]
     return merge_tensor(plan.method, job.out_name, tensors, base, weights=weights, params=p, per_model=ps,
-                        seed=seed, stats=st, out_dtype=out_dtype, owned=True)
+                        seed=seed, stats=st, out_dtype=out_dtype,
+                        owned=not plan.method.zero_copy)
 
 
 def _stage_template(plan: MergePlan, out_dir: Path, out_dtype: torch.dtype | None) -> Path:

@@ -54,6 +54,10 @@ class FolderSource:
         """Read one tensor."""
         return self.ckpt.read(name)
 
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor mapped copy-on-write, not read (see :meth:`Checkpoint.view`)."""
+        return self.ckpt.view(name)
+
     def close(self) -> None:
         """Close the checkpoint's files."""
         self.ckpt.close()

@@ -3,7 +3,8 @@
 A :class:`Checkpoint` opens a folder holding one ``model.safetensors`` or a
 sharded set with ``model.safetensors.index.json`` (or any ``*.safetensors``
 files). Listing names, shapes and dtypes reads only the headers; :meth:`read`
-reads one tensor's bytes straight into a fresh tensor. Each shard has at most
+reads one tensor's bytes straight into a fresh tensor; :meth:`view` maps them (copy-on-write)
+without reading. Each shard has at most
 one open file handle, opened on first use and closed by :meth:`close`.
 
 Pickle checkpoints (``.bin``, ``.pt``, ``.pth``) are refused: loading a pickle
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,6 +243,28 @@ class Checkpoint:
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         return t
+
+    def view(self, name: str) -> torch.Tensor:
+        """One tensor as a copy-on-write memory map of its bytes: nothing is read or copied up front.
+
+        Pages come from the page cache as they are touched, so a tensor that is only read (e.g. an
+        input of a weighted sum) costs no copy; writes to it stay private to the process (the file
+        is never changed). The mapping lives as long as the tensor. Pickled and empty tensors are
+        returned as :meth:`read` returns them.
+        """
+        info = self.info(name)
+        if info.shard in self._pickled or not info.nbytes:
+            return self.read(name)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY  # mappings start page-aligned
+        fd = self._handle(info.shard).fileno()
+        try:
+            mapped = mmap.mmap(fd, info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.folder / info.shard}: cannot map '{name}' ({exc}).") from exc
+        flat = torch.frombuffer(mapped, dtype=info.dtype, offset=info.offset - start,
+                                count=info.nbytes // info.dtype.itemsize)
+        return flat.view(info.shape)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in file order by default."""

@@ -47,6 +47,7 @@ class MergeMethod:
     max_models: int | None = None
     per_model: frozenset[str] = frozenset()  # parameters that may take a value per input model
     stats: str | None = None  # "fisher" or "gram": per-model statistics the method needs
+    zero_copy: bool = False  # only reads its inputs: the executor may hand it memory-mapped views
 
     def __call__(self, x: TensorInputs) -> torch.Tensor:
         return self.fn(x)
@@ -58,11 +59,18 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 def merge_method(
     name: str, *, params: type[MethodParams], paper: str, summary: str, needs_base: bool = False,
     min_models: int = 1, max_models: int | None = None, per_model: Sequence[str] = (), stats: str | None = None,
+    zero_copy: bool = False,
 ) -> Callable[[Callable[[TensorInputs], torch.Tensor]], Callable[[TensorInputs], torch.Tensor]]:
-    """Decorator registering ``fn(TensorInputs) -> Tensor`` in :data:`METHODS` as ``name``."""
+    """Decorator registering ``fn(TensorInputs) -> Tensor`` in :data:`METHODS` as ``name``.
+
+    ``zero_copy``: the method gains nothing from owning (overwriting) its inputs, so the executor
+    maps input tensors copy-on-write instead of reading them into fresh memory (no copy for
+    tensors that are only read) and never hands them over as ``owned``.
+    """
 
     def deco(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
-        method = MergeMethod(name, fn, params, needs_base, min_models, max_models, frozenset(per_model), stats)
+        method = MergeMethod(name, fn, params, needs_base, min_models, max_models, frozenset(per_model), stats,
+                             zero_copy)
         METHODS.add(name, method, params=params, paper=paper, summary=summary)
         return fn
 
@@ -202,19 +210,39 @@ def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize
                  dtype: torch.dtype | None = None, *, inplace: bool = False) -> torch.Tensor:
     """``sum_i w_i t_i`` in ``dtype`` (default the first tensor's), divided by ``sum_i w_i`` when
     ``normalize`` (a sum below 1e-8 counts as 1). A new tensor, unless ``inplace`` (then the
-    first tensor, when of ``dtype``, is overwritten and returned); other inputs are only read."""
+    first tensor, when of ``dtype``, is overwritten and returned); other inputs are only read.
+
+    Element by element the operations are always ``w_0 t_0`` (skipped when ``w_0 = 1``), then
+    ``+ w_i t_i`` in order, then ``/ sum_i w_i`` (mergekit's order, so a linear merge with unit
+    weights is bit-identical to mergekit's)."""
     dtype = dtype or ts[0].dtype
-    first, w0 = ts[0], weights[0]
+    s = float(sum(weights))
+    divisor = (s if abs(s) >= 1e-8 else 1.0) if normalize else None
+    first = ts[0]
     if inplace and first.dtype == dtype:
-        out = first if w0 == 1 else first.mul_(w0)  # multiplying by 1 is exact: skip the pass
-    else:
-        out = torch.mul(first.to(dtype), w0)
-    for t, w in zip(ts[1:], weights[1:], strict=True):
-        out.add_(t.to(dtype), alpha=w)
-    if normalize:
-        s = float(sum(weights))
-        out.div_(s if abs(s) >= 1e-8 else 1.0)
+        _weighted_into(first, [first, *(t.to(dtype) for t in ts[1:])], weights, True, divisor)
+        return first
+    out = torch.empty(first.shape, dtype=dtype)
+    _weighted_into(out, [t.to(dtype) for t in ts], weights, False, divisor)
     return out
+
+
+def _weighted_into(out: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float], out_is_first: bool,
+                    divisor: float | None) -> None:
+    """``out = (sum_i w_i x_i) / divisor``, written in place; ``out`` may be ``xs[0]`` (``out_is_first``)."""
+    w0, k = weights[0], 1
+    if out_is_first:
+        if w0 != 1:  # multiplying by 1 is exact: skip the pass
+            out.mul_(w0)
+    elif w0 == 1 and len(xs) > 1:  # fused: the first add writes the result
+        torch.add(xs[0], xs[1], alpha=weights[1], out=out)
+        k = 2
+    else:
+        torch.mul(xs[0], w0, out=out)
+    for x, w in zip(xs[k:], weights[k:], strict=True):
+        out.add_(x, alpha=w)
+    if divisor is not None:
+        out.div_(divisor)
 
 
 def check_method_inputs(method: MergeMethod, n_models: int, has_base: bool) -> None:

@@ -21,7 +21,7 @@ class LinearParams(MethodParams):
 
 
 @merge_method("linear", params=LinearParams, paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-              summary="weighted average of the models")
+              summary="weighted average of the models", zero_copy=True)
 def linear(x: TensorInputs) -> torch.Tensor:
     """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false)."""
     return weighted_sum(x.tensors, x.weights, x.params.normalize, x.work_dtype, inplace=x.owned)

@@ -7,7 +7,8 @@ expert, the prompts of the tasks it serves:
    mean MLP), loaded once;
 2. routers come from the probe's MLP-input hidden states on each expert's prompts
    (:func:`~expertkit.merge.mixture.router_init.hidden_state_routers`);
-3. the Mixtral folder is written (:func:`~expertkit.merge.mixture.ffn.dense_to_mixtral`);
+3. the MoE folder (Mixtral, or Qwen2-MoE for dense Qwen2) is written
+   (:func:`~expertkit.merge.mixture.ffn.dense_to_moe`);
 4. with ``train_steps > 0`` the routers are trained briefly
    (:func:`~expertkit.merge.mixture.router_init.train_routers`) and the folder is rewritten with
    the trained routers.
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from expertkit.merge.mixture.ffn import dense_to_mixtral
+from expertkit.merge.mixture.ffn import dense_to_moe
 from expertkit.merge.mixture.router_init import hidden_state_routers, train_routers
 
 
@@ -59,12 +60,12 @@ def build_ffn_mixture(
     scale: float = 1.0,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the Mixtral mixture of ``experts`` with routers from ``prompts``; returns a summary."""
+    """Write the MoE mixture of ``experts`` (Mixtral or Qwen2-MoE) with routers from ``prompts``; returns a summary."""
     probe = uniform_probe(experts)
     routers = hidden_state_routers(probe.model, probe.tokenizer, prompts, scale=scale)
     tokenizer = probe.tokenizer
     del probe
-    out = dense_to_mixtral(experts, out_dir, routers=routers, top_k=top_k, overwrite=overwrite)
+    out = dense_to_moe(experts, out_dir, routers=routers, top_k=top_k, overwrite=overwrite)
     losses: list[float] = []
     if train_steps:
         from transformers import AutoModelForCausalLM
@@ -74,6 +75,6 @@ def build_ffn_mixture(
         gates = {int(n.split(".layers.")[1].split(".")[0]): p.detach().clone()
                  for n, p in model.named_parameters() if n.endswith(".mlp.gate.weight")}
         del model
-        out = dense_to_mixtral(experts, out_dir, routers=gates, top_k=top_k, overwrite=True)
+        out = dense_to_moe(experts, out_dir, routers=gates, top_k=top_k, overwrite=True)
     return {"path": str(Path(out)), "experts": [str(e) for e in experts], "top_k": top_k,
             "router_train_losses": losses}

@@ -1,22 +1,35 @@
-"""Dense models to one Mixtral-style mixture: each dense model's MLP becomes one expert.
+"""Dense models to one sparse mixture of experts: each dense model's MLP becomes one expert.
 
-For dense Llama/Mistral models of one shape (the bundled SmolLM2 is Llama), the mixture is a
-``MixtralForCausalLM`` folder:
+The target is chosen by the dense models' ``model_type`` (:data:`TARGETS`); the result loads with
+transformers' own class:
 
-* expert ``e`` of layer ``L`` is dense model ``e``'s SwiGLU MLP of layer ``L``
-  (``gate_proj -> w1``, ``up_proj -> w3``, ``down_proj -> w2``, on-disk Mixtral names
-  ``model.layers.L.block_sparse_moe.experts.e.w{1,2,3}.weight``);
-* every other tensor (embeddings, attention, norms, head) is the **mean** of the dense models'
-  (computed in float32, cast back), as Branch-Train-MiX and Model-GLUE's mixture do; when the
-  dense models share those tensors the mean is exact;
-* router ``model.layers.L.block_sparse_moe.gate.weight`` of shape ``(E, hidden)`` is given per
-  layer (see :mod:`~expertkit.merge.mixture.router_init`), zeros by default;
-* config: the first model's, with ``model_type: mixtral``, ``num_local_experts = E``,
+* dense Llama / Mistral -> ``MixtralForCausalLM``: expert ``e`` of layer ``L`` is dense model
+  ``e``'s SwiGLU MLP of layer ``L`` (``gate_proj -> w1``, ``up_proj -> w3``, ``down_proj -> w2``,
+  on-disk names ``model.layers.L.block_sparse_moe.experts.e.w{1,2,3}.weight``), router
+  ``model.layers.L.block_sparse_moe.gate.weight``; config ``num_local_experts = E``,
   ``num_experts_per_tok = top_k``, no router jitter.
+* dense Qwen2 -> ``Qwen2MoeForCausalLM``: expert ``e`` is dense model ``e``'s MLP under its own
+  names (``model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight``), router
+  ``model.layers.L.mlp.gate.weight``; config ``num_experts = E``, ``moe_intermediate_size`` = the
+  dense ``intermediate_size``, every layer sparse (``decoder_sparse_step 1``, no
+  ``mlp_only_layers``) and ``norm_topk_prob: true``. Qwen2-MoE also has a *shared expert* that
+  every token passes through, scaled by ``sigmoid(shared_expert_gate(x))``. The dense models
+  have no such part, so it is **disabled**: ``shared_expert_intermediate_size: 0`` (zero-size
+  projections whose output is exactly 0) and a zero ``shared_expert_gate``. Putting the mean MLP
+  there instead would add a half-weighted extra MLP to every token (``sigmoid(0) = 0.5``) and
+  break the equivalence below.
 
-Mixtral routes with ``softmax`` over the router logits, keeps the top-k and renormalises them, so
-with ``top_k = 1`` each token gets exactly one expert at weight 1: the mixture with a router that
-always picks expert ``k`` computes dense model ``k`` (when the non-MLP tensors are shared).
+Every other tensor (embeddings, attention and its biases, norms, head) is the **mean** of the
+dense models' (computed in float32, cast back), as Branch-Train-MiX and Model-GLUE's mixture do;
+when the dense models share those tensors the mean is exact. Routers ``(E, hidden)`` are given
+per layer (see :mod:`~expertkit.merge.mixture.router_init`), zeros by default.
+
+Both targets route with ``softmax`` over the router logits and keep the top-k, renormalised
+(Mixtral always; Qwen2-MoE through ``norm_topk_prob``), so with ``top_k = 1`` each token gets
+exactly one expert at weight 1: the mixture with a router that always picks expert ``k``
+computes dense model ``k`` (when the non-MLP tensors are shared), and a mixture of identical
+dense models computes that model whatever the router. Architectures without an MoE counterpart
+here (GPT-2, T5, models with MLP biases) are refused with a :class:`ConfigError`.
 Tensors are streamed one at a time (``E`` tensors in memory); the folder is written atomically.
 """
 
@@ -28,35 +41,87 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from expertkit.errors import ConfigError, IncompatibleModelsError
 
-#: Llama-family MLP module -> Mixtral expert module.
-EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+@dataclass(frozen=True)
+class MoeTarget:
+    """How dense MLPs of one family become experts of one transformers MoE class (data, not code)."""
+
+    model_type: str
+    architecture: str
+    expert: str  # output name of one expert weight: {prefix} (``model.layers.L``), {e}, {module}
+    router: str  # output name of the router weight: {prefix}
+    modules: dict[str, str]  # dense MLP module -> expert module
+    config: dict[str, object]  # set on the dense config; "{E}", "{top_k}", "{inter}" are filled in
+    drop: tuple[str, ...] = ("mlp_bias", "pretraining_tp", "architectures", "auto_map")
+    zero: tuple[tuple[str, str], ...] = ()  # extra zero tensors: (name under {prefix}, shape rule)
+
+
+MIXTRAL = MoeTarget(
+    "mixtral", "MixtralForCausalLM", "{prefix}.block_sparse_moe.experts.{e}.{module}.weight",
+    "{prefix}.block_sparse_moe.gate.weight", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"},
+    {"num_local_experts": "{E}", "num_experts_per_tok": "{top_k}", "router_jitter_noise": 0.0,
+     "output_router_logits": False, "router_aux_loss_coef": 0.001})
+QWEN2_MOE = MoeTarget(
+    "qwen2_moe", "Qwen2MoeForCausalLM", "{prefix}.mlp.experts.{e}.{module}.weight", "{prefix}.mlp.gate.weight",
+    {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"},
+    {"num_experts": "{E}", "num_experts_per_tok": "{top_k}", "moe_intermediate_size": "{inter}",
+     "shared_expert_intermediate_size": 0, "decoder_sparse_step": 1, "mlp_only_layers": [],
+     "norm_topk_prob": True, "qkv_bias": True, "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    zero=(("mlp.shared_expert.gate_proj.weight", "0,H"), ("mlp.shared_expert.up_proj.weight", "0,H"),
+          ("mlp.shared_expert.down_proj.weight", "H,0"), ("mlp.shared_expert_gate.weight", "1,H")))
+#: dense model_type -> its MoE target.
+TARGETS: dict[str, MoeTarget] = {"llama": MIXTRAL, "mistral": MIXTRAL, "qwen2": QWEN2_MOE}
+#: kept for callers of the Mixtral-only version
+EXPERT_NAMES = MIXTRAL.modules
 DENSE_TYPES = ("llama", "mistral")
-_DROP_KEYS = ("mlp_bias", "pretraining_tp", "architectures", "auto_map")
+
+
+def moe_target(dense: dict) -> MoeTarget:
+    """The MoE target of a dense ``config.json``; a :class:`ConfigError` when there is none."""
+    target = TARGETS.get(str(dense.get("model_type")))
+    if target is None:
+        raise ConfigError(
+            f"an FFN-level mixture needs dense models with an MoE counterpart: llama or mistral "
+            f"(-> Mixtral) or qwen2 (-> Qwen2-MoE); got model_type {dense.get('model_type')!r}. "
+            "Use the model-level mixture instead.")
+    if dense.get("mlp_bias"):
+        raise ConfigError(f"{target.architecture} experts have no MLP biases; these dense models use them. "
+                          "Use the model-level mixture instead.")
+    if target is MIXTRAL and dense.get("attention_bias"):
+        raise ConfigError("Mixtral has no attention biases; these dense models use them. "
+                          "Use the model-level mixture instead.")
+    return target
+
+
+def moe_config(dense: dict, num_experts: int, top_k: int) -> dict:
+    """The MoE ``config.json`` (Mixtral or Qwen2-MoE, see :data:`TARGETS`) for ``num_experts`` experts."""
+    target = moe_target(dense)
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"top_k must be between 1 and the number of experts ({num_experts}), got {top_k}.")
+    fill = {"{E}": num_experts, "{top_k}": top_k, "{inter}": dense.get("intermediate_size")}
+    cfg = {k: v for k, v in dense.items() if k not in target.drop}
+    cfg.update({k: fill.get(v, v) if isinstance(v, str) else v for k, v in target.config.items()})
+    cfg.update({"model_type": target.model_type, "architectures": [target.architecture]})
+    if target is MIXTRAL:
+        cfg["sliding_window"] = dense.get("sliding_window")
+    return cfg
 
 
 def mixtral_config(dense: dict, num_experts: int, top_k: int) -> dict:
-    """The Mixtral ``config.json`` for ``num_experts`` experts of the dense ``config.json``."""
+    """The Mixtral ``config.json`` for dense Llama/Mistral models (see :func:`moe_config`)."""
     if dense.get("model_type") not in DENSE_TYPES:
         raise ConfigError(
-            f"an FFN-level (Mixtral) mixture needs dense {' or '.join(DENSE_TYPES)} models; got "
-            f"model_type {dense.get('model_type')!r}. Use the model-level mixture instead."
-        )
-    if dense.get("mlp_bias") or dense.get("attention_bias"):
-        raise ConfigError("Mixtral has no MLP or attention biases; these dense models use them. "
-                          "Use the model-level mixture instead.")
-    if not 1 <= top_k <= num_experts:
-        raise ConfigError(f"top_k must be between 1 and the number of experts ({num_experts}), got {top_k}.")
-    cfg = {k: v for k, v in dense.items() if k not in _DROP_KEYS}
-    cfg.update({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": num_experts,
-                "num_experts_per_tok": top_k, "router_jitter_noise": 0.0, "output_router_logits": False,
-                "router_aux_loss_coef": 0.001, "sliding_window": dense.get("sliding_window")})
-    return cfg
+            f"a Mixtral mixture needs dense {' or '.join(DENSE_TYPES)} models; got model_type "
+            f"{dense.get('model_type')!r} (dense_to_moe picks Qwen2-MoE for qwen2; otherwise use the "
+            "model-level mixture).")
+    return moe_config(dense, num_experts, top_k)
 
 
 def dense_to_mixtral(
@@ -67,12 +132,26 @@ def dense_to_mixtral(
     top_k: int = 1,
     overwrite: bool = False,
 ) -> Path:
-    """Write the Mixtral mixture of the dense model folders ``experts`` to ``out_dir``.
+    """:func:`dense_to_moe` restricted to the Mixtral target (dense Llama/Mistral models)."""
+    return dense_to_moe(experts, out_dir, routers=routers, top_k=top_k, overwrite=overwrite, mixtral_only=True)
+
+
+def dense_to_moe(
+    experts: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    routers: Mapping[int, torch.Tensor] | None = None,
+    top_k: int = 1,
+    overwrite: bool = False,
+    mixtral_only: bool = False,
+) -> Path:
+    """Write the MoE mixture (Mixtral or Qwen2-MoE, by model type) of the dense folders ``experts``.
 
     ``routers`` maps a layer index to its ``(E, hidden)`` router weight (zeros where absent).
     Raises :class:`IncompatibleModelsError` (nothing written) when the models differ in tensor
-    names or shapes, and :class:`ConfigError` for architectures Mixtral cannot hold.
+    names or shapes, and :class:`ConfigError` for architectures with no MoE counterpart.
     """
+    from expertkit.fileio import install_folder
     from expertkit.weights import Checkpoint, ShardedWriter
     from expertkit.weights.arch import InferredArchitectureWarning, describe
 
@@ -85,7 +164,8 @@ def dense_to_mixtral(
     ckpts = [Checkpoint(p) for p in experts]
     try:
         cfg0 = ckpts[0].config or {}
-        config = mixtral_config(cfg0, len(ckpts), top_k)
+        config = (mixtral_config if mixtral_only else moe_config)(cfg0, len(ckpts), top_k)
+        target = moe_target(cfg0)
         shapes0 = {i.name: i.shape for i in ckpts[0].infos()}
         for p, c in zip(experts[1:], ckpts[1:], strict=True):
             if {i.name: i.shape for i in c.infos()} != shapes0:
@@ -100,16 +180,22 @@ def dense_to_mixtral(
         for name in ckpts[0].names():
             role = summary.roles[name]
             if role.group == "mlp":
-                if not name.endswith(".weight") or role.module not in EXPERT_NAMES:
-                    raise ConfigError(f"{name}: unexpected MLP tensor; Mixtral experts hold gate/up/down weights only.")
+                if not name.endswith(".weight") or role.module not in target.modules:
+                    raise ConfigError(f"{name}: unexpected MLP tensor; {target.architecture} experts hold "
+                                      "gate/up/down weights only.")
+                prefix, dt = name.split(".mlp.")[0], ckpts[0].info(name).dtype
                 for e in range(len(ckpts)):
-                    out = name.replace(f".mlp.{role.module}.", f".block_sparse_moe.experts.{e}.{EXPERT_NAMES[role.module]}.")
+                    out = target.expert.format(prefix=prefix, e=e, module=target.modules[role.module])
                     layout.append((out, shapes0[name], ckpts[e].info(name).dtype))
                     plan.append((out, "expert", (name, e)))
                 if role.module == "down_proj":
-                    gate = name.split(".mlp.")[0] + ".block_sparse_moe.gate.weight"
-                    layout.append((gate, (len(ckpts), hidden), ckpts[0].info(name).dtype))
+                    gate = target.router.format(prefix=prefix)
+                    layout.append((gate, (len(ckpts), hidden), dt))
                     plan.append((gate, "router", (role.layer, len(ckpts), hidden)))
+                    for suffix, rule in target.zero:  # e.g. Qwen2-MoE's disabled shared expert
+                        shape = tuple(hidden if d == "H" else int(d) for d in rule.split(","))
+                        layout.append((f"{prefix}.{suffix}", shape, dt))
+                        plan.append((f"{prefix}.{suffix}", "zero", shape))
             else:
                 layout.append((name, shapes0[name], ckpts[0].info(name).dtype))
                 plan.append((name, "shared", name))
@@ -121,9 +207,7 @@ def dense_to_mixtral(
                 for out, kind, src in plan:
                     writer.add(out, _tensor(ckpts, kind, src, routers, dtypes[out]))
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(folder, out_dir)
+            install_folder(folder, out_dir)  # an old out_dir goes only now that the new one is complete
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
@@ -138,6 +222,8 @@ def _tensor(ckpts: list, kind: str, src: object, routers: Mapping[int, torch.Ten
     if kind == "expert":
         name, e = src  # type: ignore[misc]
         return ckpts[e].read(name)
+    if kind == "zero":
+        return torch.zeros(src, dtype=dtype)  # type: ignore[arg-type]
     if kind == "router":
         layer, n, hidden = src  # type: ignore[misc]
         r = (routers or {}).get(layer)

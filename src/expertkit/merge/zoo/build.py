@@ -4,7 +4,7 @@ Output folder layout::
 
     OUT/plan.yaml                 the plan that was built
     OUT/clusters/<cluster>/       each cluster's representative (a loadable HF model folder)
-    OUT/mixture/                  mixture.kind = ffn: a MixtralForCausalLM folder
+    OUT/mixture/                  mixture.kind = ffn: a Mixtral or Qwen2-MoE folder
     OUT/router/router.json        mixture.kind = model: the sequence router over the representatives
     OUT/build.json                what was built
 

@@ -23,8 +23,8 @@ from expertkit.fileio import write_atomic
 HEADER = """\
 # expertkit zoo plan (Model-GLUE). Edit, then build: expertkit zoo build THIS_FILE OUT
 #  - clusters[].merge: the members merged into the cluster's representative (greedy selection);
-#  - clusters[].method / params: a merge method (expertkit merge methods) or "single";
-#  - mixture.kind: ffn (Mixtral-style experts), model (a router picks one model per prompt) or none.
+#  - clusters[].method / params / weights: a merge method (expertkit merge methods) or "single";
+#  - mixture.kind: ffn (Mixtral / Qwen2-MoE experts), model (a router picks one model per prompt) or none.
 # score, trials, similarity.matrix and incompatible are informational; build ignores them.
 """
 
@@ -87,6 +87,8 @@ class ValidationSpec(Config):
     split: Literal["validation", "test"] = "validation"
     n: int = Field(50, ge=1)
     budget: int = Field(12, ge=1, description="evaluations per cluster")
+    search: Literal["grid", "cmaes"] = Field(
+        "grid", description="coefficient search: the method grid, or CMA-ES over per-member weights")
 
 
 class ZooPlan(Config):

@@ -9,9 +9,11 @@
    (:func:`~expertkit.merge.zoo.cluster.agglomerative`); every member is placed.
 4. **Strategy** per cluster, on the cluster's tasks (the members' training tasks among the plan's
    tasks; all plan tasks when none is known), by
-   :func:`~expertkit.merge.zoo.select.select_strategy` under the evaluation budget.
+   :func:`~expertkit.merge.zoo.select.select_strategy` under the evaluation budget, with a grid
+   of coefficients or a CMA-ES search of per-member weights (``search``).
 5. **Mixture** of the cluster representatives: ``ffn`` when every representative has the same
-   signature (else ``model``, with a note), as asked.
+   signature and the architecture has an MoE counterpart (Llama/Mistral -> Mixtral, Qwen2 ->
+   Qwen2-MoE); else ``model``, with a note; as asked.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def plan_zoo(  # noqa: PLR0913 - the planner's options
     budget: int = 12,
     mixture: str = "ffn",
     seed: int = 0,
+    search: str = "grid",
     evaluator_factory: EvaluatorFactory | None = None,
     merge: MergeFn | None = None,
     progress: bool = True,
@@ -124,9 +127,14 @@ def plan_zoo(  # noqa: PLR0913 - the planner's options
 
     ``evaluator_factory(folder, tasks)`` returns the evaluator of one cluster (default: a
     :class:`~expertkit.merge.zoo.evaluator.PatchedEvaluator` on ``split``/``n``/``seed``);
-    ``merge`` replaces :func:`expertkit.merge.merge_state_dicts` (tests).
+    ``merge`` replaces :func:`expertkit.merge.merge_state_dicts` (tests). ``search`` is ``grid``
+    or ``cmaes`` (see :func:`~expertkit.merge.zoo.select.select_strategy`).
     """
+    from expertkit.merge.zoo.select import SEARCHES
     from expertkit.tasks import get_task
+
+    if search not in SEARCHES:
+        raise ConfigError(f"unknown coefficient search {search!r}; use one of {', '.join(SEARCHES)}.")
 
     for t in tasks:
         get_task(t)  # unknown names fail before any work
@@ -134,7 +142,7 @@ def plan_zoo(  # noqa: PLR0913 - the planner's options
     readers = [MemberWeights(m) for m in members]
     try:
         return _plan(members, readers, list(tasks), metric, group, threshold, split, n, budget, mixture, seed,
-                     evaluator_factory, merge, progress)
+                     evaluator_factory, merge, progress, search)
     finally:
         for r in readers:
             r.close()
@@ -142,7 +150,8 @@ def plan_zoo(  # noqa: PLR0913 - the planner's options
 
 def _plan(members: list[ZooMember], readers: list[MemberWeights], tasks: list[str], metric: str, group: str,
           threshold: float | str, split: str, n: int, budget: int, mixture: str, seed: int,
-          evaluator_factory: EvaluatorFactory | None, merge: MergeFn | None, progress: bool) -> ZooPlan:
+          evaluator_factory: EvaluatorFactory | None, merge: MergeFn | None, progress: bool,
+          search: str = "grid") -> ZooPlan:
     names = [m.name for m in members]
     sigs = [Signature.of(r.names(), r.shape, r.config) for r in readers]
     classes = compatibility_classes(sigs)
@@ -173,18 +182,22 @@ def _plan(members: list[ZooMember], readers: list[MemberWeights], tasks: list[st
             with MemberWeights(ZooMember("base", cbase, "model")) as b:
                 base_sd = b.state_dict(vary)
         evaluator = evaluator_factory(cmembers[0].weights_base, ctasks)
-        sel = select_strategy(models, evaluator, base=base_sd, budget=budget, merge=merge, seed=seed)
+        sel = select_strategy(models, evaluator, base=base_sd, budget=budget, merge=merge, seed=seed,
+                              search=search)
         clusters.append(ClusterSpec(**spec, merge=sel.members, method=sel.method, params=sel.params,
-                                    score=sel.score, trials=[t.line() for t in sel.trials]))
+                                    weights=sel.weights, score=sel.score, trials=[t.line() for t in sel.trials]))
     kind = mixture
     if kind == "ffn" and len({sigs[c[0]] for c in clustering.clusters}) > 1:
         kind = "model"
         incompatible.append("mixture: the cluster representatives differ in architecture or shapes, so an "
-                            "FFN-level (Mixtral) mixture is impossible; a model-level router is planned instead.")
+                            "FFN-level (MoE) mixture is impossible; a model-level router is planned instead.")
+    elif kind == "ffn" and clustering.clusters:
+        kind = _ffn_or_model(readers[clustering.clusters[0][0]].config or {}, incompatible)
     if len(clusters) < 2 and kind != "none":
         kind = "none"
     return ZooPlan(
-        seed=seed, tasks=tasks, validation=ValidationSpec(split=split, n=n, budget=budget),
+        seed=seed, tasks=tasks,
+        validation=ValidationSpec(split=split, n=n, budget=budget, search=search),  # type: ignore[arg-type]
         similarity=SimilaritySpec(metric=metric, group=group, threshold=threshold,
                                   cut=clustering.threshold if clustering.threshold != float("inf") else None,
                                   matrix=matrix),
@@ -192,6 +205,19 @@ def _plan(members: list[ZooMember], readers: list[MemberWeights], tasks: list[st
                             tasks=list(m.tasks)) for m in members],
         incompatible=incompatible, clusters=clusters, mixture=MixtureSpec(kind=kind),  # type: ignore[arg-type]
     )
+
+
+def _ffn_or_model(config: dict[str, Any], incompatible: list[str]) -> str:
+    """"ffn" when the representatives' architecture has an MoE counterpart, else "model" (with a note)."""
+    from expertkit.errors import ConfigError
+    from expertkit.merge.mixture.ffn import moe_target
+
+    try:
+        moe_target(config)
+    except ConfigError as exc:
+        incompatible.append(f"mixture: {exc} A model-level router is planned instead.")
+        return "model"
+    return "ffn"
 
 
 def members_of(plan: ZooPlan, names: Sequence[str]) -> list[ZooMember]:

@@ -13,6 +13,12 @@
    is evaluated in that order. Task-vector methods need the cluster's common base and are
    skipped without one.
 
+   With ``search="cmaes"`` the grid is replaced by a CMA-ES search
+   (:func:`~expertkit.merge.zoo.cmaes.cmaes_minimize`) over one merge weight per kept member,
+   spending the whole remaining budget: ``task_arithmetic`` (lambda 1, weights in ``[0, 1.5]``,
+   start 0.5 each, step 0.3) when the cluster has a base, else ``linear`` (normalised weights in
+   ``[0, 1]``, start 0.5 each, step 0.2). The best weights found are the cluster's ``weights``.
+
 Every evaluation counts against ``budget``; when it runs out the remaining candidates are
 recorded as skipped. The winner is the highest score, the earliest candidate on ties (so the
 simpler method wins a tie); a single merged member that beats every merge is kept as is
@@ -60,12 +66,15 @@ class Trial:
     params: dict[str, Any]
     score: float | None  # None: skipped (budget, or no base)
     note: str = ""
+    weights: list[float] | None = None  # per-member merge weights (CMA-ES candidates)
 
     def line(self) -> str:
-        """One readable line: ``ties{density: 0.5}(a, b) = 0.6250  [grid]``."""
+        """One readable line: ``ties{density: 0.5}(a, b) = 0.6250  [grid]`` (weights as ``a*0.7``)."""
         params = "{" + ", ".join(f"{k}: {v}" for k, v in self.params.items()) + "}" if self.params else ""
         score = "skipped" if self.score is None else f"{self.score:.4f}"
-        return f"{self.method}{params}({', '.join(self.members)}) = {score}" + (f"  [{self.note}]" if self.note else "")
+        members = (self.members if self.weights is None
+                   else [f"{m}*{w:.4g}" for m, w in zip(self.members, self.weights, strict=True)])
+        return f"{self.method}{params}({', '.join(members)}) = {score}" + (f"  [{self.note}]" if self.note else "")
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Selection:
     individual: dict[str, float]
     trials: list[Trial] = field(default_factory=list)
     evaluations: int = 0
+    weights: dict[str, float] | None = None  # per-member merge weights (CMA-ES), None: all 1
 
 
 def _default_merge() -> MergeFn:
@@ -118,8 +128,18 @@ class _Budget:
         return self.memo[key]
 
 
-def _key(method: str, members: Sequence[str], params: Mapping[str, Any]) -> str:
+def _key(method: str, members: Sequence[str], params: Mapping[str, Any], weights: Sequence[float] | None = None) -> str:
+    if weights is not None:  # order matters with weights
+        return json.dumps([method, list(members), dict(params), list(weights)], sort_keys=True)
     return json.dumps([method, sorted(members), dict(params)], sort_keys=True)
+
+
+SEARCHES = ("grid", "cmaes")
+#: CMA-ES settings per method: (params, bounds, start, initial step)
+CMAES_SPACE: dict[str, tuple[dict[str, Any], tuple[float, float], float, float]] = {
+    "task_arithmetic": ({"lambda": 1.0}, (0.0, 1.5), 0.5, 0.3),
+    "linear": ({}, (0.0, 1.0), 0.5, 0.2),
+}
 
 
 def select_strategy(
@@ -132,6 +152,7 @@ def select_strategy(
     greedy: bool = True,
     merge: MergeFn | None = None,
     seed: int = 0,
+    search: str = "grid",
 ) -> Selection:
     """Choose members, method and coefficients for one cluster (see the module docstring).
 
@@ -144,8 +165,12 @@ def select_strategy(
         grid: ``(method, params)`` candidates, evaluated in order.
         greedy: run greedy selective merging (else every member is merged).
         merge: the merge function (default :func:`expertkit.merge.merge_state_dicts`).
-        seed: seed of random methods (DARE).
+        seed: seed of random methods (DARE) and of the CMA-ES search.
+        search: ``grid`` (the ``grid`` candidates in order) or ``cmaes`` (per-member weights by
+            CMA-ES on the remaining budget; ``grid`` is then unused).
     """
+    if search not in SEARCHES:
+        raise ConfigError(f"unknown coefficient search {search!r}; use one of {', '.join(SEARCHES)}.")
     names = list(models)
     if not names:
         raise ConfigError("a cluster needs at least one model.")
@@ -155,13 +180,14 @@ def select_strategy(
     run = _Budget(evaluate, budget)
     trials: list[Trial] = []
 
-    def score(method: str, members: list[str], params: Mapping[str, Any], note: str = "") -> float | None:
+    def score(method: str, members: list[str], params: Mapping[str, Any], note: str = "",
+              weights: list[float] | None = None) -> float | None:
         if method in NEEDS_BASE and base is None:
             trials.append(Trial(members, method, dict(params), None, "skipped: needs the cluster's base"))
             return None
-        s = run(_key(method, members, params),
-                lambda: merge_members(method, members, models, base, params, merge=merge, seed=seed))
-        trials.append(Trial(members, method, dict(params), s, note if s is not None else "skipped: budget"))
+        s = run(_key(method, members, params, weights),
+                lambda: merge_members(method, members, models, base, params, merge=merge, seed=seed, weights=weights))
+        trials.append(Trial(members, method, dict(params), s, note if s is not None else "skipped: budget", weights))
         return s
 
     individual = {}
@@ -183,8 +209,31 @@ def select_strategy(
     if greedy and len(kept) > 1:
         chosen = ("linear", list(kept), {}, best)
     pool = list(kept) if len(kept) > 1 else order  # greedy kept nobody: try the grid on all members
+    if search == "cmaes":
+        return _cmaes(pool, base is not None, score, run, seed, chosen, individual, trials)
     for method, params in grid:
         s = score(method, pool, params, "grid")
         if s is not None and s > chosen[3]:
             chosen = (method, pool, dict(params), s)
     return Selection(chosen[1], chosen[0], chosen[2], chosen[3], individual, trials, run.used)
+
+
+def _cmaes(pool: list[str], has_base: bool, score: Callable[..., float | None], run: _Budget, seed: int,
+           chosen: tuple[str, list[str], dict[str, Any], float], individual: dict[str, float],
+           trials: list[Trial]) -> Selection:
+    """Per-member weights of the pool by CMA-ES (maximising the score) on the budget left."""
+    from expertkit.merge.zoo.cmaes import cmaes_minimize
+
+    method = "task_arithmetic" if has_base else "linear"
+    params, bounds, start, step = CMAES_SPACE[method]
+    weights: dict[str, float] | None = None
+    if run.left > 0:
+        def objective(x: Any) -> float:
+            s = score(method, pool, params, "cmaes", [round(float(v), 6) for v in x])
+            return -s if s is not None else float("inf")
+
+        res = cmaes_minimize(objective, [start] * len(pool), step, budget=run.left, bounds=bounds, seed=seed)
+        if -res.fx > chosen[3]:
+            chosen = (method, pool, dict(params), -res.fx)
+            weights = {m: round(float(v), 6) for m, v in zip(pool, res.x, strict=True)}
+    return Selection(chosen[1], chosen[0], chosen[2], chosen[3], individual, trials, run.used, weights)
