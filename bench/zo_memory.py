@@ -2,15 +2,18 @@
 
     .venv/bin/python bench/zo_memory.py [--schemes lora,full,prefix,prompt] [--methods ...]
                                         [--short prefix,prompt] [--batch 8] [--steps 2]
+                                        [--task family_relation] [--seq 64]
                                         [--no-warmup] [--json out.json]
 
-On the bundled SmolLM2-135M-Instruct (fp32) and one fixed batch of ``family_relation``
-training examples, each configuration runs in a **fresh child process** (the parent never
+On the bundled SmolLM2-135M-Instruct (fp32) and one fixed batch of ``--task`` training
+examples (prompts cut to their last ``--seq`` tokens; ``bbc_topic`` prompts are long news
+articles, so ``--task bbc_topic --seq 128`` gives rows of about 128 tokens), each configuration runs in a **fresh child process** (the parent never
 imports torch): load the model, wrap it for the scheme, build the optimizer, run one
 untimed warm-up step (unless ``--no-warmup``), reset the kernel's peak-RSS mark (``VmHWM`` via
-``/proc/self/clear_refs``; ``ru_maxrss`` when that is not permitted), run ``--steps``
-timed steps, read the peak, then time ``--steps`` plain forward passes of the same batch
-(``torch.no_grad``). Reported:
+``/proc/self/clear_refs``; ``ru_maxrss`` when that is not permitted), then ``--steps`` times:
+one timed step, one timed plain forward pass of the same batch (``torch.no_grad``); read the
+peak. Times are the medians; step and forward alternate so that a change of the shared
+machine's load affects both. Reported:
 
 * peak RSS of the whole process during the steps, and its ratio to the inference row's
   (the same model running forward passes only, measured the same way);
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -71,8 +75,8 @@ def child(spec: dict) -> dict:
     set_quiet(True)
     torch.manual_seed(0)
     lm = load_model("smollm2-135m")
-    task = get_task("family_relation")
-    rows = encode_examples(lm.tokenizer, task, task.examples("train", spec["batch"], 0), 64)
+    task = get_task(spec.get("task", "family_relation"))
+    rows = encode_examples(lm.tokenizer, task, task.examples("train", spec["batch"], 0), spec.get("seq", 64))
     method, scheme = spec["method"], spec["scheme"]
     model = lm.model
     opt, lr = None, 1e-3
@@ -109,18 +113,21 @@ def child(spec: dict) -> dict:
         step()  # first-call overheads; optimizer state already allocated when the peak is read
     rss0 = _status("VmRSS")
     exact = _reset_hwm()  # from here: the step's own peak (its optimizer state included)
-    t0 = time.perf_counter()
-    for _ in range(spec["steps"]):
+    step_t, fwd_t = [], []
+    for _ in range(spec["steps"]):  # interleaved, so a change of the shared machine's load hits both
+        t0 = time.perf_counter()
         step()
-    step_s = (time.perf_counter() - t0) / spec["steps"]
-    peak = _status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    for _ in range(spec["steps"]):
+        step_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         forward()
-    fwd_s = (time.perf_counter() - t0) / spec["steps"]
+        fwd_t.append(time.perf_counter() - t0)
+    peak = _status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_s, fwd_s = statistics.median(step_t), statistics.median(fwd_t)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if opt is not None else 0
     return {**spec, "peak": peak, "rss_before": rss0, "step_s": step_s, "fwd_s": fwd_s, "hwm_reset": exact,
-            "trainable": trainable, "tokens": sum(len(p) + len(t) for p, t in rows)}
+            "step_times": step_t, "fwd_times": fwd_t,
+            "trainable": trainable, "tokens": sum(len(p) + len(t) for p, t in rows),
+            "width": max(len(p) + len(t) for p, t in rows), "threads": torch.get_num_threads()}
 
 
 def run_child(spec: dict) -> dict:
@@ -160,6 +167,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--task", default="family_relation", help="task whose training examples form the batch")
+    ap.add_argument("--seq", type=int, default=64, help="prompt tokens kept per example (the last ones)")
     ap.add_argument("--no-warmup", action="store_true", help="time the first step too (saves a step per row)")
     ap.add_argument("--short", default="prefix,prompt",
                     help="schemes run with zo-sgd, zo-adam and adamw only (saves time)")
@@ -168,7 +177,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    common = {"batch": args.batch, "steps": args.steps, "warmup": not args.no_warmup}
+    common = {"batch": args.batch, "steps": args.steps, "warmup": not args.no_warmup, "task": args.task,
+              "seq": args.seq}
     short = set(args.short.split(",")) if args.short else set()
     specs = [{"method": "inference", "scheme": "-", **common}]
     specs += [{"method": m, "scheme": s, **common}
@@ -183,6 +193,10 @@ def main() -> None:
         shown = res.get("error") or f"peak {res['peak'] / 2**20:.0f} MiB, {res['step_s']:.2f} s/step"
         print(f"[{i}/{len(specs)}] {spec['scheme']} {spec['method']}: {shown}", file=sys.stderr, flush=True)
     print(table(results))
+    inf = results[0]
+    if "error" not in inf:
+        print(f"\nbatch {inf['batch']} x {inf['width']} tokens ({inf['task']}, {inf['tokens']} real tokens), "
+              f"{inf['threads']} threads", file=sys.stderr)
     print(f"\n{len(specs)} configurations in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -117,7 +117,9 @@ def test_without_exact_restore_in_place_arithmetic_drifts() -> None:
     opt = build("zo-sgd", params, eps=1e-2, exact_restore=False)
     opt.step(lambda: model(input_ids=ids, labels=ids).loss.reshape(1), 0.0)
     drift = [float((p.detach() - b).abs().max()) for p, b in zip(params, before)]
-    assert 0 < max(drift) < 1e-7  # rounding only, but not bit-identical: why exact_restore is the default
+    # rounding only (a few ulps of the largest weights, norm weights of 1.0: ulp 1.2e-7), but not
+    # bit-identical: why exact_restore is the default
+    assert 0 < max(drift) < 1e-6
 
 
 # ------------------------------------------------------------------ blocks, hybrid

@@ -262,8 +262,9 @@ def evaluate(
         runner.eval()
         results = _run(runner, tokenizer, task, examples, batch_size, max_prompt_tokens)
     finally:
-        if peft_model is not None:
+        if peft_model is not None and not peft_model.active_peft_config.is_prompt_learning:
             peft_model.unload()  # take the LoRA layers out again; the base weights were never changed
+        # (prompt/prefix tuning only wrapped the model: nothing was put into it)
         model.train(was_training)
     total = sum(r.score for r in results)
     lo, hi = wilson_interval(total, len(results))

@@ -9,8 +9,10 @@ whichever answer follows, so per-choice log-likelihoods compare like with like.
 * :func:`choice_logprobs`: sum of log-probabilities of each continuation after
   its prompt, batched with right padding (positions stay ``0..len-1``).
 * :func:`shared_prefix_logprobs`: the same numbers with each prompt run once and its
-  KV cache shared by all of its continuations (what evaluation uses).
-* :func:`greedy_generate`: greedy generation with left padding; generation stops
+  KV cache shared by all of its continuations (what evaluation uses); prompt-tuned
+  PEFT models fall back to :func:`choice_logprobs` (their virtual tokens defeat the cache).
+* :func:`greedy_generate`: greedy generation with left padding (prompt-tuned PEFT models
+  generate from embeddings with their virtual tokens put in); generation stops
   early once every row has finished a line (or produced EOS), and each
   prediction is the first non-empty line of the new text.
 """
@@ -97,7 +99,8 @@ def choice_logprobs(
     for batch in track(_batches(order, batch_size), description):
         seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
         ids, mask = pad(seqs, pad_id, side="right")  # (B, L) each
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, L, V)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, L, V), or (B, P + L, V)
+        logits = logits[:, logits.shape[1] - ids.shape[1] :]  # (B, L, V): drop prompt tuning's virtual tokens
         # position t predicts token t + 1
         logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V)
         tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1)
@@ -105,6 +108,19 @@ def choice_logprobs(
             p_len, c_len = len(pairs[i][0]), len(pairs[i][1])
             out[i] = float(tok_lp[row, p_len - 1 : p_len - 1 + c_len].sum())
     return out
+
+
+def prepends_virtual_tokens(model: Any) -> bool:
+    """Whether ``model`` is a PEFT prompt-tuning-like model (virtual tokens put before the input).
+
+    Such a forward returns ``P`` extra leading logits, ignores ``position_ids`` and prepends
+    the virtual tokens again on every call, so a cached continuation cannot be scored with it.
+    Prefix tuning (trained keys and values, no extra positions) is not one.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return False
+    return str(getattr(config.peft_type, "value", config.peft_type)) != "PREFIX_TUNING"
 
 
 def _forward_last(model: Any, **inputs: Any) -> Any:
@@ -136,6 +152,10 @@ def shared_prefix_logprobs(
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    if prepends_virtual_tokens(model):  # its forward re-inserts them before any cached tokens: no sharing
+        pairs = [(p, c) for p, cs in zip(prompts, continuations, strict=True) for c in cs]
+        flat = iter(choice_logprobs(model, pairs, pad_id, batch_size=batch_size, description=description))
+        return [[next(flat) for _ in cs] for cs in continuations]
     out: list[list[float]] = [[0.0] * len(c) for c in continuations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for batch in track(_batches(order, batch_size), description):
@@ -228,11 +248,35 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for batch in track(_batches(order, batch_size), description):
         ids, mask = pad([prompts[i] for i in batch], pad_id, side="left")  # (B, L) each
-        seqs = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=gen_config,
-            stopping_criteria=StoppingCriteriaList([_LineStop(tokenizer, ids.shape[1])]),
-        )  # (B, L + generated)
-        texts = tokenizer.batch_decode(seqs[:, ids.shape[1] :], skip_special_tokens=True)
+        if prepends_virtual_tokens(model):  # PEFT's own generate re-prepends them at every cached step
+            embeds, mask = _with_virtual_tokens(model, ids, mask)  # (B, P + L, H), (B, P + L)
+            new = model.get_base_model().generate(
+                inputs_embeds=embeds, attention_mask=mask, generation_config=gen_config,
+                stopping_criteria=StoppingCriteriaList([_LineStop(tokenizer, 0)]),
+            )  # (B, generated): only new tokens come back from embeddings
+        else:
+            new = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=gen_config,
+                stopping_criteria=StoppingCriteriaList([_LineStop(tokenizer, ids.shape[1])]),
+            )[:, ids.shape[1] :]  # (B, generated)
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts, strict=True):
             out[i] = first_line(text)
     return out
+
+
+def _with_virtual_tokens(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings with a prompt-tuned model's virtual tokens just before each row's real tokens.
+
+    Rows are left-padded: ``[pad.., virtual, prompt]``, so positions counted from the mask
+    give the virtual tokens ``0..P-1`` and the prompt ``P..``, as in training.
+    """
+    emb = model.get_base_model().get_input_embeddings()(ids)  # (B, L, H)
+    virt = model.get_prompt(batch_size=ids.shape[0]).to(emb.dtype)  # (B, P, H)
+    ones = torch.ones(virt.shape[:2], dtype=mask.dtype)  # (B, P)
+    rows, masks = [], []
+    for b in range(ids.shape[0]):
+        start = int((mask[b] == 0).sum())  # left padding
+        rows.append(torch.cat([emb[b, :start], virt[b], emb[b, start:]]))
+        masks.append(torch.cat([mask[b, :start], ones[b], mask[b, start:]]))
+    return torch.stack(rows), torch.stack(masks)

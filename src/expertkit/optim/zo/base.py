@@ -75,6 +75,7 @@ class ZOMethod:
         self.state: dict[str, dict[int, torch.Tensor]] = {}
         self.fo_opt = self._fo_optimizer() if self.fo_ids else None
         self.forwards = 0  # forward passes run so far (a jvp counts as one)
+        self._pending: tuple[int, dict, bool] | None = None  # last query awaiting its fused restore
 
     # ---------------------------------------------------------------- step
     def step(self, loss_fn: Callable[[], torch.Tensor], lr: float) -> float:
@@ -95,35 +96,61 @@ class ZOMethod:
         reported = None
         for b, (_, ids) in enumerate(self.blocks):
             seeds = [derive_seed(step_seed, b, j) for j in range(hp.q)]
-            grads, value = self.estimate(ids, seeds, loss, loss_fn)
+            if self.fused:
+                grads, value = self.estimate(ids, seeds, loss, loss_fn, defer=True)
+                self._restore_and_update(ids, seeds, grads, lr)
+            else:
+                grads, value = self.estimate(ids, seeds, loss, loss_fn)
+                self.update(ids, seeds, grads, lr, loss)
             reported = value if reported is None else reported
-            self.update(ids, seeds, grads, lr, loss)
         if self.fo_opt is not None:
             torch.set_rng_state(rng)
             self._fo_step(loss_fn, lr)
         self.t += 1
         return float(reported)
 
+    @property
+    def fused(self) -> bool:
+        """Whether the step uses the fused path (the base estimate, update and linear rule)."""
+        cls = type(self)
+        return cls.estimate is ZOMethod.estimate and cls.update is ZOMethod.update and cls.transform is ZOMethod.transform
+
     def estimate(
-        self, ids: list[int], seeds: list[int], loss: Loss, loss_fn: Callable[[], torch.Tensor],
+        self, ids: list[int], seeds: list[int], loss: Loss, loss_fn: Callable[[], torch.Tensor], *,
+        defer: bool = False,
     ) -> tuple[list[float], float]:
-        """Projected gradients ``g_j`` along the directions of ``seeds``, and the loss estimate at θ."""
+        """Projected gradients ``g_j`` along the directions of ``seeds``, and the loss estimate at θ.
+
+        Two-sided, per query: ``θ + εz`` (recording what the restore needs), forward, ``θ - εz``
+        (one pass: exact undo, then ``-εz``), forward, restore. With ``defer`` the last restore is left to
+        :meth:`_restore_and_update`, which fuses it with the update (MeZO's three passes).
+        """
         eps, engine = self.hp.eps, self.engine
-        base = loss() if self.hp.estimator == "one-sided" else None
+        two = self.hp.estimator == "two-sided"
+        base = None if two else loss()
         grads, seen = [], []
-        for s in seeds:
-            patches = engine.add(ids, [s], [eps], record=True)
+        for k, s in enumerate(seeds):
+            patches = engine.perturb(ids, s, eps)
             plus = loss()
-            engine.undo(ids, [s], [eps], patches)
-            if base is None:
-                patches = engine.add(ids, [s], [-eps], record=True)
+            if two:
+                patches = engine.mirror(ids, s, eps, patches)
                 minus = loss()
-                engine.undo(ids, [s], [-eps], patches)
                 grads.append((plus - minus) / (2 * eps))
                 seen.append((plus + minus) / 2)
             else:
                 grads.append((plus - base) / eps)
+            if defer and k == len(seeds) - 1:
+                self._pending = (s, patches, two)
+            else:
+                engine.restore(ids, s, eps, patches, mirrored=two)
         return grads, base if base is not None else sum(seen) / len(seen)
+
+    def _restore_and_update(self, ids: list[int], seeds: list[int], grads: list[float], lr: float) -> None:
+        """One pass: undo the last query's perturbation (bit-exact) and add ``-lr * ĝ``."""
+        s, patches, two = self._pending
+        self._pending = None
+        then = None if lr == 0 else (seeds, [-lr * c for c in self.coefficients(grads)])  # lr = 0: θ bit-identical
+        self.engine.restore(ids, s, self.hp.eps, patches, mirrored=two, then=then)
 
     def coefficients(self, grads: list[float]) -> list[float]:
         """Weights of the directions in the combined estimate ``ĝ = sum_j c_j z_j``."""
