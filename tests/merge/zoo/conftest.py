@@ -73,3 +73,44 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[name] = make_adapter(base_b, root / "experts" / name, 20 + i, TASKS[name])
     paths["experts"] = root / "experts"
     return paths
+
+
+@pytest.fixture
+def dense_with_own_mlps(tmp_path):
+    """``make(seeds, arch="llama")``: tiny dense folders sharing every tensor but the MLPs, which
+    come from models of ``seeds`` (so an FFN mixture of them has known per-expert outputs)."""
+
+    def make(seeds, arch: str = "llama") -> list[Path]:
+        folders = []
+        for k, seed in enumerate(seeds):
+            other = tiny_model(arch, seed).state_dict()
+            model = tiny_model(arch, 0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".mlp." in name:
+                        p.copy_(other[name])
+            model.save_pretrained(tmp_path / f"dense{k}")
+            tiny_tokenizer().save_pretrained(tmp_path / f"dense{k}")
+            folders.append(tmp_path / f"dense{k}")
+        return folders
+
+    return make
+
+
+@pytest.fixture
+def force_expert():
+    """``force(model, k)``: every router of a loaded Mixtral / Qwen2-MoE picks expert ``k`` with weight 1."""
+
+    def force(model, k: int) -> None:
+        for layer in model.model.layers:
+            gate = layer.mlp.gate
+
+            def forward(hidden, gate=gate):
+                hidden = hidden.reshape(-1, gate.hidden_dim)
+                logits = torch.zeros(hidden.shape[0], gate.num_experts)
+                logits[:, k] = 10.0
+                return logits, torch.ones(hidden.shape[0], 1), torch.full((hidden.shape[0], 1), k)
+
+            gate.forward = forward
+
+    return force

@@ -22,48 +22,16 @@ from expertkit.tasks.toy import lohi_task
 PROMPTS = [["aaaa:", "abab:", "baba:", "aabb:"], ["zzzz:", "zyzy:", "yzyz:", "yyzz:"]]
 
 
-def _dense_with_own_mlps(tmp_path, seeds):
-    """Tiny Llama folders sharing every tensor but the MLPs, which come from models of ``seeds``."""
-    shared = tiny_model("llama", 0)
-    folders = []
-    for k, seed in enumerate(seeds):
-        other = tiny_model("llama", seed).state_dict()
-        model = tiny_model("llama", 0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".mlp." in name:
-                    p.copy_(other[name])
-        model.save_pretrained(tmp_path / f"dense{k}")
-        tiny_tokenizer().save_pretrained(tmp_path / f"dense{k}")
-        folders.append(tmp_path / f"dense{k}")
-    del shared
-    return folders
-
-
-def _force_expert(model, k):
-    """Make every router of a loaded Mixtral pick expert ``k`` with weight 1."""
-    for layer in model.model.layers:
-        gate = layer.mlp.gate
-
-        def forward(hidden, gate=gate):
-            hidden = hidden.reshape(-1, gate.hidden_dim)
-            logits = torch.zeros(hidden.shape[0], gate.num_experts)
-            logits[:, k] = 10.0
-            return logits, torch.ones(hidden.shape[0], 1), torch.full((hidden.shape[0], 1), k)
-
-        gate.forward = forward
-
-
-def test_mixture_with_a_router_fixed_on_expert_k_equals_dense_model_k(tmp_path):
+def test_mixture_with_a_router_fixed_on_expert_k_equals_dense_model_k(tmp_path, dense_with_own_mlps, force_expert):
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-    folders = _dense_with_own_mlps(tmp_path, [1, 2, 3])
+    folders = dense_with_own_mlps([1, 2, 3])
     out = dense_to_mixtral(folders, tmp_path / "moe", top_k=1)
     moe = MixtralForCausalLM.from_pretrained(out).eval()
     assert moe.config.num_local_experts == 3 and moe.config.num_experts_per_tok == 1
     ids = torch.tensor([[5, 17, 30, 44, 9, 60, 71]])
     for k, folder in enumerate(folders):
-        _force_expert(moe, k)
+        force_expert(moe, k)
         dense = AutoModelForCausalLM.from_pretrained(folder).eval()
         with torch.no_grad():
             torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
@@ -121,10 +89,10 @@ def _routed(moe, tok):
     return fractions
 
 
-def test_hidden_state_routers_send_each_experts_prompts_to_it(tmp_path):
+def test_hidden_state_routers_send_each_experts_prompts_to_it(tmp_path, dense_with_own_mlps):
     from transformers import MixtralForCausalLM
 
-    folders = _dense_with_own_mlps(tmp_path, [1, 2])
+    folders = dense_with_own_mlps([1, 2])
     tok = tiny_tokenizer()
     routers = hidden_state_routers(tiny_model("llama", 0), tok, PROMPTS, scale=5.0)
     assert sorted(routers) == [0, 1] and routers[0].shape == (2, 64)
@@ -135,10 +103,10 @@ def test_hidden_state_routers_send_each_experts_prompts_to_it(tmp_path):
     assert _routed(zero, tok) == [1.0, 0.0]  # all-zero routers: ties go to expert 0
 
 
-def test_router_training_learns_the_routing_from_zero_routers(tmp_path):
+def test_router_training_learns_the_routing_from_zero_routers(tmp_path, dense_with_own_mlps):
     from transformers import MixtralForCausalLM
 
-    folders = _dense_with_own_mlps(tmp_path, [1, 2])
+    folders = dense_with_own_mlps([1, 2])
     tok = tiny_tokenizer()
     moe = MixtralForCausalLM.from_pretrained(dense_to_mixtral(folders, tmp_path / "moe")).eval()
     before = {n: p.clone() for n, p in moe.named_parameters()}

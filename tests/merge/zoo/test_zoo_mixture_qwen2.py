@@ -9,39 +9,9 @@ import torch
 
 from expertkit.errors import ConfigError
 from expertkit.merge.mixture import dense_to_mixtral, dense_to_moe, moe_config
-from expertkit.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+from expertkit.models.tiny import save_tiny
 
 IDS = torch.tensor([[5, 17, 30, 44, 9, 60, 71], [8, 8, 90, 3, 21, 64, 100]])
-
-
-def _qwen2_with_own_mlps(tmp_path, seeds):
-    """Tiny Qwen2 folders sharing every tensor but the MLPs, which come from models of ``seeds``."""
-    folders = []
-    for k, seed in enumerate(seeds):
-        other = tiny_model("qwen2", seed).state_dict()
-        model = tiny_model("qwen2", 0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".mlp." in name:
-                    p.copy_(other[name])
-        model.save_pretrained(tmp_path / f"dense{k}")
-        tiny_tokenizer().save_pretrained(tmp_path / f"dense{k}")
-        folders.append(tmp_path / f"dense{k}")
-    return folders
-
-
-def _force_expert(model, k):
-    """Make every router of a loaded Qwen2-MoE pick expert ``k`` with weight 1."""
-    for layer in model.model.layers:
-        gate = layer.mlp.gate
-
-        def forward(hidden, gate=gate):
-            hidden = hidden.reshape(-1, gate.hidden_dim)
-            logits = torch.zeros(hidden.shape[0], gate.num_experts)
-            logits[:, k] = 10.0
-            return logits, torch.ones(hidden.shape[0], 1), torch.full((hidden.shape[0], 1), k)
-
-        gate.forward = forward
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -63,14 +33,14 @@ def test_qwen2_mixture_of_identical_models_gives_the_dense_logits(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-def test_qwen2_mixture_with_a_router_fixed_on_expert_k_equals_dense_model_k(tmp_path):
+def test_qwen2_mixture_with_a_router_fixed_on_expert_k_equals_dense_model_k(tmp_path, dense_with_own_mlps, force_expert):
     from transformers import AutoModelForCausalLM
 
-    folders = _qwen2_with_own_mlps(tmp_path, [1, 2, 3])
+    folders = dense_with_own_mlps([1, 2, 3], arch="qwen2")
     moe = AutoModelForCausalLM.from_pretrained(dense_to_moe(folders, tmp_path / "moe")).eval()
     logits = []
     for k, folder in enumerate(folders):
-        _force_expert(moe, k)
+        force_expert(moe, k)
         dense = AutoModelForCausalLM.from_pretrained(folder).eval()
         with torch.no_grad():
             got = moe(IDS).logits
