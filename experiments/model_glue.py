@@ -119,6 +119,7 @@ def main() -> None:  # noqa: PLR0915 - one experiment, step by step
     parser.add_argument("--val-n", type=int, default=10, help="validation examples per task for the planner")
     parser.add_argument("--budget", type=int, default=7, help="evaluations per cluster")
     parser.add_argument("--group", default="embedding", help="tensor group the clustering uses")
+    parser.add_argument("--search", default="grid", choices=["grid", "cmaes"], help="coefficient search per cluster")
     args = parser.parse_args()
 
     from expertkit.merge.mixture import SequenceRouter, evaluate_routed, minilm_embed
@@ -142,7 +143,8 @@ def main() -> None:  # noqa: PLR0915 - one experiment, step by step
     if plan_path.exists():
         plan = load_plan(plan_path)
     else:
-        plan = plan_zoo(members, tasks, group=args.group, n=args.val_n, budget=args.budget, mixture="ffn")
+        plan = plan_zoo(members, tasks, group=args.group, n=args.val_n, budget=args.budget, mixture="ffn",
+                        search=args.search)
         save_plan(plan, plan_path)
     t_plan = time.perf_counter()
     print(f"PLAN {[(c.name, c.members, c.method, c.merged, c.params, c.score) for c in plan.clusters]}", flush=True)
