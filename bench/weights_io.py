@@ -34,27 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from expertkit.procmem import reset_peak, status
+
 CACHE = Path.home() / ".cache" / "expertkit" / "bench" / "smollm2-135m-fp32"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _shards(src: Path) -> list[Path]:
@@ -71,8 +54,8 @@ def _child(kind: str, src: Path, dst: Path, max_shard_size: str) -> dict:
     from expertkit.weights.reader import Checkpoint
     from expertkit.weights.writer import ShardedWriter
 
-    hwm_reset = _reset_hwm()
-    baseline = _status("VmRSS")
+    hwm_reset = reset_peak()
+    baseline = status("VmRSS")
     t0 = time.perf_counter()
     extra = {}
     if kind == "expertkit":
@@ -97,7 +80,7 @@ def _child(kind: str, src: Path, dst: Path, max_shard_size: str) -> dict:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if hwm_reset:  # the kernel's peak since the reset: a cross-check of getrusage
-        extra["hwm_above_baseline"] = _status("VmHWM") - baseline
+        extra["hwm_above_baseline"] = status("VmHWM") - baseline
     return {"kind": kind, "wall_s": wall, "baseline_rss": baseline, "peak_rss": peak,
             "peak_above_baseline": peak - baseline, **extra}
 

@@ -36,27 +36,11 @@ import sys
 import time
 from pathlib import Path
 
+from expertkit.procmem import reset_peak, status
+
 METHODS = ("zo-sgd", "zo-sgd*", "zo-sgd-sign", "zo-sgd-scalar-sign", "zo-sgd-mmt", "zo-sgd-cons", "zo-adam",
            "forward-grad", "sgd", "adamw")
 SCHEMES = ("lora", "full", "prefix", "prompt")
-
-
-def _status(key: str) -> int:
-    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(spec: dict) -> dict:
@@ -111,8 +95,8 @@ def child(spec: dict) -> dict:
 
     if spec["warmup"]:
         step()  # first-call overheads; optimizer state already allocated when the peak is read
-    rss0 = _status("VmRSS")
-    exact = _reset_hwm()  # from here: the step's own peak (its optimizer state included)
+    rss0 = status("VmRSS")
+    exact = reset_peak()  # from here: the step's own peak (its optimizer state included)
     step_t, fwd_t = [], []
     for _ in range(spec["steps"]):  # interleaved, so a change of the shared machine's load hits both
         t0 = time.perf_counter()
@@ -121,7 +105,7 @@ def child(spec: dict) -> dict:
         t0 = time.perf_counter()
         forward()
         fwd_t.append(time.perf_counter() - t0)
-    peak = _status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step_s, fwd_s = statistics.median(step_t), statistics.median(fwd_t)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if opt is not None else 0
     return {**spec, "peak": peak, "rss_before": rss0, "step_s": step_s, "fwd_s": fwd_s, "hwm_reset": exact,

@@ -46,9 +46,8 @@ train_lora(sys.argv[1], sys.argv[2], sys.argv[3], resume=False, eval_n=0, save_e
 # VmHWM (the peak resident set of this process's memory map) rather than ru_maxrss: Linux carries
 # ru_maxrss over fork and exec, so a child started by a big parent would report the parent's peak.
 PEAK = """
-for _line in open("/proc/self/status"):
-    if _line.startswith("VmHWM:"):
-        print("PEAK_KB", _line.split()[1])
+from expertkit.procmem import status as _status
+print("PEAK_KB", _status("VmHWM") // 1024)
 """
 IMPORTS_CHILD = "import torch, transformers, peft, expertkit.port, expertkit.train"
 
