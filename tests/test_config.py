@@ -53,6 +53,15 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
         load_yaml(path)
 
 
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: first\ninner:\n  steps: 1\n  steps: 2\n")  # PyYAML alone keeps steps: 2
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML at line 4, column 3: duplicate key 'steps'"):
+        load_yaml(path)
+    path.write_text("name: first\ninner:\n  steps: 1\n")
+    assert load_yaml(path) == {"name": "first", "inner": {"steps": 1}}
+
+
 def test_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_yaml(tmp_path / "nope.yaml")

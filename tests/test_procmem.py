@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import pytest
@@ -22,8 +23,9 @@ def test_peak_follows_a_large_allocation_and_reset_brings_it_down():
     if not reset_peak():
         pytest.skip("clear_refs is not permitted here")
     before = status("VmHWM")
-    block = bytearray(64 * 2**20)  # zero-filled: every page is touched
+    block = mmap.mmap(-1, 64 * 2**20)  # fresh anonymous pages (malloc could reuse resident ones)
+    block.write(b"\1" * len(block))  # every page touched
     assert status("VmHWM") >= before + 60 * 2**20
-    del block
+    block.close()
     assert reset_peak()
     assert status("VmHWM") < before + 32 * 2**20  # the mark now follows the current RSS again

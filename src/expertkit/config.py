@@ -1,7 +1,8 @@
 """Configuration base: frozen pydantic models that refuse unknown keys.
 
 * :class:`Config` is the base of every expertkit config: frozen, ``extra="forbid"``.
-* :func:`load_yaml` reads a YAML file and turns syntax errors into one clear
+* :func:`load_yaml` reads a YAML file and turns syntax errors, and duplicate keys (which
+  PyYAML would silently resolve to the last one), into one clear
   :class:`~expertkit.errors.ConfigError` with the line number.
 * :func:`validate` validates data against a config class and reports *every*
   error of the file at once, each with its location (``stages[1].lr``) and, for
@@ -29,13 +30,30 @@ class Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _strict_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a missing file or a syntax error is a :class:`ConfigError`."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader) or {}  # noqa: S506 - safe subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

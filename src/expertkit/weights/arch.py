@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from expertkit.config import StrictLoader
 from expertkit.errors import ConfigError, suggest, unknown
 
 GROUPS = (
@@ -188,23 +189,6 @@ class ArchDescriptor:
 
 
 # --------------------------------------------------------------------- loading
-class _StrictLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate keys (PyYAML keeps the last silently)."""
-
-
-def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
-
-
 def _expand(template: str, table: Mapping[str, str], where: str, errors: list[str]) -> str:
     def sub(m: re.Match[str]) -> str:
         key = m.group(1)
@@ -282,7 +266,7 @@ def load_descriptor(path: str | Path) -> ArchDescriptor:
     """Read and validate one descriptor YAML file."""
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - safe subclass
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)  # noqa: S506 - safe subclass
     except OSError as exc:
         raise ConfigError(f"cannot read architecture descriptor {path}: {exc}.") from exc
     except yaml.YAMLError as exc:
