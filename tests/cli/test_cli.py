@@ -42,6 +42,21 @@ def test_validate_ok_loads_no_weights(tmp_path, monkeypatch, cli):
     assert "is valid" in out and "5 stage(s)" in out
 
 
+def test_validate_recognises_merge_plan_and_federated_configs(tmp_path, cli):
+    code, out, _ = cli(["validate", "examples/fl_tiny.yaml"])
+    assert code == 0, out
+    assert "valid as a federated-learning config" in out and "expertkit fl simulate examples/fl_tiny.yaml" in out
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n")
+    code, out, _ = cli(["validate", str(merge)])
+    assert code == 0, out
+    assert "valid as a merge config" in out
+    merge.write_text("merge_method: linear\ndtyp: float32\nmodels:\n  - model: a\n")
+    code, _, err = cli(["validate", str(merge)])
+    assert code == 2 and "unknown key 'dtyp'. Did you mean 'dtype'?" in err
+    assert "stages" not in err  # checked against the merge schema, not the run schema
+
+
 def test_unknown_model_is_one_line_exit_2(tmp_path, cli):
     code, out, err = cli(["info", "smollm3-135m"])
     assert code == 2

@@ -80,3 +80,21 @@ def test_parameter_typos_are_caught_by_check_before_any_work(tmp_path, tiny_chec
                    "parameters:\n  densty: 0.3\n")
     code, _, err = run_cli(["merge", str(cfg), "--check"], capsys)
     assert code == 2 and "unknown key 'densty'. Did you mean 'density'?" in err
+
+
+def test_per_model_parameter_typos_and_global_ones_set_per_model_are_refused(tmp_path, tiny_checkpoint, capsys):
+    base, a, b = tiny_checkpoint("llama", 0), tiny_checkpoint("llama", 1), tiny_checkpoint("llama", 2)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {b}\n    parameters: {{wieght: 0.5}}\n")
+    code, _, err = run_cli(["merge", str(cfg), str(tmp_path / "out")], capsys)
+    assert code == 2 and "model 2: unknown per-model parameter 'wieght'. Did you mean 'weight'?" in err
+    assert not (tmp_path / "out").exists()
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   "    parameters: {weight: 1, density: 0.5, normalize: false}\n")
+    code, _, err = run_cli(["merge", str(cfg), "--check"], capsys)
+    assert code == 2 and "'normalize' of merge method 'ties' cannot differ per model" in err
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   "    parameters: {weight: 1, density: 0.5}\nparameters: {normalize: false}\n")
+    code, _, err = run_cli(["merge", str(cfg), "--check"], capsys)
+    assert code == 0, err

@@ -101,11 +101,36 @@ def info(
         print_summary(summary, out)
 
 
+#: other config files a user may hand to `validate`: (key that marks them, what they are, loader, how to run)
+_OTHER_CONFIGS = (
+    ("merge_method", "a merge config", "expertkit.merge.config:load_merge_config", "expertkit merge {} OUT"),
+    ("clusters", "a zoo plan", "expertkit.merge.zoo.plan:load_plan", "expertkit zoo build {} OUT"),
+    ("clients", "a federated-learning config", "expertkit.federated.config:load_fl_config",
+     "expertkit fl simulate {}"),
+)
+
+
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="a run config YAML")]) -> None:
-    """Check a run config without loading any weights; every problem is reported at once."""
+def validate(config: Annotated[Path, typer.Argument(help="a config YAML (run, merge, zoo plan or federated)")]) -> None:
+    """Check a config without loading any weights; every problem is reported at once.
+
+    A run config (``stages:``) is checked as such; a merge config (``merge_method:``), a zoo plan
+    (``clusters:``) or a federated config (``clients:``) is recognised by its key and checked
+    against its own schema.
+    """
+    import importlib
+
+    from expertkit.config import load_yaml
     from expertkit.pipeline import load_run_config
 
+    data = load_yaml(config)
+    if isinstance(data, dict) and "stages" not in data:
+        for key, what, loader, how in _OTHER_CONFIGS:
+            if key in data:
+                module, func = loader.split(":")
+                getattr(importlib.import_module(module), func)(config)
+                out.print(f"[green]ok[/green]: {config} is valid as {what}; run it with '{how.format(config)}'.")
+                return
     run = load_run_config(config)
     out.print(f"[green]ok[/green]: {config} is valid: run '{run.config.name}' on {run.config.model}, "
               f"{len(run.stages)} stage(s): {', '.join(s.name for s in run.stages)}.")
