@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from expertkit.models.loader import LoadedModel, load_model
 from expertkit.models.tiny import tiny_model, tiny_tokenizer
 from expertkit.tasks.toy import lohi_task
-from expertkit.train import LoraTrainConfig, StepInfo, train_lora
+from expertkit.train import LoraTrainConfig, train_lora
 from expertkit.train.data import per_example_loss
 from expertkit.train.lora import config_scheme
 
@@ -98,26 +98,17 @@ def test_zo_training_lowers_the_loss(tmp_path) -> None:
     assert sum(res.losses[-4:]) / 4 < sum(res.losses[:4]) / 4 - 0.1
 
 
-class Interrupt:
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, info: StepInfo) -> None:
-        if info.step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("optimizer,params", [
     ("zo-adam", {"sparsity": 0.5, "mask_every": 2, "q": 2}),
     ("zo-sgd-mmt", {"block": "layer", "estimator": "one-sided"}),
 ])
-def test_zo_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer, params) -> None:
+def test_zo_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer, params, interrupt_at) -> None:
     cfg = LoraTrainConfig(steps=4, lr=1e-3, batch_size=4, rank=4, dropout=0.1, save_every=2, optimizer=optimizer,
                           optimizer_params=params, train_examples=10)
     full = train_lora(fresh(), CLASSIFY, tmp_path / "full", cfg)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train_lora(fresh(), CLASSIFY, out, cfg, callbacks=[Interrupt(3)])
+        train_lora(fresh(), CLASSIFY, out, cfg, callbacks=[interrupt_at(3)])
     res = train_lora(fresh(), CLASSIFY, out, cfg)
     assert res.resumed_from == 2 and res.losses == full.losses
     a, b = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "full" / "adapter_model.safetensors")

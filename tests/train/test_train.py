@@ -16,7 +16,7 @@ from expertkit.models.tiny import tiny_model, tiny_tokenizer
 from expertkit.tasks.base import Example
 from expertkit.tasks.evaluate import evaluate
 from expertkit.tasks.toy import copy_task, lohi_task
-from expertkit.train import OPTIMIZERS, LoraTrainConfig, StepInfo, build_optimizer, train_lora
+from expertkit.train import OPTIMIZERS, LoraTrainConfig, build_optimizer, train_lora
 from expertkit.train.data import IGNORE, batch_indices, collate, encode_examples
 from expertkit.train.optimizers import OptimizerSetup
 from expertkit.train.state import flatten_state, unflatten_state
@@ -104,19 +104,9 @@ def test_caller_rng_untouched(loaded, tmp_path) -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
-class Interrupt:
-    """Callback raising KeyboardInterrupt after step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, info: StepInfo) -> None:
-        if info.step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("optimizer,params", [("adamw", {"weight_decay": 0.01}), ("sgd", {"momentum": 0.9})])
-def test_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer: str, params: dict[str, Any]) -> None:
+def test_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer: str, params: dict[str, Any],
+                                                      interrupt_at) -> None:
     def fresh() -> LoadedModel:
         return LoadedModel("tiny", tiny_model("llama", seed=0), tiny_tokenizer(), None, None)
 
@@ -128,7 +118,7 @@ def test_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer: str
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train_lora(fresh(), CLASSIFY, out, cfg, callbacks=[Interrupt(5)])
+        train_lora(fresh(), CLASSIFY, out, cfg, callbacks=[interrupt_at(5)])
     assert (out / "checkpoint" / "state.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()  # no half-written adapter
     res = train_lora(fresh(), CLASSIFY, out, cfg)
@@ -152,11 +142,11 @@ def test_finished_adapter_is_reused(loaded, tmp_path, monkeypatch) -> None:
     assert not other.reused and len(other.losses) == 3
 
 
-def test_resume_with_other_config_is_refused(tmp_path) -> None:
+def test_resume_with_other_config_is_refused(tmp_path, interrupt_at) -> None:
     lm = LoadedModel("tiny", tiny_model("llama", seed=0), tiny_tokenizer(), None, None)
     cfg = LoraTrainConfig(steps=4, save_every=2, **{k: v for k, v in FAST.items() if k != "save_every"})
     with pytest.raises(KeyboardInterrupt):
-        train_lora(lm, CLASSIFY, tmp_path / "a", cfg, callbacks=[Interrupt(3)])
+        train_lora(lm, CLASSIFY, tmp_path / "a", cfg, callbacks=[interrupt_at(3)])
     with pytest.raises(CheckpointError, match="resume=False"):
         train_lora(lm, CLASSIFY, tmp_path / "a", cfg, lr=5e-3)
     res = train_lora(lm, CLASSIFY, tmp_path / "a", cfg, lr=5e-3, resume=False)
