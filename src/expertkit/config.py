@@ -266,3 +266,11 @@ def config_error(source: str, lines: list[str]) -> ConfigError:
 def load_config(model: type[C], path: str | Path) -> C:
     """Read a YAML file and validate it against ``model``."""
     return validate(model, load_yaml(path), source=str(path))
+
+
+def default_text(field: Any) -> str:
+    """How a listing shows a pydantic field's default: ``required``, or ``default <repr>`` (a
+    ``default_factory`` is called: ``default {}``, never ``PydanticUndefined``)."""
+    if field.is_required():
+        return "required"
+    return f"default {_quote(field.get_default(call_default_factory=True))}"

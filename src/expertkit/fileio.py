@@ -153,3 +153,21 @@ def new_folders(folder: str | os.PathLike[str]) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 made.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (yielded) and install it as ``dest`` when the block
+    succeeds (:func:`install_folder`); on failure the temporary folder, and the parents this call
+    created, are removed, and operating-system errors name ``dest`` (:func:`writing`)."""
+    import shutil
+
+    dest = Path(dest)
+    with new_folders(dest.parent), writing(dest):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            yield tmp
+            install_folder(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -8,6 +8,8 @@ and :func:`clean_help` applies it to every command, group and parameter of the C
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -49,3 +51,20 @@ def clean_help(command: click.Command) -> None:
             param.help = plain(param.help)  # type: ignore[attr-defined]
     for sub in getattr(command, "commands", {}).values():
         clean_help(sub)
+
+
+def print_entries(console: Any, registry: Any, kind: Callable[[Any], str] | None = None) -> None:
+    """List a registry's entries and their declared parameters (default, or "required"), without
+    markup in the texts and without rich markup in the values."""
+    from rich.markup import escape
+
+    from expertkit.config import default_text
+
+    for entry in registry:
+        label = f" ({kind(entry)})" if kind is not None else ""
+        console.print(f"[bold]{escape(entry.name)}[/bold]{label}: {escape(plain(entry.summary) or '')}", highlight=False)
+        if entry.params is None:
+            continue
+        for name, field in entry.params.model_fields.items():
+            console.print(f"    {escape(name)} ({escape(default_text(field))}): {escape(plain(field.description) or '')}",
+                          highlight=False)

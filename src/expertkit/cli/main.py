@@ -163,13 +163,10 @@ def run(
 def stages() -> None:
     """List the pipeline stage kinds and their parameters."""
     import expertkit.pipeline.stages  # noqa: F401
+    from expertkit.cli.helptext import print_entries
     from expertkit.pipeline import STAGES
 
-    for entry in STAGES:
-        out.print(f"[bold]{entry.name}[/bold]: {entry.summary}")
-        for pname, field in entry.params.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            out.print(f"    {pname} ({default}): {field.description or ''}")
+    print_entries(out, STAGES)
 
 
 #: what to do about an operating-system error, by errno
