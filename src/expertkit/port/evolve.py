@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import CheckpointError, ConfigError
-from expertkit.fileio import staged_folder
+from expertkit.fileio import check_writable, staged_folder
 
 META_NAME = "expertkit.json"
 
@@ -134,6 +134,7 @@ def evolve(  # noqa: PLR0913 - keyword options of one training run
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"output folder exists: {out_dir}. Choose another path, or pass --overwrite (overwrite=True in Python).")
+    check_writable(out_dir)  # before training, not after
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
             raise ConfigError(f"evolve: {name} must be at least 1, got {value}.")
