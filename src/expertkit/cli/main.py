@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except OSError as exc:
+        if exc.errno == errno.EPIPE:  # the reader went away (`expertkit tasks list | head`): not an error to report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing left to flush at exit
+            sys.exit(1)
         if debug:
             raise
         err.print(Text.assemble(("error: ", "bold red"), os_error_line(exc)), soft_wrap=True)
