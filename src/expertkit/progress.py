@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -122,3 +122,15 @@ def note(message: str) -> None:
     """Print a short message on stderr unless quiet."""
     if not is_quiet():
         console.print(message)
+
+
+@contextlib.contextmanager
+def loss_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[[float], None]]:
+    """A progress bar with the running loss (silent when quiet); yields ``advance(loss)``."""
+    columns = (
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=is_quiet()) as prog:
+        task = prog.add_task(description, total=total, completed=completed, loss="-")
+        yield lambda loss: prog.update(task, advance=1, loss=f"{loss:.4f}")
