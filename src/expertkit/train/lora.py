@@ -20,11 +20,10 @@ writes ``out_dir`` as a standard PEFT adapter folder (``adapter_config.json``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from expertkit.config import validate
 from expertkit.errors import CheckpointError, ConfigError
 from expertkit.fileio import check_writable, staged_folder
+from expertkit.progress import loss_bar
 from expertkit.tasks.base import Task
 from expertkit.train.config import LoraTrainConfig
 from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
@@ -148,29 +148,6 @@ def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_pa
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
 
 
-@contextlib.contextmanager
-def _loss_bar(description: str, total: int, completed: int) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar with the running loss; yields ``advance(loss)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from expertkit.progress import console, is_quiet
-
-    columns = (
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=is_quiet()) as prog:
-        task = prog.add_task(description, total=total, completed=completed, loss="-")
-        yield lambda loss: prog.update(task, advance=1, loss=f"{loss:.4f}")
-
-
 def _evaluate(model: Any, tokenizer: Any, task: Task, config: LoraTrainConfig, **kw: Any) -> dict[str, Any]:
     from expertkit.tasks.evaluate import evaluate
 
@@ -269,7 +246,7 @@ def _train(
         resumed_from = start
     started = time.perf_counter()
     model.train()
-    with _loss_bar(f"Training {task.name}", config.steps, start) as advance:
+    with loss_bar(f"Training {task.name}", config.steps, start) as advance:
         for step in range(start, config.steps):
             batch = [rows[i] for i in batch_indices(step, config.batch_size, len(rows), config.seed)]
             lr = config.lr_at(step)

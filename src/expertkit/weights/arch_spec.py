@@ -43,9 +43,7 @@ Python here stays generic: no architecture is named in this file.
 
 from __future__ import annotations
 
-import functools
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from expertkit.config import StrictLoader
-from expertkit.errors import ConfigError, suggest, unknown
+from expertkit.errors import ConfigError, suggest
 
 GROUPS = (
     "embedding", "lm_head", "final_norm", "attention", "mlp", "norm",
