@@ -64,7 +64,7 @@ class MoeBuildConfig(Config):
         "bbc", description="general text mixed into every expert's data: BBC News training articles, or none")
     general_fraction: float = Field(0.25, ge=0, lt=1, description="share of each batch that is general text")
     text_tokens: int = Field(32, ge=8, description="tokens per general-text sequence (about a task row's length)")
-    expert_steps: int = Field(60, ge=1, description="AdamW steps per expert (full-rank MLP training)")
+    expert_steps: int = Field(80, ge=1, description="AdamW steps per expert (full-rank MLP training)")
     expert_lr: float = Field(1e-4, gt=0, description="peak learning rate of expert training")
     batch_size: int = Field(8, ge=1, description="sequences per expert training step")
     router: RouterSpec = Field(default_factory=RouterSpec, description="router initialisation and training")
