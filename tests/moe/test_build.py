@@ -198,3 +198,29 @@ def test_router_shape_that_disagrees_with_the_experts_is_refused_with_tensor_nam
     save_file(tensors, weights)
     with pytest.raises(Exception, match=r"router model\.layers\.1\.block_sparse_moe\.gate\.weight has 4 rows"):
         moe_structure(bad)
+
+
+def test_a_second_build_waits_for_the_first(tiny_checkpoint, cache, tmp_path):
+    """Two processes building at once would train into the same files: the second waits on a lock."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = tmp_path / "holder-finished"
+    holder = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from expertkit.moe.build import _build_lock
+        with _build_lock(Path({str(cache / "moe-build")!r})):
+            print("locked", flush=True)
+            time.sleep(1)
+            Path({str(done)!r}).write_text("done")  # the last thing before letting go
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    from expertkit.moe.build import _build_lock
+
+    with _build_lock(cache / "moe-build"):
+        assert done.is_file()  # it could only enter once the holder had finished
+    proc.wait(timeout=30)
+    assert proc.returncode == 0

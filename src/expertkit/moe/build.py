@@ -24,12 +24,14 @@ The finished MoE is installed atomically, and copied atomically to ``out`` when 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,15 +91,41 @@ def build_moe(config: MoeBuildConfig, out: str | os.PathLike[str] | None = None,
     fp = recipe_fingerprint(config, base_fp)
     work = cache_root() / "moe-build" / fp
     final = work / "moe"
-    meta = _finished(final, fp)
-    reused = meta is not None
-    if meta is None:
-        meta = _build(config, base, base_fp, fp, work, final)
+    with _build_lock(work.parent):  # one build at a time: two would train the same experts into the same files
+        meta = _finished(final, fp)
+        reused = meta is not None
+        if meta is None:
+            meta = _build(config, base, base_fp, fp, work, final)
     result = BuildResult(final, fp, meta, reused)
     if out_path is not None:
         copy_folder(final, out_path)
         result = BuildResult(out_path, fp, meta, reused)
     return result
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the build cache; a second build waits (and says so) until the first ends."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            from expertkit.progress import note
+
+            fh.seek(0)
+            note(f"waiting for another MoE build to finish (process {fh.read().strip() or '?'}; lock {root / '.lock'})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build(config: MoeBuildConfig, base: Any, base_fp: str, fp: str, work: Path, final: Path) -> dict[str, Any]:
