@@ -280,6 +280,26 @@ def test_reader_one_handle_per_shard(tmp_path: Path) -> None:
     assert ckpt._handles == {}
 
 
+def test_iter_tensors_reusing_one_buffer(tmp_path: Path) -> None:
+    tensors = _tensors()
+    out = _write(tmp_path / "out", tensors, layout=True, max_shard_size=300)
+    ptrs = set()
+    with Checkpoint(out) as ckpt:
+        got = {}
+        for name, t in ckpt.iter_tensors(reuse_buffer=True):
+            got[name] = t.clone()  # valid only until the next one: keep a copy
+            if t.numel():
+                ptrs.add(t.data_ptr())
+        biggest = max(i.nbytes for i in ckpt.infos())
+    _assert_same(got, tensors)
+    assert len(ptrs) == 1  # every tensor was read into the same memory
+    with Checkpoint(out) as ckpt:  # a subset, in a given order
+        names = ["i8", "f64", "empty"]
+        assert [(n, t.shape) for n, t in ckpt.iter_tensors(names, reuse_buffer=True)] == \
+            [(n, tensors[n].shape) for n in names]
+    assert biggest == tensors["big"].numel() * 4
+
+
 def test_reader_refuses_pickles(tmp_path: Path) -> None:
     tensors = {"a": torch.arange(4.0), "b": torch.tensor([1, 2], dtype=torch.int64)}
     for suffix in (".bin", ".pt"):
@@ -291,6 +311,7 @@ def test_reader_refuses_pickles(tmp_path: Path) -> None:
                 Checkpoint(path)
         with Checkpoint(folder, allow_pickle=True) as ckpt:
             _assert_same(dict(ckpt.iter_tensors()), tensors)
+            _assert_same({n: t.clone() for n, t in ckpt.iter_tensors(reuse_buffer=True)}, tensors)
 
 
 def test_truncated_shard_errors(tmp_path: Path) -> None:
