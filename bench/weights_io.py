@@ -1,7 +1,7 @@
 """Weights I/O benchmark: expertkit's streamed read + sharded write vs. safetensors.
 
     flock /tmp/expertkit-bench.lock .venv/bin/python bench/weights_io.py [--model PATH] \
-        [--repeats 5] [--ablate] [--profile] [--json out.json]
+        [--repeats 5] [--ablate] [--profile expertkit,before] [--json out.json]
 
 By default the source is the bundled SmolLM2-135M-Instruct, dequantized from
 GGUF to fp32 (about 538 MB once the tied ``lm_head`` is dropped) and cached in
@@ -23,7 +23,7 @@ against the peer alone and against the peer plus its fsync; "CPU vs peer" compar
 (user + system, all threads) of the two, which a busy shared machine disturbs less than wall time.
 
 ``--ablate`` also runs expertkit with one measured choice undone at a time (see VARIANTS);
-``--profile`` runs the expertkit side once under cProfile and prints where the time goes.
+``--profile V1,V2`` runs those variants once each under cProfile and prints where the time goes.
 Both outputs are compared with the source tensor by tensor (the expertkit output
 read back through ``safetensors.safe_open``, an independent reader).
 """
@@ -138,8 +138,8 @@ def _child(kind: str, src: Path, dst: Path, max_shard_size: str) -> dict:
             "peak_above_baseline": peak - baseline, **extra}
 
 
-def _profile(src: Path, dst: Path, max_shard_size: str) -> dict:
-    """One run of the expertkit side under cProfile: the functions with the most own time."""
+def _profile(variant: str, src: Path, dst: Path, max_shard_size: str) -> dict:
+    """One run of an expertkit variant under cProfile: the functions with the most own time."""
     import cProfile
     import io
     import pstats
@@ -147,20 +147,23 @@ def _profile(src: Path, dst: Path, max_shard_size: str) -> dict:
     import expertkit.weights.reader
     import expertkit.weights.writer  # noqa: F401 - imported outside the profile
 
+    how = _patch(variant)
     prof = cProfile.Profile()
-    prof.runcall(_copy_through, src, dst, max_shard_size, "reuse")
+    prof.runcall(_copy_through, src, dst, max_shard_size, how)
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(8)
     return {"profile": out.getvalue()}
 
 
-def _run_child(kind: str, src: Path | None = None, dst: Path | None = None, max_shard_size: str = "") -> dict:
+def _run_child(kind: str, src: Path | None = None, dst: Path | None = None, max_shard_size: str = "",
+               variant: str = "expertkit") -> dict:
     """Run one step in a fresh process and return the JSON it prints.
 
     Everything heavy (torch, the model) runs in children: the parent stays small,
     because a child's ``ru_maxrss`` starts from the RSS of the process it was spawned from.
     """
-    cmd = [sys.executable, __file__, "--child", kind, "--max-shard-size", max_shard_size or "200MB"]
+    cmd = [sys.executable, __file__, "--child", kind, "--max-shard-size", max_shard_size or "200MB",
+           "--variant", variant]
     cmd += ["--src", str(src)] if src is not None else []
     cmd += ["--dst", str(dst)] if dst is not None else []
     if kind in (*VARIANTS, "peer", "profile"):
@@ -258,12 +261,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-shard-size", default="200MB")
     ap.add_argument("--ablate", action="store_true", help="also run each variant of VARIANTS")
-    ap.add_argument("--profile", action="store_true", help="profile one expertkit run (cProfile)")
+    ap.add_argument("--profile", default="", metavar="VARIANTS",
+                    help="comma-separated variants to profile once each with cProfile (e.g. expertkit,before)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     children = [*VARIANTS, "peer", "profile", "build", "describe", "verify"]
     ap.add_argument("--child", choices=children, help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="expertkit", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child in (*VARIANTS, "peer"):
         print(json.dumps(_child(args.child, args.src, args.dst, args.max_shard_size)))
@@ -271,7 +276,7 @@ def main() -> None:
     if args.child:
         steps = {"build": build_default_source, "describe": lambda: describe(args.src),
                  "verify": lambda: verify(args.src, args.dst),
-                 "profile": lambda: _profile(args.src, args.dst, args.max_shard_size)}
+                 "profile": lambda: _profile(args.variant, args.src, args.dst, args.max_shard_size)}
         print(json.dumps(steps[args.child]()))
         return
 
@@ -289,7 +294,8 @@ def main() -> None:
             for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                 runs[kind].append(_run_child(kind, src, work / kind, args.max_shard_size))
         checked = _run_child("verify", src, work)
-        profile = _run_child("profile", src, work / "profile", args.max_shard_size) if args.profile else {}
+        profiles = {v: _run_child("profile", src, work / f"profile-{v}", args.max_shard_size, variant=v)["profile"]
+                    for v in filter(None, args.profile.split(","))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = _load()
@@ -329,8 +335,8 @@ def main() -> None:
           f"({ek['ratio_vs_peer_with_fsync']:.2f}x against the peer plus its fsync; goal >= 0.9x)")
     print(f"outputs identical to the source: {checked['verified_tensors']} tensors in each of "
           f"{checked['verified_outputs']} outputs")
-    if profile:
-        print("cProfile of one expertkit run (own time):\n" + profile["profile"])
+    for variant, text in profiles.items():
+        print(f"cProfile of one '{variant}' run (own time):\n{text}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 

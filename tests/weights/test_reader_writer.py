@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,62 @@ def test_shards_are_not_executable(tmp_path: Path, layout: bool) -> None:
     out = write_ckpt(tmp_path / "out", sample_tensors(), layout=layout, max_shard_size=300)
     for p in out.iterdir():
         assert p.stat().st_mode & 0o111 == 0, p.name
+
+
+def test_full_disk_fails_at_the_start_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    from expertkit.weights import _shardio
+
+    calls: list[int] = []
+
+    def no_space(fd: int, mode: int, offset: int, size: int) -> int:
+        calls.append(size)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(_shardio, "_FALLOCATE", no_space)
+    layout = [("a", (1000,), torch.float32)]
+    with pytest.raises(OSError, match="cannot allocate 4[0-9]{3} bytes: No space left") as info:
+        ShardedWriter(tmp_path / "out", layout=layout)
+    assert info.value.errno == errno.ENOSPC and calls  # refused before any tensor was written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_preallocation_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    from expertkit.weights import _shardio
+
+    def unsupported(fd: int, mode: int, offset: int, size: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(_shardio, "_FALLOCATE", unsupported)
+    tensors = sample_tensors()
+    assert_same(read_all(write_ckpt(tmp_path / "out", tensors, layout=True, max_shard_size=300)), tensors)
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_background_fsync_failure_fails_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  layout: bool) -> None:
+    import threading
+
+    from expertkit.weights import _shardio
+
+    real_fsync = os.fsync
+    threads: set[str] = set()
+
+    def failing_fsync(fd: int) -> None:
+        threads.add(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_shardio.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_ckpt(tmp_path / "out", sample_tensors(), layout=layout, max_shard_size=300)
+    assert any(n.startswith("expertkit-fsync") for n in threads)  # shards were flushed in the background
+    assert list(tmp_path.iterdir()) == []
