@@ -1,7 +1,7 @@
 """Weights I/O benchmark: expertkit's streamed read + sharded write vs. safetensors.
 
     flock /tmp/expertkit-bench.lock .venv/bin/python bench/weights_io.py [--model PATH] \
-        [--repeats 5] [--ablate] [--profile expertkit,before] [--json out.json]
+        [--repeats 5] [--ablate] [--profile expertkit,before] [--no-fsync] [--json out.json]
 
 By default the source is the bundled SmolLM2-135M-Instruct, dequantized from
 GGUF to fp32 (about 538 MB once the tied ``lm_head`` is dropped) and cached in
@@ -23,7 +23,8 @@ against the peer alone and against the peer plus its fsync; "CPU vs peer" compar
 (user + system, all threads) of the two, which a busy shared machine disturbs less than wall time.
 
 ``--ablate`` also runs expertkit with one measured choice undone at a time (see VARIANTS);
-``--profile V1,V2`` runs those variants once each under cProfile and prints where the time goes.
+``--profile V1,V2`` runs those variants once each under cProfile and prints where the time goes;
+``--no-fsync`` skips every fsync on both sides, to measure the copy path alone.
 Both outputs are compared with the source tensor by tensor (the expertkit output
 read back through ``safetensors.safe_open``, an independent reader).
 """
@@ -44,6 +45,7 @@ from pathlib import Path
 
 from expertkit.procmem import reset_peak, status
 
+NO_FSYNC = False  # --no-fsync, passed on to every measured child
 CACHE = Path.home() / ".cache" / "expertkit" / "bench" / "smollm2-135m-fp32"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -61,14 +63,20 @@ VARIANTS = {
     "inline-fsync": "each shard fsynced inside add() when complete (no background thread)",
     "early-writeback": "as shipped + sync_file_range(WRITE) after every tensor",
     "before": "fresh-read + sparse + inline-fsync together: the engine before issue 20",
+    "no-layout": "as shipped but without a declared layout (spill files, copied when a shard closes)",
 }
 
 
-def _patch(variant: str) -> str:
+def _patch(variant: str, no_fsync: bool = False) -> str:
     """Undo (or add) one measured choice in this child; returns how tensors are read."""
     import ctypes
 
+    from expertkit import fileio
     from expertkit.weights import _shardio, writer
+
+    if no_fsync:  # the copy path alone: no durability
+        _shardio.Flusher._sync = staticmethod(os.close)
+        writer.fsync_path = fileio.fsync_path = lambda path: None
 
     undo = {"before": ("sparse", "inline-fsync")}.get(variant, (variant,))
     if "sparse" in undo:
@@ -83,7 +91,8 @@ def _patch(variant: str) -> str:
             libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(len(buf)), 2)  # SYNC_FILE_RANGE_WRITE
 
         writer.pwrite_all = write_and_start_writeback
-    return {"fresh-read": "read", "before": "read", "mmap-view": "view"}.get(variant, "reuse")
+    return {"fresh-read": "read", "before": "read", "mmap-view": "view",
+            "no-layout": "reuse-stream"}.get(variant, "reuse")
 
 
 def _copy_through(src: Path, dst: Path, max_shard_size: str, how: str) -> None:
@@ -92,8 +101,9 @@ def _copy_through(src: Path, dst: Path, max_shard_size: str, how: str) -> None:
     from expertkit.weights.writer import ShardedWriter
 
     with Checkpoint(src) as ckpt:
-        with ShardedWriter(dst, layout=ckpt.infos(), max_shard_size=max_shard_size) as writer:
-            if how == "reuse":
+        layout = None if how == "reuse-stream" else ckpt.infos()
+        with ShardedWriter(dst, layout=layout, max_shard_size=max_shard_size) as writer:
+            if how.startswith("reuse"):
                 for name, t in ckpt.iter_tensors(reuse_buffer=True):  # one buffer, reused
                     writer.add(name, t)
             else:
@@ -101,13 +111,13 @@ def _copy_through(src: Path, dst: Path, max_shard_size: str, how: str) -> None:
                     writer.add(name, ckpt.view(name) if how == "view" else ckpt.read(name))
 
 
-def _child(kind: str, src: Path, dst: Path, max_shard_size: str) -> dict:
+def _child(kind: str, src: Path, dst: Path, max_shard_size: str, no_fsync: bool) -> dict:
     import resource
 
     import torch  # noqa: F401 - imported before the baseline on both sides
     from safetensors.torch import load_file, save_file
 
-    how = _patch(kind) if kind != "peer" else ""
+    how = _patch(kind, no_fsync) if kind != "peer" else ""
     hwm_reset = reset_peak()
     baseline = status("VmRSS")
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -123,9 +133,10 @@ def _child(kind: str, src: Path, dst: Path, max_shard_size: str) -> dict:
         save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
         del state
         t_save = time.perf_counter()
-        fd = os.open(dst / "model.safetensors", os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        if not no_fsync:
+            fd = os.open(dst / "model.safetensors", os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         extra["fsync_s"] = time.perf_counter() - t_save
         t0 += extra["fsync_s"]  # the peer's own time excludes the fsync
     wall = time.perf_counter() - t0
@@ -147,7 +158,7 @@ def _profile(variant: str, src: Path, dst: Path, max_shard_size: str) -> dict:
     import expertkit.weights.reader
     import expertkit.weights.writer  # noqa: F401 - imported outside the profile
 
-    how = _patch(variant)
+    how = _patch(variant, NO_FSYNC)
     prof = cProfile.Profile()
     prof.runcall(_copy_through, src, dst, max_shard_size, how)
     out = io.StringIO()
@@ -163,7 +174,7 @@ def _run_child(kind: str, src: Path | None = None, dst: Path | None = None, max_
     because a child's ``ru_maxrss`` starts from the RSS of the process it was spawned from.
     """
     cmd = [sys.executable, __file__, "--child", kind, "--max-shard-size", max_shard_size or "200MB",
-           "--variant", variant]
+           "--variant", variant, *(["--no-fsync"] if NO_FSYNC else [])]
     cmd += ["--src", str(src)] if src is not None else []
     cmd += ["--dst", str(dst)] if dst is not None else []
     if kind in (*VARIANTS, "peer", "profile"):
@@ -261,8 +272,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-shard-size", default="200MB")
     ap.add_argument("--ablate", action="store_true", help="also run each variant of VARIANTS")
+    ap.add_argument("--variants", default="", help="comma-separated variants to run (instead of --ablate's all)")
     ap.add_argument("--profile", default="", metavar="VARIANTS",
                     help="comma-separated variants to profile once each with cProfile (e.g. expertkit,before)")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="skip every fsync on both sides: measures the copy path alone (not durable)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     children = [*VARIANTS, "peer", "profile", "build", "describe", "verify"]
     ap.add_argument("--child", choices=children, help=argparse.SUPPRESS)
@@ -270,8 +284,10 @@ def main() -> None:
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="expertkit", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global NO_FSYNC  # noqa: PLW0603 - read by _run_child
+    NO_FSYNC = args.no_fsync
     if args.child in (*VARIANTS, "peer"):
-        print(json.dumps(_child(args.child, args.src, args.dst, args.max_shard_size)))
+        print(json.dumps(_child(args.child, args.src, args.dst, args.max_shard_size, args.no_fsync)))
         return
     if args.child:
         steps = {"build": build_default_source, "describe": lambda: describe(args.src),
@@ -286,7 +302,10 @@ def main() -> None:
     load_before = _load()
     work = Path(tempfile.mkdtemp(prefix="ek-bench-"))
     try:
-        kinds = [*(VARIANTS if args.ablate else ["expertkit"]), "peer"]
+        chosen = list(VARIANTS) if args.ablate else ["expertkit", *filter(None, args.variants.split(","))]
+        if unknown := sorted(set(chosen) - set(VARIANTS)):
+            sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        kinds = [*dict.fromkeys(chosen), "peer"]
         runs: dict[str, list[dict]] = {k: [] for k in kinds}
         for kind in runs:  # warm-up: page cache holds the source for every timed run
             _run_child(kind, src, work / kind, args.max_shard_size)
@@ -304,7 +323,8 @@ def main() -> None:
     res: dict = {"source": str(src), "tensors": n_tensors, "total_mb": total / mb,
                  "largest_tensor": info["largest_tensor"], "largest_mb": info["largest"] / mb,
                  "max_shard_size": args.max_shard_size, "repeats": args.repeats, "cpus": os.cpu_count(),
-                 "load_average_before": load_before, "load_average_after": load_after, **checked}
+                 "load_average_before": load_before, "load_average_after": load_after,
+                 "no_fsync": args.no_fsync, **checked}
     res.update({kind: _summary(rs, total) for kind, rs in runs.items()})
     peer = res["peer"]
     peer["fsync_s"] = statistics.median(r["fsync_s"] for r in runs["peer"])
@@ -327,7 +347,8 @@ def main() -> None:
                   f"{r['ratio_vs_peer_with_fsync']:>14.2f}x{r['cpu_ratio_vs_peer']:>12.2f}x") if kind != "peer" else ""
         print(f"{kind:<16}{r['wall_s']:>8.2f}{r['best_wall_s']:>8.2f}{r['mb_per_s']:>7.0f}{r['cpu_s']:>7.2f}"
               f"{r['peak_above_baseline_mb']:>9.1f}{ratios}")
-    print(f"peer fsync (not in its wall time): {peer['fsync_s']:.2f} s")
+    print("fsyncs skipped on both sides (--no-fsync): the copy path alone, not durable" if args.no_fsync
+          else f"peer fsync (not in its wall time): {peer['fsync_s']:.2f} s")
     for kind in kinds:
         print(f"wall times (s) {kind}: {res[kind]['walls_s']}")
     print(f"expertkit peak / largest tensor: {ek['peak_over_largest']:.2f}x (goal about 1x)")
