@@ -98,3 +98,64 @@ def test_temp_sibling_refuses_odd_kinds(tmp_path):
     with pytest.raises(ValueError, match="lower-case"):
         temp_sibling(tmp_path / "out", "tmp-1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_and_folders_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        fileio.write_atomic(tmp_path / "a.txt", "x")
+        with fileio.staged_folder(tmp_path / "model") as tmp:
+            (tmp / "w.bin").write_bytes(b"1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644  # mkstemp alone gives 0600
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755  # mkdtemp alone gives 0700
+
+
+def test_umask_is_read_without_changing_it():
+    import os
+
+    old = os.umask(0o027)
+    try:
+        assert fileio.umask() == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_writing_names_the_path_in_errors_that_do_not(tmp_path):
+    import errno
+
+    with pytest.raises(OSError) as info, fileio.writing(tmp_path / "out"):
+        raise OSError(errno.EFBIG, "File too large")  # what a write() under a file-size limit raises
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(tmp_path / "out")
+
+    class SafetensorError(Exception):  # safetensors' Rust I/O errors carry only the OS code
+        pass
+
+    with pytest.raises(OSError) as info, fileio.writing(tmp_path / "w.safetensors"):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "w.safetensors")
+    with pytest.raises(FileNotFoundError) as named, fileio.writing(tmp_path / "out"):
+        open(tmp_path / "missing" / "x")  # noqa: SIM115 - already names its file: unchanged
+    assert named.value.filename == str(tmp_path / "missing" / "x")
+
+
+def test_failed_staged_folder_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), fileio.staged_folder(tmp_path / "a" / "b" / "model") as tmp:
+        (tmp / "half.bin").write_bytes(b"1")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # no temporary folder, no parents made for it
+
+
+def test_check_writable_finds_a_parent_that_is_a_file(tmp_path):
+    import errno
+
+    (tmp_path / "file").write_text("x")
+    fileio.check_writable(tmp_path / "new" / "deeper" / "out")  # missing parents are fine
+    with pytest.raises(NotADirectoryError) as info:
+        fileio.check_writable(tmp_path / "file" / "deeper" / "out")
+    assert info.value.errno == errno.ENOTDIR and info.value.filename == str(tmp_path / "file" / "deeper" / "out")

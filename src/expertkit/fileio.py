@@ -1,9 +1,17 @@
-"""Small file helpers shared by every package: atomic writes, fsync, sha256, and temporary sibling
-folders that a later write sweeps when their owner was killed."""
+"""Small file helpers shared by every package: atomic writes, fsync, sha256, output folders.
+
+Files and folders are written with the usual permissions (``0o666`` / ``0o777`` less the umask,
+so normally 0644 / 0755), not the owner-only ones of ``tempfile``. :func:`writing` names the
+output path in operating-system errors that would not (a full disk or a file-size limit while
+writing), and :func:`new_folders` removes the folders it created when the write fails.
+Temporary sibling folders (:func:`temp_sibling`) carry their owner process in their name, so
+that a later write to the same place removes those of killed processes (:func:`sweep_stale`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -12,20 +20,35 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask, read from ``/proc`` where it can be (``os.umask`` changes it to read it,
+    which another thread could observe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, mode: int | None = None) -> None:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` via a temporary sibling file, fsync and
-    rename: never half-written. With ``mode`` the file has those permissions from its creation on
-    (e.g. ``0o600`` for secret keys: never readable by others, not even briefly)."""
+    rename: never half-written. The file gets the usual permissions (``0o666`` less the umask); with
+    ``mode`` it has those permissions from its creation on (e.g. ``0o600`` for secret keys: never
+    readable by others, not even briefly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~umask())  # mkstemp makes 0600
+        with writing(path), os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -61,6 +84,7 @@ def install_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     ``dest`` (same file system), as made by :func:`temp_sibling` (or ``tempfile.mkdtemp(dir=dest.parent)``).
     """
     tmp, dest = Path(tmp), Path(dest)
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
     for p in tmp.iterdir():
         if p.is_file():
             fsync_path(p)
@@ -230,3 +254,81 @@ def temp_sibling(dest: str | os.PathLike[str], kind: str = "tmp") -> Path:
             return path
         except FileExistsError:  # pragma: no cover - 32 random bits
             continue
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Make the operating-system errors of the block name ``path``.
+
+    A write that fails for lack of space or a file-size limit raises ``OSError`` without a file
+    name, and safetensors reports its I/O errors as ``SafetensorError("... (os error 27)")``;
+    both leave the user guessing where. Inside this block they become an ``OSError`` with the
+    same errno and ``filename=path`` (errors that already name a file pass unchanged).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(path)) from exc
+        raise
+    except Exception as exc:
+        found = _RUST_OS_ERROR.search(str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), os.fspath(path)) from exc
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise the ``OSError`` that writing ``path`` would meet at its nearest existing ancestor: a
+    file where a folder is needed, a read-only file system, no write permission. Call it before
+    long work (training) whose result goes to ``path``."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(ancestor))
+
+
+@contextlib.contextmanager
+def new_folders(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents; if the block fails, remove again the ones this
+    call created (when empty), so a failed write leaves no empty folders behind."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for made in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (yielded) and install it as ``dest`` when the block
+    succeeds (:func:`install_folder`); on failure the temporary folder, and the parents this call
+    created, are removed, and operating-system errors name ``dest`` (:func:`writing`)."""
+    dest = Path(dest)
+    with new_folders(dest.parent), writing(dest):
+        tmp = temp_sibling(dest)  # owner-named: swept by a later write if this process is killed
+        try:
+            yield tmp
+            install_folder(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
