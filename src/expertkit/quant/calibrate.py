@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from expertkit.errors import CheckpointError, ConfigError
-from expertkit.quant.targets import Target
+from expertkit.quant.targets import Target, takes_hidden
 
 FORMAT = "expertkit-calibration-v1"
 
@@ -186,9 +186,9 @@ def expert_inputs(experts: Any, e: int, x: torch.Tensor) -> dict[str, torch.Tens
     child = _expert_child(experts, e)
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for mod in child.modules():
+    for sub, mod in child.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            part = "in" if mod.in_features == x.shape[-1] else "mid"
+            part = "in" if takes_hidden(sub.rsplit(".", 1)[-1], mod.in_features, x.shape[-1]) else "mid"
             handles.append(mod.register_forward_pre_hook(
                 lambda m, inp, part=part: seen.__setitem__(part, inp[0].reshape(-1, inp[0].shape[-1]))))
     try:

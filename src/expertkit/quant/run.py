@@ -145,12 +145,14 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
                               observers=[block_obs] if (block_obs is not None and i == 0) else [],
                               description=f"Calibrating ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "Calibrating")
             seconds["calibrate"] += time.perf_counter() - t0
-            if kept is None:
-                kept = Calibration(routed=calib.routed)
-            kept.tokens.update(calib.tokens)
-            kept.added.update(calib.added)
             if len(chunks) == 1:
                 kept = calib
+            else:  # each layer's counts from the pass its Hessians came from (routing changes as layers are quantized)
+                kept = kept if kept is not None else Calibration(routed=dict(calib.routed))
+                mine = {t.hessian.split("[")[0] for t in targets if t.expert is not None and t.layer_key in chunk}
+                kept.routed.update({k: v for k, v in calib.routed.items() if k in mine})
+                kept.tokens.update(calib.tokens)
+                kept.added.update(calib.added)
         if alloc is None:
             alloc, ctx = _allocate(policy, loaded, targets, fmt, kept, block_obs)
         t0 = time.perf_counter()

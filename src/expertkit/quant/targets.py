@@ -24,6 +24,23 @@ from expertkit.errors import ConfigError
 
 QUANT_GROUPS = ("attention", "mlp", "expert", "shared_expert")
 FFN_GROUPS = ("mlp", "expert", "shared_expert")
+#: feed-forward output projections (their input is the FFN's intermediate activation) and input
+#: projections (their input is the hidden state), by the module names the descriptors give. The
+#: name decides; the shape only for a name in neither set, because a shape cannot tell them apart
+#: when the intermediate size equals the hidden size (e.g. DeepSeek-style fine-grained experts).
+DOWN_MODULES = frozenset({"down_proj", "w2", "wo", "fc2", "c_proj", "dense_4h_to_h"})
+UP_MODULES = frozenset({"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "wi", "wi_0", "wi_1", "fc1", "c_fc",
+                        "dense_h_to_4h"})
+
+
+def takes_hidden(module: str, cols: int, hidden: int) -> bool:
+    """True when a feed-forward linear named ``module`` reads the hidden state (gate/up), False when it reads
+    the intermediate activation (down)."""
+    if module in DOWN_MODULES:
+        return False
+    if module in UP_MODULES:
+        return True
+    return cols == hidden
 
 
 @dataclass(frozen=True)
@@ -108,8 +125,9 @@ def find_targets(model: Any) -> list[Target]:
         if rows < 2:  # a gating vector (e.g. shared_expert_gate), not a projection
             continue
         module = name[: -len(".weight")] if name.endswith(".weight") else name
-        kind = "attention" if role.group == "attention" else ("gate_up" if cols == hidden else "down")
-        hessian = _expert_key(module, role.expert, cols == hidden) if role.expert is not None else module
+        reads_hidden = takes_hidden(role.module, cols, hidden)
+        kind = "attention" if role.group == "attention" else ("gate_up" if reads_hidden else "down")
+        hessian = _expert_key(module, role.expert, reads_hidden) if role.expert is not None else module
         out.append(Target(name, name, role.group, role.stack, role.layer, role.expert, role.module, kind, rows, cols,
                           hessian, transposed=role.fan_in_fan_out))
     if not out:
@@ -134,13 +152,13 @@ def _fused_targets(name: str, p: torch.Tensor, role: Any, hidden: int) -> list[T
         raise ConfigError(f"{name}: cannot split {out_dim} output rows into the parts {list(parts)}.")
     step = out_dim // len(parts)
     experts_module = name.rsplit(".", 1)[0]
-    takes_hidden = cols == hidden
+    reads_hidden = takes_hidden(role.module, cols, hidden)
     out = []
     for e in range(n_exp):
         for j, part in enumerate(parts):
             out.append(Target(f"{name}[{e}].{part}", name, role.group, role.stack, role.layer, e, part,
-                              "gate_up" if takes_hidden else "down", step, cols,
-                              f"{experts_module}[{e}].{'in' if takes_hidden else 'mid'}", (e, j * step, (j + 1) * step)))
+                              "gate_up" if reads_hidden else "down", step, cols,
+                              f"{experts_module}[{e}].{'in' if reads_hidden else 'mid'}", (e, j * step, (j + 1) * step)))
     return out
 
 
