@@ -1,7 +1,11 @@
-"""``expertkit quantize CONFIG OUT``: post-training quantization (GPTQ or RTN, bit policies, budget solver).
+"""``expertkit quant ...``: post-training quantization (GPTQ or RTN, bit policies, budget solver).
 
-Wired into the main app by :func:`register`. The command parses, validates the config and calls
-:func:`expertkit.quant.run.quantize`; heavy imports stay inside it.
+* ``expertkit quant run CONFIG OUT`` (also ``expertkit quantize CONFIG OUT``): quantize and store;
+* ``expertkit quant policies``: the bit policies and their parameters, read from the config models;
+* ``expertkit quant inspect FOLDER``: bits per structure of a quantized folder, from its ``quantization.json``.
+
+Wired into the main app by :func:`register`. The commands parse, validate and call
+:mod:`expertkit.quant`; heavy imports stay inside them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+quant_app = typer.Typer(
+    help="Post-training quantization: GPTQ or round-to-nearest, bits per structure (block, expert, linear) "
+         "under an exact bit budget, stored as compressed-tensors.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 out = Console(soft_wrap=True)
 
 
@@ -41,14 +51,58 @@ def quantize(
     target = f" (target {a.target})" if a.target is not None else ""
     out.print(f"[green]done[/green]: {len(result.records)} matrices, {a.achieved:.4f} bits per weight with scales"
               f"{target}; {widths}. Wrote {', '.join(f'{k}: {v}' for k, v in paths.items())}.", highlight=False)
-    report = result.report()
-    if report.get("tokens_per_expert"):
-        seen = [r + d for v in report["tokens_per_expert"].values() for r, d in zip(v["routed"], v["added"], strict=True)]
-        added = sum(sum(v["added"]) for v in report["tokens_per_expert"].values())
+    seen, added = _expert_tokens(result.report())
+    if seen:
         out.print(f"Tokens per expert: min {min(seen)}, max {max(seen)} ({added} added for balance); "
                   f"see {out_dir / 'quantization.json'}.", highlight=False)
 
 
+def _expert_tokens(report: dict) -> tuple[list[int], int]:
+    """Tokens each expert's Hessian saw, and how many were added for balance, from a report."""
+    per = report.get("tokens_per_expert") or {}
+    seen = [r + d for v in per.values() for r, d in zip(v["routed"], v["added"], strict=True)]
+    return seen, sum(sum(v["added"]) for v in per.values())
+
+
+@quant_app.command("policies")
+def policies() -> None:
+    """The bit policies a config's ``policy:`` can name, with their parameters and defaults."""
+    from typing import get_args
+
+    from expertkit.quant.policy import Policy
+
+    union = get_args(Policy)[0]
+    for cls in get_args(union):
+        fields = {k: f for k, f in cls.model_fields.items() if k != "kind"}
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        out.print(f"[bold]{cls.model_fields['kind'].default}[/bold]: {doc}", highlight=False)
+        for name, f in fields.items():
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            help_ = f" ({f.description})" if f.description else ""
+            out.print(f"    {name}: {default}{help_}", highlight=False, markup=False)
+
+
+@quant_app.command("inspect")
+def inspect(folder: Annotated[Path, typer.Argument(help="a folder written by `expertkit quant run`")]) -> None:
+    """Bits per structure, achieved average and layer errors of a quantized folder."""
+    from expertkit.quant.report import read_report, structure_table
+
+    report = read_report(folder)
+    b = report["bits"]
+    target = f" (target {b['target_bits']})" if b["target_bits"] is not None else ""
+    out.print(f"{folder}: {report['method']} with a {report['policy']['kind']} policy; {b['achieved_bits']:.4f} "
+              f"bits per quantized weight, scales and zero-points counted{target}; "
+              f"{report['model_bits_per_parameter']:.3f} bits per parameter of the whole model.", highlight=False)
+    out.print(structure_table(report), markup=False, highlight=False)
+    seen, added = _expert_tokens(report)
+    if seen:
+        out.print(f"Tokens per expert: min {min(seen)}, max {max(seen)} ({added} added for balance).", highlight=False)
+
+
+quant_app.command("run")(quantize)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``expertkit quantize`` to the main app."""
+    """Add ``expertkit quant ...`` and its shortcut ``expertkit quantize`` to the main app."""
+    app.add_typer(quant_app, name="quant")
     app.command("quantize")(quantize)

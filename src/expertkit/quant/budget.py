@@ -10,15 +10,17 @@ The problem (a multiple-choice knapsack): each unit ``u`` (``n_u`` weights, prio
 of the allowed bit widths ``b``; minimise the priority-weighted quantization noise
 ``sum_u p_u n_u 4^(-b_u)`` (uniform-grid noise power falls by 4 per bit) subject to
 ``sum_u bits_u(b_u) <= target * sum_u n_u``. It is solved exactly as a mixed-integer program by HiGHS
-(``scipy.optimize.milp``), then any upgrade that still fits is taken (none does at the optimum), so
-the achieved average is at most the target and no single unit could be given more bits without
-exceeding it. A target below the cheapest or above the dearest assignment is an error saying which.
+(``scipy.optimize.milp``) with the stored bits *equal* to the budget (the target times the weights,
+rounded down to the finest step the costs allow), so the target is hit exactly whenever some
+assignment can hit it; only when none can, the best assignment below the budget is taken and every
+upgrade that still fits added, so that no single unit could be given more bits without exceeding it. A target below the cheapest or above the dearest assignment is an error saying which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -95,8 +97,6 @@ def check_choices(choices: Sequence[int]) -> tuple[int, ...]:
 def solve_budget(units: Sequence[Unit], choices: Sequence[int], target: float, fmt: Format, *,
                  time_limit: float = 120.0) -> Allocation:
     """Bits for every unit so that the stored average is at most ``target`` and as close as it can get."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     choices = check_choices(choices)
     if not units:
         raise ConfigError("the budget solver got no matrices to assign bits to.")
@@ -115,21 +115,43 @@ def solve_budget(units: Sequence[Unit], choices: Sequence[int], target: float, f
                           f"(at most {high / weights:.4f}); lower target_bits or add a larger bit width.")
     noise = np.array([[u.rows * u.cols * u.priority * (0.0 if b == KEEP_BITS else 4.0 ** -b) for b in choices]
                       for u in units])  # (U, K)
-    n_u, n_k = cost.shape
-    c = (noise / noise.max()).ravel()
-    one = np.zeros((n_u, n_u * n_k))
-    for i in range(n_u):
-        one[i, i * n_k:(i + 1) * n_k] = 1.0
-    constraints = [LinearConstraint(one, 1.0, 1.0),
-                   LinearConstraint((cost / weights).reshape(1, -1), -np.inf, budget / weights)]
-    res = milp(c, constraints=constraints, integrality=np.ones(n_u * n_k), bounds=Bounds(0, 1),
-               options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+    res = _milp(cost, noise / noise.max(), budget, exact=True, time_limit=time_limit, node_limit=EXACT_NODES)
+    if res.x is None:  # no assignment lands on the budget exactly (or none was found quickly): the best below it
+        res = _milp(cost, noise / noise.max(), budget, exact=False, time_limit=time_limit)
     if res.x is None:
         raise ConfigError(f"the budget solver found no assignment ({res.message}).")
-    pick = res.x.reshape(n_u, n_k).argmax(1)
+    pick = res.x.reshape(cost.shape).argmax(1)
     pick = _repair(pick, cost, noise, budget)
     bits = {u.name: choices[k] for u, k in zip(units, pick, strict=True)}
     return allocation(units, bits, fmt, target)
+
+
+#: branch-and-bound nodes the exact search may use: a deterministic bound (a time limit would make
+#: the result depend on the machine); proving that no assignment is exact can take minutes otherwise
+EXACT_NODES = 200
+
+
+def _milp(cost: np.ndarray, noise: np.ndarray, budget: int, *, exact: bool, time_limit: float,
+          node_limit: int | None = None) -> Any:
+    """One-hot choice per unit minimising ``noise`` with stored bits ``== budget`` (``exact``) or ``<= budget``.
+
+    Costs are divided by their greatest common divisor so that the budget row has small integer
+    coefficients, which the solver's feasibility tolerance cannot blur; the exact row's right-hand side
+    is the budget rounded down to that unit (the most bits any assignment can store within it).
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_u, n_k = cost.shape
+    step = int(np.gcd.reduce(cost.astype(np.int64).ravel()))
+    row = (cost / step).reshape(1, -1)  # integer coefficients
+    cap = budget // step
+    one = np.zeros((n_u, n_u * n_k))
+    for i in range(n_u):
+        one[i, i * n_k:(i + 1) * n_k] = 1.0
+    constraints = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(row, cap if exact else -np.inf, cap)]
+    return milp(noise.ravel(), constraints=constraints, integrality=np.ones(n_u * n_k), bounds=Bounds(0, 1),
+                options={"time_limit": time_limit, "mip_rel_gap": 1e-9,
+                         **({"node_limit": node_limit} if node_limit else {})})
 
 
 def _repair(pick: np.ndarray, cost: np.ndarray, noise: np.ndarray, budget: int) -> np.ndarray:

@@ -47,11 +47,13 @@ class QuantResult:
         """JSON-able summary: bits, tokens per expert, errors, times."""
         other = sum(p.numel() for p in self.loaded.model.parameters()) - self.allocation.weights
         from expertkit.quant.budget import model_bits
+        from expertkit.quant.report import bits_by_structure
 
         out: dict[str, Any] = {
             "model": self.loaded.name, "method": self.config.method, "policy": self.config.policy.model_dump(mode="json"),
             "bits": self.allocation.summary(), "model_bits_per_parameter": model_bits(self.allocation, other),
-            "unquantized_parameters": other, "quantization": summarize(self.records), "seconds": self.seconds,
+            "unquantized_parameters": other, "bits_by_structure": bits_by_structure(self.records),
+            "quantization": summarize(self.records), "seconds": self.seconds,
             "policy_info": self.context.info,
         }
         if self.calibration is not None:
