@@ -128,3 +128,20 @@ def test_the_quantize_stage_measures_perplexity_and_reports_bits(mixtral, tmp_pa
     assert "Held-out perplexity:" in report and "| expert |" in report
     back = load_model(str(run_dir / "quantized" / "model"))
     assert back.model.config.num_local_experts == 4
+
+
+def test_reused_hessians_give_the_same_model_and_feed_the_block_scorer(mixtral):
+    from expertkit.quant.calibrate import calibrate
+    from expertkit.quant.data import calibration_batches
+    from expertkit.quant.targets import find_targets
+
+    policy = {"kind": "block_importance", "target_bits": 3.0, "choices": [2, 3, 4], "predicted": False}
+    fresh = quantize_model(_cfg(mixtral, policy))
+    loaded = load_model(str(mixtral))
+    batches = calibration_batches(loaded.tokenizer, text_blocks=0, tasks=CALIB["tasks"], prompts_per_task=4, batch_size=4)
+    hessians = calibrate(loaded.model, batches, find_targets(loaded.model), min_tokens_per_expert=128)
+    reused = quantize_model(_cfg(mixtral, policy), loaded, calibration=hessians, batches=batches)
+    assert reused.context.block_importance == fresh.context.block_importance
+    assert reused.allocation.bits == fresh.allocation.bits
+    a, b = fresh.loaded.model.state_dict(), reused.loaded.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -126,12 +126,14 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
     fmt = Format(config.group_size, config.symmetric, config.scale_dtype)
     policy = config.policy
     needs_data = config.method == "gptq" or isinstance(policy, (ExpertFrequencyPolicy, BlockImportancePolicy))
-    if needs_data and batches is None and calibration is None:
+    observe = isinstance(policy, BlockImportancePolicy)  # block inputs and outputs: always a pass of its own data
+    if (needs_data and calibration is None or observe) and batches is None:
         batches = calibration_batches(loaded.tokenizer, text_blocks=cal.text_blocks, seq_len=cal.seq_len,
                                       tasks=cal.tasks, prompts_per_task=cal.prompts_per_task, split=cal.split,
                                       batch_size=cal.batch_size, seed=cal.seed)
-    block_obs = BlockImportance(ffn_blocks(model, targets), seed=cal.seed) \
-        if isinstance(policy, BlockImportancePolicy) else None
+    block_obs = BlockImportance(ffn_blocks(model, targets), seed=cal.seed) if observe else None
+    if block_obs is not None and calibration is not None:  # Hessians given: one forward pass for the observer
+        calibrate(model, batches, [], observers=[block_obs], description="Block importance")
     chunks = _layer_chunks(targets, cal.layers_per_pass if calibration is None else 0)
     seconds: dict[str, float] = {"calibrate": 0.0, "quantize": 0.0}
     settings = GptqSettings(config.gptq.damp, config.gptq.block_size, config.gptq.act_order)
