@@ -134,3 +134,37 @@ def test_bad_storage_requests_get_clear_errors(tmp_path):
         load_model(str(bad))
     with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
         quantize(_config(folder, method="rtn"), bad)
+
+
+def test_transformers_loads_a_uniform_compressed_moe_itself(tmp_path):
+    """transformers 5.24 reads our folder on CPU when every expert shares one scheme (docs/quant.md says
+    what it does with mixed per-expert bits, and that load_model reads both)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny("mixtral", tmp_path / "m", seed=1)
+    result, paths = quantize(_config(folder, method="rtn", policy={"kind": "uniform", "bits": 4}), tmp_path / "q")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = AutoModelForCausalLM.from_pretrained(str(paths["compressed"]))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (theirs(ids).logits - result.loaded.model(ids).logits).abs().max()
+    assert diff < 1e-3  # they decompress in float16 arithmetic of their own: rounding only
+
+
+def test_docs_python_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "quant.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/quant.md", "exec"), namespace)  # noqa: S102 - our own docs
+    result = namespace["result"]
+    assert result.allocation.achieved == 3.0 and result.allocation.code_bits == 2.5
+    by = result.report()["bits_by_structure"]["group"]
+    assert by["attention"]["bits"] > by["expert"]["bits"]
+    back = namespace["back"].model.state_dict()
+    assert all(torch.equal(back[k], v) for k, v in result.loaded.model.state_dict().items())
