@@ -61,7 +61,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--n", type=int, default=0, help="test examples per task (0: from mcnemar_sample_size, >= 300)")
-    p.add_argument("--group", type=int, default=128, help="group size")
+    p.add_argument("--group", type=int, default=64, help="group size (64 divides SmolLM2's 576 and 1536)")
     p.add_argument("--calib-blocks", type=int, default=32)
     p.add_argument("--prompts", type=int, default=16, help="calibration prompts per cluster task")
     p.add_argument("--min-tokens", type=int, default=128, help="calibration tokens every expert sees at least")
