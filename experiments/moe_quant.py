@@ -21,8 +21,8 @@ default recipe; never built by this script: build it first):
    validation blocks *disjoint from the calibration blocks* at 3 bits is "mixed"; test data is
    never used to choose.
 4. Test: per-block NLL on BBC test blocks for every system (paired Wilcoxon), and accuracy on the
-   same test examples of ``--tasks`` for the unquantized MoE, RTN-3, GPTQ-3 and mixed-3 (exact
-   McNemar). n per task: at least 300, and enough on the mix for ``mcnemar_sample_size(0.05, 0.2)``
+   same test examples of ``--tasks`` for the dense base (reference), the unquantized MoE, RTN-3,
+   GPTQ-3 and mixed-3 (exact McNemar). n per task: at least 300, and enough on the mix for ``mcnemar_sample_size(0.05, 0.2)``
    (a 5-point difference with a fifth of pairs discordant, alpha 0.05, power 0.8).
 5. Claims with verdicts: mixed-3 beats GPTQ-3 (perplexity, accuracy); mixed-3 closes >= 30% of the
    perplexity gap between GPTQ-3 and the unquantized MoE (bootstrap interval over test blocks);
@@ -156,6 +156,9 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
 
         if "fp" not in results["systems"]:
             record("fp", loaded, {"bits": 16.0})
+        base = None if args.smoke else load_model(_base_name())  # the dense base, as a reference
+        if base is not None and "dense-base" not in results["systems"]:
+            record("dense-base", base, {"bits": 16.0})
         for name, (method, policy) in _systems(args).items():
             if name in results["systems"]:
                 continue  # resumed
@@ -171,7 +174,9 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
         mixed = _choose(args, results["systems"])
         results["selected"] = mixed
         acc = {"fp": _accuracy(args, loaded, cache=True)}
-        del loaded
+        if base is not None:
+            acc["dense-base"] = _accuracy(args, base, cache=True)
+        del loaded, base
         for name in ("rtn-3", "gptq-3", mixed):  # one quantized model in memory at a time
             sysinfo = results["systems"][name]
             res = _quantize(moe, args, sysinfo["method"], sysinfo["policy"], hessians, batches)
@@ -179,6 +184,12 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
             del res
         _report(args, results, acc, np)
         path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _base_name() -> str:
+    from expertkit.moe import MoeBuildConfig
+
+    return MoeBuildConfig().base
 
 
 def _quantize(moe: Path, args: argparse.Namespace, method: str, policy: dict, hessians, batches):

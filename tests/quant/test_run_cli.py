@@ -145,3 +145,13 @@ def test_reused_hessians_give_the_same_model_and_feed_the_block_scorer(mixtral):
     assert reused.allocation.bits == fresh.allocation.bits
     a, b = fresh.loaded.model.state_dict(), reused.loaded.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_quantized_model_never_reuses_the_unquantized_models_cached_evaluations(mixtral, tmp_path):
+    from expertkit.tasks.evaluate import evaluate
+
+    loaded = load_model(str(mixtral))
+    evaluate(loaded, None, "add_sub", n=2, cache_dir=tmp_path / "eval")
+    result = quantize_model(_cfg(mixtral, {"kind": "uniform", "bits": 2}, method="rtn"), loaded)
+    evaluate(result.loaded, None, "add_sub", n=2, cache_dir=tmp_path / "eval")
+    assert len(list((tmp_path / "eval").rglob("*.json"))) == 2  # its own cache entry, not the source's
