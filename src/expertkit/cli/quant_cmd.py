@@ -69,12 +69,13 @@ def policies() -> None:
     """The bit policies a config's ``policy:`` can name, with their parameters and defaults."""
     from typing import get_args
 
+    from expertkit.cli.helptext import plain
     from expertkit.quant.policy import Policy
 
     union = get_args(Policy)[0]
     for cls in get_args(union):
         fields = {k: f for k, f in cls.model_fields.items() if k != "kind"}
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = plain((cls.__doc__ or "").strip().splitlines()[0])
         out.print(f"[bold]{cls.model_fields['kind'].default}[/bold]: {doc}", highlight=False)
         for name, f in fields.items():
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"

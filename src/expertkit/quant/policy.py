@@ -39,6 +39,7 @@ from expertkit.errors import ConfigError
 from expertkit.quant.grid import check_bits
 from expertkit.quant.targets import FFN_GROUPS, Target
 
+
 def _bits(value: int) -> int:
     try:
         return check_bits(value)
@@ -56,7 +57,6 @@ class UniformPolicy(Config):
     bits: Bits = 4
 
 
-
 class Rule(Config):
     """Bits for the matrices that match every given condition."""
 
@@ -66,7 +66,6 @@ class Rule(Config):
     experts: tuple[int, ...] | None = None
     name: str | None = Field(None, description="regex matched against the whole matrix name")
     bits: Bits
-
 
     @field_validator("name")
     @classmethod
@@ -92,7 +91,6 @@ class RulesPolicy(Config):
     kind: Literal["rules"] = "rules"
     default: Bits = 4
     rules: tuple[Rule, ...] = ()
-
 
 
 class _Budgeted(Config):
