@@ -151,3 +151,18 @@ def test_chunked_calibration_quantizes_a_layer_at_a_time_with_the_same_first_lay
         for module, v in run.report()["tokens_per_expert"].items():
             seen = [run.calibration.tokens.get(f"{module}[{e}].in", 0) for e in range(4)]
             assert seen == [r + a for r, a in zip(v["routed"], v["added"], strict=True)]
+
+
+def test_recorded_layer_errors_are_the_relative_output_errors_and_gptq_beats_rtn():
+    from expertkit.quant.gptq import layer_error
+
+    model, tok = tiny_model("llama", seed=3), tiny_tokenizer()
+    targets = find_targets(model)
+    originals = {t.name: t.read(model) for t in targets}
+    calib = calibrate(model, _batches(tok), targets)
+    recs = quantize_targets(model, targets, {t.name: 3 for t in targets}, Format(16, True), hessian=calib.hessians.get)
+    for t in targets:
+        w, h, r = originals[t.name], calib.hessians[t.hessian], recs[t.name]
+        want = layer_error(w, t.read(model), h) / layer_error(w, torch.zeros_like(w), h)
+        assert r.method == "gptq" and abs(r.error - want) <= 1e-4 * want
+        assert r.error <= r.rtn_error
