@@ -63,6 +63,43 @@ def test_write_atomic_bytes_with_owner_only_mode(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]
 
 
+def test_human_bytes():
+    from expertkit.fileio import human_bytes
+
+    assert [human_bytes(n) for n in (0, 999, 1000, 4_001_792, 2.5e9, 3e12)] == \
+        ["0 B", "999 B", "1.0 KB", "4.0 MB", "2.5 GB", "3.0 TB"]
+
+
+def test_install_folder_failed_rename_restores_the_old_folder(tmp_path, monkeypatch):
+    from expertkit.fileio import install_folder, temp_sibling
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    tmp = temp_sibling(dest)
+    (tmp / "new.txt").write_text("new")
+    real = fileio.os.replace
+
+    def refuse_install(src, dst):
+        if str(src) == str(tmp):
+            raise OSError("read-only file system")
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", refuse_install)
+    with pytest.raises(OSError, match="read-only"):
+        install_folder(tmp, dest)
+    assert (dest / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, "out"]  # no .old- folder left
+
+
+def test_temp_sibling_refuses_odd_kinds(tmp_path):
+    from expertkit.fileio import temp_sibling
+
+    with pytest.raises(ValueError, match="lower-case"):
+        temp_sibling(tmp_path / "out", "tmp-1")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_files_and_folders_get_the_usual_permissions(tmp_path):
     import os
     import stat

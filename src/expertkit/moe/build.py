@@ -225,13 +225,8 @@ def _train_and_install(config: MoeBuildConfig, mixed: Path, tokenizer: Any, data
 
 def copy_folder(src: Path, dest: Path) -> Path:
     """Copy a model folder to ``dest`` atomically (a temporary sibling, fsync, rename)."""
-    from expertkit.fileio import install_folder
+    from expertkit.fileio import staged_folder
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        shutil.copytree(src, tmp / "copy", ignore=shutil.ignore_patterns(".*"))
-        install_folder(tmp / "copy", dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(dest) as tmp:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"), dirs_exist_ok=True)
     return dest

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import ConfigError
+from expertkit.fileio import fsync_path, umask, writing
 from expertkit.moe.config import MoeBuildConfig
 from expertkit.moe.data import ClusterData
 from expertkit.train.data import collate, per_example_loss
@@ -141,11 +142,11 @@ def train_expert(model: Any, tokenizer: Any, data: ClusterData, config: MoeBuild
         tensors = {n: p.detach().contiguous().clone() for n, p in zip(names, params, strict=True)}
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(record)})
-            from expertkit.fileio import fsync_path
-
+            with writing(out):
+                save_file(tensors, tmp, metadata={META_KEY: json.dumps(record)})
             fsync_path(Path(tmp))
             os.replace(tmp, out)
         except BaseException:
@@ -164,24 +165,16 @@ def _record(path: Path) -> dict[str, Any]:
 
 def write_dense_expert(base_folder: Path, mlp_file: Path, out_dir: Path) -> Path:
     """A full dense model folder: the base with its MLP tensors replaced by ``mlp_file``'s (streamed)."""
-    from expertkit.fileio import install_folder
+    from expertkit.fileio import staged_folder
     from expertkit.weights import Checkpoint, ShardedWriter
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        folder = tmp / "model"
-        with Checkpoint(base_folder) as base, Checkpoint(mlp_file) as mlp:
-            replaced = set(mlp.names())
-            missing = replaced - set(base.names())
-            if missing:
-                raise ConfigError(f"{mlp_file}: tensors {sorted(missing)[:3]} are not in the base {base_folder}.")
-            with ShardedWriter(folder, template=base_folder, layout=base.infos(), max_shard_size="2GB") as writer:
-                for name in base.names():
-                    writer.add(name, mlp.read(name) if name in replaced else base.read(name))
-        install_folder(folder, out_dir)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_folder(out_dir) as tmp, Checkpoint(base_folder) as base, Checkpoint(mlp_file) as mlp:
+        replaced = set(mlp.names())
+        missing = replaced - set(base.names())
+        if missing:
+            raise ConfigError(f"{mlp_file}: tensors {sorted(missing)[:3]} are not in the base {base_folder}.")
+        with ShardedWriter(tmp, template=base_folder, layout=base.infos(), max_shard_size="2GB",
+                           overwrite=True) as writer:
+            for name in base.names():
+                writer.add(name, mlp.read(name) if name in replaced else base.read(name))
     return out_dir

@@ -10,16 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from expertkit.fileio import human_bytes as _human
 from expertkit.weights.arch import InferredArchitectureWarning, describe
 from expertkit.weights.reader import Checkpoint
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1000
-    return f"{nbytes:.1f} TB"  # pragma: no cover
 
 
 def checkpoint_summary(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
