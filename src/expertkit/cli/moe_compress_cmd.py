@@ -28,7 +28,7 @@ def _print_methods() -> None:
 
 
 def compress_cmd(
-    config: Annotated[str, typer.Argument(help="a compression recipe YAML (see docs/mc_smoe.md), or 'methods'")],
+    config: Annotated[str, typer.Argument(help="a compression recipe YAML (see docs/moe_compress.md), or 'methods'")],
     out_dir: Annotated[Path | None, typer.Argument(help="the compressed model folder to write")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:

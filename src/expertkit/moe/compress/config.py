@@ -3,7 +3,7 @@
 ```yaml
 model: path/to/moe            # an MoE folder (e.g. the bundled MoE: expertkit moe build)
 method: msmoe                 # msmoe | average | random_group | hcsmoe | prune_frequency | reap
-params: {}                    # the method's parameters (see docs/mc_smoe.md)
+params: {}                    # the method's parameters (see docs/moe_compress.md)
 experts_per_layer: 4          # kept experts per layer, on average over layers
 allocation: adaptive          # adaptive (one global frequency threshold) | uniform
 min_experts: null             # fewest experts a layer keeps (default: the model's top-k)
@@ -53,7 +53,7 @@ class Distill(Config):
 
 
 class CompressConfig(Config):
-    """How to merge and compress the experts of an MoE (see docs/mc_smoe.md)."""
+    """How to merge and compress the experts of an MoE (see docs/moe_compress.md)."""
 
     model: str = Field(description="the MoE to compress (folder or bundled name)")
     method: str = Field("msmoe", description="compression method (expertkit.moe.compress.METHODS)")
