@@ -121,3 +121,16 @@ def test_a_dense_model_is_refused_with_one_line(tiny_checkpoint, tmp_path):
         _compress(tiny_checkpoint("llama"), tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_statistics_of_another_shape_or_counts_per_layer_that_do_not_fit_are_refused(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("mixtral")
+    with pytest.raises(ExpertkitError, match="2 MoE layers, but 3 expert counts"):
+        _compress(src, tmp_path / "a", keep=(2, 2, 2))
+    other = _stats(2, 4)
+    other.layers = ["0", "5"]
+    with pytest.raises(ExpertkitError, match="collect them on this model"):
+        _compress(src, tmp_path / "b", stats=other)
+    with pytest.raises(ExpertkitError, match="layer 0 is asked to keep 5 experts; each layer keeps 1 to 4"):
+        _compress(src, tmp_path / "c", keep=(5, 2))
+    assert not any(p.name in {"a", "b", "c"} for p in tmp_path.iterdir())

@@ -140,6 +140,10 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
         if len(keep) != len(keys) or stats.frequencies.shape[0] != len(keys):
             raise ConfigError(f"{len(keys)} MoE layers, but {len(keep)} expert counts and "
                               f"{stats.frequencies.shape[0]} layers of statistics were given.")
+        bad = [(str(k[1]), n) for k, n in zip(keys, keep, strict=True) if not 1 <= n <= moe.num_experts]
+        if bad:
+            raise ConfigError(f"layer {bad[0][0]} is asked to keep {bad[0][1]} experts; each layer keeps 1 to "
+                              f"{moe.num_experts} (the model's expert count).")
         if stats.layers is not None and stats.layers != [str(k[1]) for k in keys]:
             raise ConfigError(f"the statistics describe layers {stats.layers[:4]}..., the checkpoint "
                               f"{[str(k[1]) for k in keys][:4]}...; collect them on this model.")
