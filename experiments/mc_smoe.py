@@ -18,6 +18,10 @@
    paired bootstrap) against the original and M-SMoE against each baseline at equal parameters;
    held-out perplexity per 128-token block (Wilcoxon); a Pareto plot (expert parameters vs accuracy).
 
+Cost: per E' and method, 1 + len(--sparse-shares) compressions plus one per distillation lr; each is
+scored on ``--val-n`` validation examples per task (the C and KD variants) and every chosen system on
+``n`` test examples per task. ``--kd-methods``, ``--sparse-shares`` and ``--methods`` shrink the grid.
+
 Writes ``<out>/results.json`` and ``<out>/pareto.png`` and prints the markdown for docs/results.md.
 Compressed models are kept in ``<out>/models/<label>`` and evaluations are cached, so a run resumes.
 ``--smoke`` runs everything on a tiny random 8-expert Mixtral in seconds (a check of the script).
@@ -45,6 +49,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--removed", type=float, default=0.8, help="share of expert parameters removed with the C step")
     p.add_argument("--sparse-shares", type=float, nargs="+", default=[0.0, 0.2], help="C step grid (validation)")
     p.add_argument("--kd-steps", type=int, default=100, help="distillation steps (0: none)")
+    p.add_argument("--kd-methods", nargs="+", default=None, help="methods that get distillation (default: all)")
     p.add_argument("--kd-lrs", type=float, nargs="+", default=[1e-4], help="distillation lr grid (validation)")
     p.add_argument("--kd-batch", type=int, default=8)
     p.add_argument("--cal-n", type=int, default=32, help="calibration prompts per task (validation split)")
@@ -157,7 +162,7 @@ def plan(run: Runner) -> dict[str, System]:
             share, path = best({s: val(run.compress(f"{m}-{e}-C{s:g}", m, e, keep, s, None)) for s in a.sparse_shares})
             systems[f"{m}-{e}-C"] = (m, e, keep, share, None, path)
             run.records[f"{m}-{e}-C"] = run.records[path.name]
-            if a.kd_steps and a.kd_lrs:
+            if a.kd_steps and a.kd_lrs and m in (a.kd_methods or a.methods):
                 lr, path = best({lr: val(run.compress(f"{m}-{e}-C{share:g}-KD{lr:g}", m, e, keep, share, lr))
                                  for lr in a.kd_lrs})
                 systems[f"{m}-{e}-C-KD"] = (m, e, keep, share, lr, path)

@@ -15,11 +15,12 @@ SCRIPT = Path(__file__).resolve().parents[3] / "experiments" / "mc_smoe.py"
 def test_experiment_smoke_run_compares_systems_at_equal_parameters(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "argv", ["mc_smoe.py", "--smoke", "--out", str(tmp_path / "run"), "--experts", "4",
-                                      "--methods", "msmoe", "prune_frequency", "--sparse-shares", "0", "0.2"])
+                                      "--methods", "msmoe", "prune_frequency", "--sparse-shares", "0", "0.2",
+                                      "--kd-methods", "msmoe"])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["label"]: r for r in res["systems"]}
-    assert set(rows) == {f"{m}-4{s}" for m in ("msmoe", "prune_frequency") for s in ("", "-C", "-C-KD")}
+    assert set(rows) == {"msmoe-4", "msmoe-4-C", "msmoe-4-C-KD", "prune_frequency-4", "prune_frequency-4-C"}
     # equal allocation: merged and pruned models hold the same expert parameters, exactly
     assert rows["msmoe-4"]["expert_parameters"]["after"] == rows["prune_frequency-4"]["expert_parameters"]["after"]
     assert rows["msmoe-4"]["expert_parameters"]["removed_share"] == 0.5
