@@ -92,9 +92,14 @@ def load_model(
         config = AutoConfig.from_pretrained(target)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _model_class(config).from_pretrained(
-                target, dtype=dtype, use_safetensors=not allow_pickle or None
-            )
+            if getattr(config, "expertkit_compressed_moe", None):  # fewer experts per layer: expertkit.moe.compressed
+                from expertkit.moe.compressed import load_compressed
+
+                model = load_compressed(target, config, dtype=dtype)
+            else:
+                model = _model_class(config).from_pretrained(
+                    target, dtype=dtype, use_safetensors=not allow_pickle or None
+                )
     except OSError as exc:
         if kind == "hub":
             raise CheckpointError(
