@@ -127,7 +127,7 @@ class Runner:
 
         model = self.original if path is None else load_model(path)
         fp = self.original.fingerprint if path is None else compressed_fingerprint(path)
-        return {t: evaluate(model, None, t, split=split, n=n, seed=self.args.seed, batch_size=16,
+        return {t: evaluate(model, None, t, split=split, n=n, seed=self.args.seed, batch_size=64,
                             cache_dir=cache_root() / "eval", model_fingerprint=fp).scores for t in self.tasks}
 
 
