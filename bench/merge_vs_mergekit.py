@@ -6,9 +6,10 @@ Inputs: three models the size of the bundled SmolLM2-135M-Instruct (fp32, 272 te
 each), derived from it by adding seeded Gaussian noise of 1% of each tensor's standard deviation
 (written once to ``~/.cache/expertkit/bench/merge-zoo/``); TIES uses the bundled model as base.
 Each merge runs in a fresh child process (``expertkit merge CFG OUT`` and ``mergekit-yaml CFG
-OUT``, the same YAML) after ``os.sync()``; wall time is the child's, peak memory its
-``ru_maxrss`` (from ``os.wait4``). The parent never imports torch until all timed runs are done.
-Afterwards the two outputs are compared tensor by tensor (max abs difference).
+OUT``, the same YAML) after ``os.sync()``, started by a fresh small launcher interpreter (see
+:data:`LAUNCHER`); wall time is the child's, peak memory its ``ru_maxrss`` (from ``os.wait4``).
+This script never imports torch: the zoo is written and the two outputs are compared tensor by
+tensor (max abs difference) in child processes too.
 
 Goal (issue 4): expertkit at least 1.5x faster and at most 0.5x mergekit's peak memory.
 """
@@ -67,28 +68,51 @@ def config(method: str, base: Path, experts: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Runs one command and reports its wall time and peak RSS as JSON. It is a fresh, small
+#: interpreter (no torch): Linux carries ``ru_maxrss`` over fork and exec, so a tool started
+#: straight from this script would report this script's own peak (torch, compared tensors) as
+#: its floor; started from the launcher it inherits only the launcher's ~10 MB, the same for every
+#: tool and every run.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+os.sync()
+start = time.perf_counter()
+proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+print(json.dumps({"wall": wall, "rss_mb": usage.ru_maxrss / 1024, "rc": os.waitstatus_to_exitcode(status),
+                  "stderr": err.decode(errors="replace")[-2000:]}))
+"""
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process; raises on failure."""
-    os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """(wall seconds, peak RSS in MB) of ``cmd``, run by a fresh launcher process; raises on failure."""
+    res = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(cmd)], capture_output=True, text=True,
+                         check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if out["rc"] != 0:
+        raise SystemExit(f"{cmd[0]} failed: {out['stderr']}")
+    return out["wall"], out["rss_mb"]
+
+
+COMPARE = """
+import sys
+from expertkit.weights import Checkpoint
+worst = 0.0
+with Checkpoint(sys.argv[1]) as x, Checkpoint(sys.argv[2]) as y:
+    for name in x.names():
+        if name in y:
+            worst = max(worst, float((x.read(name).float() - y.read(name).float()).abs().max()))
+print(worst)
+"""
 
 
 def compare(a: Path, b: Path) -> float:
-    """Max abs difference over the tensors both outputs hold."""
-    from expertkit.weights import Checkpoint
-
-    worst = 0.0
-    with Checkpoint(a) as x, Checkpoint(b) as y:
-        for name in x.names():
-            if name in y:
-                worst = max(worst, float((x.read(name).float() - y.read(name).float()).abs().max()))
-    return worst
+    """Max abs difference over the tensors both outputs hold (in a child: this process never imports torch)."""
+    res = subprocess.run([sys.executable, "-c", COMPARE, str(a), str(b)], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

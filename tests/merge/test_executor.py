@@ -35,21 +35,60 @@ def zoo(tiny_checkpoint):
     return [tiny_checkpoint("llama", s) for s in range(3)]
 
 
-@pytest.mark.parametrize(("method", "params"), [
-    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.3}),
-    ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.6}), ("breadcrumbs", {"density": 0.8}),
-    ("model_stock", {}),
-])
-def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method, params):
+#: every registered method: (parameters, number of models, merge with a base). A new method must be
+#: added here: the test below refuses a registry this table does not cover.
+STREAMED: dict[str, tuple[dict, int, bool]] = {
+    "linear": ({}, 2, False), "task_arithmetic": ({"lambda": 0.7}, 2, True), "ties": ({"density": 0.3}, 2, True),
+    "dare_linear": ({"density": 0.4}, 2, True), "dare_ties": ({"density": 0.6}, 2, True),
+    "breadcrumbs": ({"density": 0.8}, 2, True), "model_stock": ({}, 2, True), "slerp": ({"t": 0.3}, 1, True),
+    "passthrough": ({"scale": 0.5}, 1, False), "fisher": ({}, 2, False), "regmean": ({"alpha": 0.8}, 2, False),
+}
+
+
+def test_the_streamed_test_covers_every_registered_method():
+    from expertkit.merge import METHODS
+
+    assert set(STREAMED) == set(METHODS.names())
+
+
+def _stats(kind: str, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random Fisher diagonals (one per tensor) or Gram matrices (one per 2-D weight)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "fisher":
+        return {k: torch.rand(v.shape, generator=g) for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 2:
+            x = torch.randn(3 * v.shape[1], v.shape[1], generator=g)  # (tokens, in)
+            out[k] = x.T @ x  # (in, in)
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method):
+    from expertkit.merge import METHODS
+
+    params, n, with_base = STREAMED[method]
     base, *models = zoo
-    weights = [0.6, 0.4] if method != "model_stock" else [1.0, 1.0]
-    data = {"merge_method": method, "base_model": str(base), "parameters": params, "seed": 11,
-            "max_shard_size": 60_000,  # several shards
-            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights, strict=True)]}
+    models = models[:n]
+    weights = [0.6, 0.4][:n] if n > 1 and method != "model_stock" else [1.0] * n
+    stats_kind = METHODS.get(method).stats
+    stats = [_stats(stats_kind, _sd(m), i) for i, m in enumerate(models)] if stats_kind else None
+    entries = []
+    for i, (m, w) in enumerate(zip(models, weights, strict=True)):
+        entry = {"model": str(m), "parameters": {"weight": w}}
+        if stats is not None:
+            entry["stats"] = str(save_state_dict(stats[i], tmp_path / f"stats{i}"))
+        entries.append(entry)
+    data = {"merge_method": method, "parameters": params, "seed": 11, "max_shard_size": 60_000,  # several shards
+            "models": entries, **({"base_model": str(base)} if with_base else {})}
     got = _run(tmp_path, data)
-    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(base), weights=weights, params=params, seed=11)
+    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(base) if with_base else None, weights=weights,
+                            params=params, seed=11, stats=stats)
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+    changed = [k for k in ref if not torch.equal(ref[k], _sd(models[0])[k])]
+    assert len(changed) >= len(ref) // 2  # the merge did something: not a copy of the first model
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert _leftovers(tmp_path) == []
 

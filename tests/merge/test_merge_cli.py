@@ -25,7 +25,7 @@ def test_methods_lists_every_registered_method_with_parameters(capsys):
     assert code == 0
     for name in METHODS.names():
         assert f"{name}:" in out
-    assert "density (default 0.2) [per model]" in out and "lambda (default 1.0)" in out
+    assert "density (default 1.0) [per model]" in out and "lambda (default 1.0)" in out
 
 
 def test_mergekit_style_yaml_runs_and_matches_the_reference(tmp_path, tiny_checkpoint, capsys):
@@ -98,3 +98,15 @@ def test_per_model_parameter_typos_and_global_ones_set_per_model_are_refused(tmp
                    "    parameters: {weight: 1, density: 0.5}\nparameters: {normalize: false}\n")
     code, _, err = run_cli(["merge", str(cfg), "--check"], capsys)
     assert code == 0, err
+
+
+def test_missing_quickstart_experts_say_to_run_make_run_first(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/ folder yet
+    code, _, err = cli(["--quiet", "zoo", "plan", "runs/quickstart/experts", "-t", "family_relation"])
+    assert code == 2 and "runs/quickstart/experts" in err and "`make run`" in err and "Traceback" not in err
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: runs/quickstart/experts/family_relation\n")
+    code, _, err = cli(["--quiet", "merge", str(cfg), str(tmp_path / "out")])
+    assert code == 2 and "`make run`" in err and "Traceback" not in err
+    code, _, err = cli(["--quiet", "zoo", "plan", "elsewhere/experts", "-t", "family_relation"])
+    assert code == 2 and "not found" in err and "make run" not in err  # only the quickstart's folder

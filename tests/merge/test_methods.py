@@ -31,6 +31,7 @@ CASES: dict[str, list[tuple]] = {
     "ties": [
         # density 1: elected signs +,-,+,+ ; disjoint means: (1+2)/2, -2, 3, 0.5 (0 does not vote)
         ([M1, M2], BASE, None, {"density": 1.0}, [1.5, -2.0, 3.0, 0.5], None),
+        ([M1, M2], BASE, None, {}, [1.5, -2.0, 3.0, 0.5], None),  # mergekit's default density 1: no trim
         # density 0.5 keeps 2 of 4 per model: M1 -> [0,-2,3,0], M2 -> [2,1,0,0]
         # sums [2,-1,3,0] -> signs + - + + ; agree: [2], [-2], [3], none -> [2,-2,3,0]
         ([M1, M2], BASE, None, {"density": 0.5}, [2.0, -2.0, 3.0, 0.0], None),
@@ -38,18 +39,25 @@ CASES: dict[str, list[tuple]] = {
         # el 1: (1*1+3*2)/4 ; el 2: only M2 (3*1)/3 ; el 3: only M1 3/1 ; el 4: M1 0.5
         ([M1, M2], BASE, [1.0, 3.0], {"density": 1.0}, [7 / 4, 1.0, 3.0, 0.5], None),
         ([M1, M2], BASE, None, {"density": 1.0, "normalize": False, "lambda": 2.0}, [6.0, -4.0, 6.0, 1.0], None),
+        # rescale: M1 trimmed at 0.5 to [0,-2,3,0] keeps L1 5 of 6.5, so it is multiplied by 1.3
+        ([M1], BASE, None, {"density": 0.5, "rescale": True}, [0.0, -2.6, 3.9, 0.0], None),
     ],
     "dare_linear": [
         ([M1, M2], BASE, None, {"density": 1.0}, [3.0, -1.0, 2.0, 0.5], None),
     ],
     "dare_ties": [
-        ([M1, M2], BASE, None, {"density": 1.0}, [1.5, -2.0, 3.0, 0.5], None),
+        ([M1, M2], BASE, None, {"density": 1.0, "normalize": True}, [1.5, -2.0, 3.0, 0.5], None),
+        # mergekit's default: no normalisation, the agreeing w_i d_i are summed
+        ([M1, M2], BASE, None, {}, [3.0, -2.0, 3.0, 0.5], None),
     ],
     "breadcrumbs": [
         # density 0.75 keeps 3 of 4, gamma 0: drops the smallest |d|: M1 0.5, M2 0
         ([M1, M2], BASE, None, {"density": 0.75, "gamma": 0.0}, [3.0, -1.0, 2.0, 0.0], None),
         # density 0.5, gamma 0.25: drop the largest (M1: 3, M2: 2) and the smallest (M1: 0.5, M2: 0)
         ([M1, M2], BASE, None, {"density": 0.5, "gamma": 0.25}, [1.0, -1.0, -1.0, 0.0], None),
+        # rescale: M1 keeps [1,-2,0,0] (L1 3 of 6.5), M2 keeps [0,1,-1,0] (L1 2 of 4)
+        ([M1, M2], BASE, None, {"density": 0.5, "gamma": 0.25, "rescale": True},
+         [6.5 / 3, -13 / 3 + 2.0, -2.0, 0.0], None),
     ],
     "model_stock": [
         # d1 = [1,0,0,0], d2 = [0,1,0,0]: cos 0 -> t 0 -> base
@@ -102,14 +110,22 @@ def test_method_on_hand_placed_tensors(method, case):
 
 
 @pytest.mark.parametrize("method", METHODS.names())
-def test_every_method_keeps_dtype_and_shape(method):
+def test_every_method_computes_in_float32_and_rounds_once_to_the_input_dtype(method):
+    """bfloat16 inputs give exactly the float32 merge of the same values, rounded to bfloat16."""
     g = torch.Generator().manual_seed(0)
-    models = [{"w": torch.randn(3, 5, generator=g).to(torch.bfloat16)} for _ in range(1 if method == "passthrough" else 2)]
+    n = 1 if method == "passthrough" else 2
+    models = [{"w": torch.randn(3, 5, generator=g).to(torch.bfloat16)} for _ in range(n)]
     base = {"w": torch.randn(3, 5, generator=g).to(torch.bfloat16)}
-    stat = {"fisher": torch.rand(3, 5, generator=g), "gram": torch.eye(5)}.get(METHODS.get(method).stats)
+    stat = {"fisher": torch.rand(3, 5, generator=g), "gram": torch.eye(5) + 0.1}.get(METHODS.get(method).stats)
     stats = [{"w": stat} for _ in models] if stat is not None else None
-    out = merge_state_dicts(method, models, base, stats=stats)
-    assert out["w"].dtype == torch.bfloat16 and out["w"].shape == (3, 5)
+    fields = METHODS.get(method).params.model_fields
+    params = {"density": 0.6} if "density" in fields else {"scale": 0.3} if "scale" in fields else {}
+    out = merge_state_dicts(method, models, base, stats=stats, params=params, seed=5)["w"]
+    up = [{"w": sd["w"].float()} for sd in models]
+    ref = merge_state_dicts(method, up, {"w": base["w"].float()}, stats=stats, params=params, seed=5)["w"]
+    assert ref.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    assert not torch.equal(ref, ref.to(torch.bfloat16).float())  # the float32 result did need rounding
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS.names() if METHODS.get(m).needs_base])

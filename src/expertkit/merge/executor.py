@@ -28,7 +28,7 @@ import torch
 
 from expertkit.errors import ConfigError, suggest
 from expertkit.merge.config import MergeConfig
-from expertkit.merge.core import get_method, merge_tensor, resolve_params
+from expertkit.merge.core import as_weights, check_weights, get_method, merge_tensor, resolve_params
 from expertkit.merge.methods.base import check_method_inputs
 from expertkit.merge.plan import MergePlan, TensorJob, VocabPlan, build_plan, check_compatible
 from expertkit.merge.sources import FolderSource, LoraSource, SourceSet
@@ -90,14 +90,16 @@ def _params(method: Any, job: TensorJob) -> tuple[list[float], Any, list[Any]]:
     shared = {k: v for k, v in shared_all.items() if k != "weight" and k not in IGNORED_PARAMS}
     where = f"parameters for '{job.out_name}'"
     p = resolve_params(method, shared, where=where)
-    weights: list[float] = []
+    raw: list[Any] = []
     per_model = []
     for i, sources in enumerate(job.model_params):
         mine = resolve_settings(sources, job.out_name, t=job.t, group=job.group)
         _check_model_keys(method, set(mine) - set(shared_all), i, where)
-        weights.append(float(mine.get("weight", 1.0)))
+        raw.append(mine.get("weight", 1.0))
         own = {k: v for k, v in mine.items() if k in method.per_model and shared.get(k) != v}
         per_model.append(resolve_params(method, {**shared, **own}, where=where) if own else p)
+    weights = as_weights(raw, where=where)
+    check_weights(method, weights, p, where=where)
     return weights, p, per_model
 
 

@@ -18,7 +18,8 @@ class PassthroughParams(MethodParams):
     scale: float = Field(1.0, description="multiply the tensor by this factor")
 
 
-@merge_method("passthrough", params=PassthroughParams, min_models=1, max_models=1,
+@merge_method("passthrough", params=PassthroughParams, min_models=1, max_models=1, uses_weights=False,
+              vs_mergekit="equal, bit for bit",
               paper="mergekit (Goddard et al. 2024, arXiv:2403.13257)",
               summary="copy one model's tensors (layer stacking with slices)")
 def passthrough(x: TensorInputs) -> torch.Tensor:

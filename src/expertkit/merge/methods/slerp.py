@@ -45,7 +45,8 @@ def slerp_tensors(v0: torch.Tensor, v1: torch.Tensor, t: float, dot_threshold: f
     return (v0 * c0).add_(v1, alpha=c1)
 
 
-@merge_method("slerp", params=SlerpParams, min_models=1, max_models=2,
+@merge_method("slerp", params=SlerpParams, min_models=1, max_models=2, uses_weights=False,
+              vs_mergekit="equal (1e-6); also takes two models without a base (mergekit: base + 1)",
               paper="Shoemake 1985, Animating rotation with quaternion curves (SLERP)",
               summary="spherical interpolation between two models, linear when near-parallel")
 def slerp(x: TensorInputs) -> torch.Tensor:
