@@ -42,6 +42,12 @@ STREAMED: dict[str, tuple[dict, int, bool]] = {
     "dare_linear": ({"density": 0.4}, 2, True), "dare_ties": ({"density": 0.6}, 2, True),
     "breadcrumbs": ({"density": 0.8}, 2, True), "model_stock": ({}, 2, True), "slerp": ({"t": 0.3}, 1, True),
     "passthrough": ({"scale": 0.5}, 1, False), "fisher": ({}, 2, False), "regmean": ({"alpha": 0.8}, 2, False),
+    "breadcrumbs_ties": ({"density": 0.8, "gamma": 0.05}, 2, True),
+    "della": ({"density": 0.6, "epsilon": 0.2}, 2, True), "della_linear": ({"density": 0.5, "epsilon": 0.1}, 2, True),
+    "sce": ({"select_topk": 0.5}, 2, True), "ram": ({"epsilon": 0.01}, 2, True),
+    "ramplus_tl": ({"epsilon": 0.01, "r": 0.5, "alpha": 0.5}, 2, True),
+    "nuslerp": ({"nuslerp_flatten": False}, 2, True), "multislerp": ({}, 2, True), "karcher": ({}, 2, False),
+    "nearswap": ({"t": 0.01}, 1, True), "arcee_fusion": ({}, 1, True),
 }
 
 

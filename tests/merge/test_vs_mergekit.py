@@ -94,11 +94,13 @@ def test_slerp_matches_mergekit(tmp_path, zoo, t):
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
-def test_dare_matches_mergekit_statistically(tmp_path, zoo, method):
+@pytest.mark.parametrize(("method", "extra"), [("dare_linear", {}), ("dare_ties", {}),
+                                              ("della", {"epsilon": 0.2, "rescale": False}),
+                                              ("della_linear", {"epsilon": 0.1, "rescale": False})])
+def test_random_drops_match_mergekit_statistically(tmp_path, zoo, method, extra):
     density = 0.5
-    ours, theirs = _both(tmp_path, _config(method, zoo, {"density": density}), method)
-    undropped, _ = _both(tmp_path, _config(method, zoo, {"density": 1.0}), "undropped")
+    ours, theirs = _both(tmp_path, _config(method, zoo, {"density": density, **extra}), method)
+    undropped, _ = _both(tmp_path, _config(method, zoo, {"density": 1.0, **extra}), "undropped")
     base = _sd(zoo[0])
     names = [n for n in base if base[n].numel() >= 4096]  # the big matrices: enough samples
     flat = {k: torch.cat([(d[n] - base[n]).reshape(-1) for n in names]) for k, d in
@@ -109,7 +111,96 @@ def test_dare_matches_mergekit_statistically(tmp_path, zoo, method):
     assert abs(slopes["ours"] - slopes["theirs"]) < 0.03, slopes
     if method == "dare_linear":  # DARE-linear is unbiased: slope 1
         assert all(abs(v - 1.0) < 0.05 for v in slopes.values()), slopes
+    if method == "della_linear":  # not rescaled: the slope is the mean keep rate, weighted by d^2 toward
+        # the large entries DELLA keeps more often (above density)
+        assert all(density < v < density + 0.1 for v in slopes.values()), slopes
     # two models, each keeping `density`: an element survives in neither with (1 - density)^2
     for who in ("ours", "theirs"):
         zero = float((flat[who] == 0).float().mean())
         assert abs(zero - (1 - density) ** 2) < 0.02, (who, zero)
+
+
+#: the methods issue 21 added, each on the same tiny random Llama zoo: (params, models, weights, base)
+NEW_METHODS = [
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}, 2, True, True),
+    ("breadcrumbs_ties", {"density": 0.6, "gamma": 0.1, "normalize": True, "rescale": True}, 2, True, True),
+    ("sce", {}, 2, False, True),
+    ("sce", {"select_topk": 0.4}, 2, False, True),
+    ("ram", {"epsilon": 0.01}, 2, False, True),
+    ("ramplus_tl", {"epsilon": 0.01, "r": 0.5, "alpha": 0.6}, 2, False, True),
+    ("ramplus_tl", {}, 2, False, True),
+    ("nearswap", {"t": 0.02}, 1, False, True),
+    ("nuslerp", {}, 2, True, False),
+    ("nuslerp", {"nuslerp_flatten": False}, 2, True, True),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, 2, True, True),
+    ("multislerp", {}, 2, True, False),
+    ("multislerp", {"normalize_weights": False}, 2, True, True),
+    ("karcher", {}, 2, False, False),
+    ("karcher", {"max_iter": 2, "tol": 1e-7}, 2, False, False),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "n", "weights", "base"), NEW_METHODS)
+def test_new_methods_match_mergekit(tmp_path, zoo, method, params, n, weights, base):
+    data = _config_n(method, zoo, params, n, weights=weights)
+    if not base:
+        del data["base_model"]
+    ours, theirs = _both(tmp_path, data, method)
+    assert set(ours) == set(theirs)
+    moved = 0
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+        moved += not torch.equal(ours[name], _sd(zoo[1])[name])
+    assert moved >= len(ours) // 2  # a real merge, not a copy of one input
+
+
+def test_every_method_has_a_comparison_with_mergekit():
+    from expertkit.merge import METHODS
+
+    compared = {"linear", "task_arithmetic", "ties", "breadcrumbs", "model_stock", "slerp", "dare_linear",
+                "dare_ties", "della", "della_linear", "arcee_fusion"} | {m for m, *_ in NEW_METHODS}
+    mergekit_too = {e.name for e in METHODS if e.extra["vs_mergekit"] != "not in mergekit"} - {"passthrough"}
+    assert mergekit_too <= compared
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_keeps_what_mergekit_keeps(tmp_path, zoo, method):
+    """Same keep probabilities by magnitude rank within each row (random draws differ)."""
+    params = {"density": 0.5, "epsilon": 0.2, "rescale": False}
+    data = _config_n(method, zoo, params, 1)
+    data["models"][0]["parameters"] = {"weight": 1.0}
+    ours, theirs = _both(tmp_path, data, method)
+    base, model = _sd(zoo[0]), _sd(zoo[1])
+    names = [n for n in base if base[n].dim() == 2 and base[n].numel() >= 4096]
+    for who, out in (("ours", ours), ("theirs", theirs)):
+        rates = torch.zeros(5)
+        for name in names:
+            d = (model[name] - base[name]).float()  # (rows, cols)
+            kept = out[name] != base[name]
+            rank = d.abs().argsort(dim=1).argsort(dim=1).float() / (d.shape[1] - 1)  # 0 smallest .. 1 largest
+            bucket = (rank * 5).clamp(max=4.999).long()
+            rates += torch.stack([kept[bucket == b].float().mean() for b in range(5)]) / len(names)
+        expect = 0.3 + 0.4 * (torch.arange(5) + 0.5) / 5  # density - eps + 2 eps * rank, bucket centres
+        assert (rates - expect).abs().max() < 0.02, (who, rates.tolist())
+        # rescale off: every kept entry is the model's own value (1 weight, lambda 1)
+        for name in names:
+            kept = out[name] != base[name]
+            torch.testing.assert_close(out[name][kept], model[name][kept], atol=1e-6, rtol=0)
+
+
+def test_arcee_fusion_matches_mergekit_except_at_the_threshold(tmp_path, zoo):
+    """The same choice of fused elements but for those whose importance is within float32 rounding of
+    the threshold: expertkit's KL is float64, mergekit's float32 (module docstring of arcee_fusion)."""
+    ours, theirs = _both(tmp_path, _config_n("arcee_fusion", zoo, {}, 1, weights=False), "fusion")
+    base, model = _sd(zoo[0]), _sd(zoo[1])
+    differ = total = fused = 0
+    for name in ours:
+        total += ours[name].numel()
+        fused += int((ours[name] != base[name]).sum())
+        bad = ours[name] != theirs[name]
+        differ += int(bad.sum())
+        d = model[name] - base[name]
+        for out in (ours[name], theirs[name]):  # each tool fused (base + d) or kept the base there
+            assert torch.all((out[bad] == base[name][bad]) | (out[bad] == (base[name] + d)[bad]))
+    assert fused > total // 50  # Tukey's fence fuses a few percent of the elements
+    assert differ <= 5 and differ <= total * 1e-4, differ  # measured: 3 of 90,112

@@ -150,9 +150,10 @@ def merge_state_dicts(
     Args:
         method: a name registered in :data:`~expertkit.merge.METHODS` (``expertkit merge methods``).
         models: the input state dicts; every one must hold the same tensor names and shapes.
-        base: the base state dict, needed by task-vector methods (task_arithmetic, ties, dare_*,
-            breadcrumbs, model_stock); optional for slerp (first endpoint), ignored by linear,
-            fisher and regmean.
+        base: the base state dict, needed by task-vector methods (``METHODS.get(name).needs_base``:
+            task_arithmetic, ties, dare_*, della*, breadcrumbs*, sce, ram*, model_stock, nearswap,
+            arcee_fusion); optional for slerp (first endpoint), nuslerp and multislerp (task
+            vectors); ignored by linear, karcher, fisher and regmean.
         weights: one weight per model (default 1 each).
         params: the method's parameters (e.g. ``density``, ``lambda``, ``t``); unknown keys are errors.
         seed: seed of random methods (DARE); each tensor's generator is seeded from it and its name.

@@ -35,7 +35,8 @@ def expertkit_params(name: str) -> dict[str, tuple[Any, bool]]:
     if method.uses_weights:
         out["weight"] = (1.0, True)
     for pname, field in method.params.model_fields.items():
-        out[field.serialization_alias or pname] = (field.default, pname in method.per_model)
+        default = REQUIRED if field.is_required() else field.default
+        out[field.serialization_alias or pname] = (default, pname in method.per_model)
     return out
 
 

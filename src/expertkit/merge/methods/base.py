@@ -53,6 +53,7 @@ class MergeMethod:
     # agree at an element, as TIES' disjoint mean) or None (no division by weights); see check_weights
     normaliser: Callable[[Any], str | None] | None = None
     uses_weights: bool = True  # False: per-model ``weight`` plays no part (slerp's t, model stock's angle)
+    optional_base: bool = False  # uses a base when the config gives one (slerp, nuslerp, multislerp)
 
     def __call__(self, x: TensorInputs) -> torch.Tensor:
         return self.fn(x)
@@ -65,7 +66,7 @@ def merge_method(
     name: str, *, params: type[MethodParams], paper: str, summary: str, needs_base: bool = False,
     min_models: int = 1, max_models: int | None = None, per_model: Sequence[str] = (), stats: str | None = None,
     zero_copy: bool = False, normaliser: Callable[[Any], str | None] | None = None, uses_weights: bool = True,
-    vs_mergekit: str = "not in mergekit",
+    optional_base: bool = False, vs_mergekit: str = "not in mergekit",
 ) -> Callable[[Callable[[TensorInputs], torch.Tensor]], Callable[[TensorInputs], torch.Tensor]]:
     """Decorator registering ``fn(TensorInputs) -> Tensor`` in :data:`METHODS` as ``name``.
 
@@ -81,7 +82,7 @@ def merge_method(
 
     def deco(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
         method = MergeMethod(name, fn, params, needs_base, min_models, max_models, frozenset(per_model), stats,
-                             zero_copy, normaliser, uses_weights)
+                             zero_copy, normaliser, uses_weights, optional_base)
         METHODS.add(name, method, params=params, paper=paper, summary=summary, vs_mergekit=vs_mergekit)
         return fn
 
@@ -193,18 +194,19 @@ def bernoulli_keep(t: torch.Tensor, density: float, generator: torch.Generator) 
     return u < density
 
 
-def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool,
+                   votes: Sequence[float] | None = None) -> torch.Tensor:
     """TIES sign election and disjoint (weighted) mean of already-trimmed deltas.
 
-    With ``s = sum_i w_i d_i`` the elected sign is ``+1`` where ``s >= 0`` else ``-1``. Model *i*
+    With ``s = sum_i v_i d_i`` (votes ``v`` default to the weights ``w``) the elected sign is ``+1`` where ``s >= 0`` else ``-1``. Model *i*
     takes part at an element when the sign of ``w_i d_i`` equals the elected sign (a zero delta
     never does; a negative weight flips the sign). The result is ``sum_i w_i d_i [agree_i]``,
     divided by ``sum_i w_i [agree_i]`` when ``normalize`` (a zero divisor counts as 1). Deltas are
     consumed (modified in place).
     """
     sign = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        sign.add_(d, alpha=w)
+    for d, v in zip(deltas, weights if votes is None else votes, strict=True):
+        sign.add_(d, alpha=v)
     sign.ge_(0).mul_(2).sub_(1)  # (*shape): the elected sign, +1 / -1, in place of the sum
     acc = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None
