@@ -114,15 +114,17 @@ def test_output_loads_with_transformers_and_records_the_config(tmp_path, zoo):
 def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch):
     alive: list[weakref.ref] = []
     peak = [0]
-    original = FolderSource.read
 
-    def tracking(self, name):
-        t = original(self, name)
-        alive.append(weakref.ref(t))
-        peak[0] = max(peak[0], sum(r() is not None for r in alive))
-        return t
+    def tracking(original):
+        def read(self, name):
+            t = original(self, name)
+            alive.append(weakref.ref(t))
+            peak[0] = max(peak[0], sum(r() is not None for r in alive))
+            return t
+        return read
 
-    monkeypatch.setattr(FolderSource, "read", tracking)
+    monkeypatch.setattr(FolderSource, "read", tracking(FolderSource.read))
+    monkeypatch.setattr(FolderSource, "view", tracking(FolderSource.view))  # ties maps its inputs
     base, *models = zoo
     data = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(m)} for m in models]}
     _run(tmp_path, data)

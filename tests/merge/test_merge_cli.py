@@ -110,3 +110,11 @@ def test_missing_quickstart_experts_say_to_run_make_run_first(tmp_path, monkeypa
     assert code == 2 and "`make run`" in err and "Traceback" not in err
     code, _, err = cli(["--quiet", "zoo", "plan", "elsewhere/experts", "-t", "family_relation"])
     assert code == 2 and "not found" in err and "make run" not in err  # only the quickstart's folder
+
+
+def test_mergekits_tokenizer_section_is_refused_with_what_is_supported(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
+                   "tokenizer:\n  source: union\n  tokens:\n    <|im_start|>: {source: a}\n")
+    with pytest.raises(Exception, match="token surgery.*tokenizer_source.*added tokens"):
+        load_merge_config(cfg)

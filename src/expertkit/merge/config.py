@@ -142,7 +142,8 @@ class MergeConfig(Config):
                              "use 'models' or 'slices'")
         if self.tokenizer is not None:
             raise ValueError("'tokenizer:' (mergekit's token surgery) is not supported; use tokenizer_source "
-                             "(base, union or a model); tokenizers that differ only by added tokens are aligned")
+                             "(base, union or a model): vocabularies that differ only by added tokens are aligned "
+                             "(docs/merge.md, 'Tokenizers: what is supported and why')")
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
         return self

@@ -131,7 +131,7 @@ def merge_tensor(
     x = TensorInputs(name, list(tensors), base, list(weights), params,
                      list(per_model) if per_model is not None else [params] * len(tensors),
                      generator_for(seed, name), list(stats) if stats is not None else None,
-                     owned and len({id(t) for t in everything}) == len(everything))
+                     owned and len({id(t) for t in everything}) == len(everything), out_dtype=dtype)
     return method(x).to(dtype)
 
 

@@ -111,6 +111,7 @@ class TensorInputs:
     stats: list[torch.Tensor | None] | None = None
     owned: bool = False  # the caller hands over ``tensors``: a method may overwrite them (saves memory)
     extra: dict[str, Any] = field(default_factory=dict)
+    out_dtype: torch.dtype | None = None  # the caller casts the result to this; a method may write it directly
 
     @property
     def work_dtype(self) -> torch.dtype:

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from expertkit.merge.methods.base import MethodParams, TensorInputs, if_normalize, merge_method, weighted_sum
+from expertkit.merge.methods.blockwise import blockwise
 
 
 class LinearParams(MethodParams):
@@ -25,5 +26,7 @@ class LinearParams(MethodParams):
               summary="weighted average of the models", zero_copy=True, normaliser=if_normalize("total"),
               vs_mergekit="equal, bit for bit")
 def linear(x: TensorInputs) -> torch.Tensor:
-    """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false)."""
-    return weighted_sum(x.tensors, x.weights, x.params.normalize, x.work_dtype, inplace=x.owned)
+    """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false), block by
+    block into a tensor of the output dtype (the inputs are only read)."""
+    out = torch.empty(x.tensors[0].shape, dtype=x.out_dtype or x.work_dtype)
+    return blockwise(out, x.tensors, lambda blocks: weighted_sum(blocks, x.weights, x.params.normalize, x.work_dtype))
