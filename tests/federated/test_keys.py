@@ -39,12 +39,18 @@ def test_generate_writes_owner_only_secret(tmp_path):
 def test_tampered_public_file_is_refused(tmp_path):
     import json
 
-    generate_key("c", "ed25519", tmp_path)
+    generate_key("c", "fn-dsa-512", tmp_path)  # no standard encoding: the JSON format
     data = json.loads((tmp_path / "c.pub").read_text())
     data["public"] = data["public"][:-4] + "AAA="
     (tmp_path / "c.pub").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="altered"):
         load_public(tmp_path / "c.pub")
+    a, b = generate_key("a", "ed25519", tmp_path / "a"), generate_key("b", "ed25519", tmp_path / "b")
+    header = (tmp_path / "a" / "a.pub").read_text().split("-----BEGIN")[0]  # a's fingerprint over b's key
+    (tmp_path / "b.pub").write_text(header + "-----BEGIN" + (tmp_path / "b" / "b.pub").read_text().split("-----BEGIN")[1])
+    assert a.fingerprint != b.fingerprint
+    with pytest.raises(CheckpointError, match="altered"):
+        load_public(tmp_path / "b.pub")
 
 
 def test_trust_rotate_revoke(tmp_path):

@@ -40,19 +40,20 @@ def test_sign_verify_and_reject(name):
 
 
 @pytest.mark.parametrize("level", ["44", "65", "87"])
-def test_ml_dsa_cross_verifies_with_cryptography(level):
-    """pqcrypto and the `cryptography` package's ML-DSA (OpenSSL) accept each other's signatures."""
+def test_ml_dsa_pqcrypto_reference_cross_verifies_with_cryptography(level):
+    """pqcrypto (PQClean's reference code) and the `cryptography` package's ML-DSA (OpenSSL) accept
+    each other's signatures: pqcrypto is the independent check of the default OpenSSL signer."""
     from cryptography.hazmat.primitives.asymmetric import mldsa
 
     priv_cls = getattr(mldsa, f"MLDSA{level}PrivateKey")
     pub_cls = getattr(mldsa, f"MLDSA{level}PublicKey")
-    ours = get_signer(f"ml-dsa-{level}")
-    pk, sk = ours.keygen()
-    pub_cls.from_public_bytes(pk).verify(ours.sign(sk, MSG), MSG)  # raises InvalidSignature on failure
+    ref = get_signer(f"ml-dsa-{level}-pqcrypto")
+    pk, sk = ref.keygen()
+    pub_cls.from_public_bytes(pk).verify(ref.sign(sk, MSG), MSG)  # raises InvalidSignature on failure
     theirs = priv_cls.generate()
     their_pk = theirs.public_key().public_bytes_raw()
-    assert ours.verify(their_pk, MSG, theirs.sign(MSG))
-    assert not ours.verify(their_pk, MSG + b"x", theirs.sign(MSG))
+    assert ref.verify(their_pk, MSG, theirs.sign(MSG))
+    assert not ref.verify(their_pk, MSG + b"x", theirs.sign(MSG))
 
 
 RFC8032 = [  # RFC 8032 section 7.1, tests 1 and 2: (secret, public, message, signature)
@@ -132,13 +133,42 @@ def test_hybrid_needs_both_signatures():
     assert unpack(b"\x00\x00") is None
 
 
-def test_openssl_ml_dsa_backend_interoperates_with_pqcrypto():
-    fast, ref = get_signer("ml-dsa-65-openssl"), get_signer("ml-dsa-65")
+@pytest.mark.parametrize("level", ["44", "65", "87"])
+def test_default_ml_dsa_signs_with_openssl_and_interoperates_with_pqcrypto(level):
+    """``ml-dsa-NN`` is OpenSSL's ML-DSA (a 32-byte FIPS 204 seed as secret key, which pqcrypto cannot
+    take), checked against the pqcrypto reference both ways; a pqcrypto expanded key (key files of
+    earlier versions) still signs through the default scheme."""
+    from expertkit.federated.signing.mldsa import MlDsaSigner
+
+    fast, ref = get_signer(f"ml-dsa-{level}"), get_signer(f"ml-dsa-{level}-pqcrypto")
+    assert isinstance(fast, MlDsaSigner) and fast.backend == "openssl"
     pk, seed = fast.keygen()
-    assert len(seed) == 32 and len(pk) == ref.public_key_size
-    assert ref.verify(pk, MSG, fast.sign(seed, MSG))
-    pk2, sk2 = ref.keygen()
-    assert fast.verify(pk2, MSG, ref.sign(sk2, MSG)) and not fast.verify(pk2, MSG + b"!", ref.sign(sk2, MSG))
+    assert len(seed) == fast.secret_key_size == 32 and len(pk) == ref.public_key_size
+    assert ref.verify(pk, MSG, fast.sign(seed, MSG)) and get_signer(f"ml-dsa-{level}-openssl").verify(
+        pk, MSG, fast.sign(seed, MSG))
+    pk2, expanded = ref.keygen()
+    assert len(expanded) == ref.secret_key_size > 32
+    assert fast.verify(pk2, MSG, ref.sign(expanded, MSG)) and not fast.verify(pk2, MSG + b"!", ref.sign(expanded, MSG))
+    assert ref.verify(pk2, MSG, fast.sign(expanded, MSG))  # the old key through the default signer
+
+
+def test_ml_dsa_falls_back_to_pqcrypto_without_openssl():
+    """Where cryptography's OpenSSL has no ML-DSA, ``ml-dsa-NN`` generates, signs and verifies with
+    pqcrypto; a seed key then cannot sign (one-line error), and a wrong-length key neither."""
+    from expertkit.errors import ConfigError
+    from expertkit.federated.signing.mldsa import MlDsaSigner
+
+    ref = get_signer("ml-dsa-65-pqcrypto")
+    slow = MlDsaSigner("65", ref, None)
+    assert slow.backend == "pqcrypto" and slow.secret_key_size == ref.secret_key_size
+    pk, sk = slow.keygen()
+    assert len(sk) == ref.secret_key_size and get_signer("ml-dsa-65").verify(pk, MSG, slow.sign(sk, MSG))
+    fast_pk, seed = get_signer("ml-dsa-65").keygen()
+    assert slow.verify(fast_pk, MSG, get_signer("ml-dsa-65").sign(seed, MSG))
+    with pytest.raises(ConfigError, match="32-byte FIPS 204 seed, which needs the cryptography package"):
+        slow.sign(seed, MSG)
+    with pytest.raises(ConfigError, match="a secret key of 31 bytes"):
+        get_signer("ml-dsa-65").sign(seed[:31], MSG)
 
 
 @pytest.mark.parametrize("name", [f"slh-dsa-{h}-{p}" for h in ("sha2", "shake") for p in SLH_SIZES])

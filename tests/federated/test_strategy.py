@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fl_helpers import tiny_fl
+from fl_helpers import reply, tiny_fl
 
 from expertkit.federated.apps import make_client_app, run_server
 from expertkit.federated.inline import InlineGrid, task_identity
@@ -31,18 +31,33 @@ def test_honest_signed_run_aggregates_bit_for_bit_like_unsigned(strategy):
     assert not _same(signed["final_state"], workspace(tiny_fl()).initial)  # training did move the adapter
 
 
+def _fedavg_rounds(cfg, clients: list[int]) -> dict[str, np.ndarray]:
+    """FedAvg over ``clients`` only, computed here from train_local (float64 average, weights = examples)."""
+    from expertkit.federated.local import train_local, workspace
+
+    state = dict(workspace(cfg).initial)
+    for rnd in range(1, cfg.rounds + 1):
+        outs = [train_local(cfg, p, state, rnd, 0.0) for p in clients]
+        total = sum(n for _, n, _ in outs)
+        state = {k: (sum(new[k].astype(np.float64) * n for new, n, _ in outs) / total).astype(np.float32)
+                 for k in state}
+    return state
+
+
 def test_tampering_client_is_dropped_reported_and_rounds_complete():
     cfg = tiny_fl(rounds=3, attack={"kind": "tamper", "client": 1, "scale": 0.5})
     res = simulate(cfg, write=False)
     report = res["signing"]
     assert report["accepted"] == {str(r): ["client-0", "client-2"] for r in (1, 2, 3)}
-    assert [r["client"] for r in report["rejections"]] == ["client-1"] * 3
+    assert [(r["client"], r["node_id"]) for r in report["rejections"]] == [("client-1", 2)] * 3
     assert all("content altered after signing" in r["reason"] for r in report["rejections"])
-    assert report["flagged"] == ["client-1"]
-    # the dropped update never touches the model: same result as a run where client-1 sent nothing usable
-    unsigned = simulate(cfg.model_copy(update={"signing": cfg.signing.model_copy(update={"scheme": "none"})}),
-                        write=False)
-    assert not _same(res["final_state"], unsigned["final_state"])
+    # the signature did not verify, so the claimed id is not charged: the node that sent it is
+    assert report["flagged"] == ["node 2"] and {r["charged"] for r in report["rejections"]} == {"node 2"}
+    # the dropped update never touches the model: the result is FedAvg over the honest clients 0 and 2
+    honest, everyone = _fedavg_rounds(cfg, [0, 2]), _fedavg_rounds(cfg, [0, 1, 2])
+    for k, v in res["final_state"].items():
+        np.testing.assert_allclose(v, honest[k], rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(res["final_state"][k], everyone[k], rtol=1e-4, atol=1e-6) for k in honest)
 
 
 def test_replayed_update_is_rejected_after_round_one():
@@ -81,13 +96,6 @@ def test_clients_refuse_a_global_model_not_signed_by_their_server():
     assert _same(res["final_state"], workspace(cfg).initial)
 
 
-def _reply(content, node):
-    from flwr.app import Message, MessageType
-
-    ask = Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
-    return Message(content, reply_to=ask)
-
-
 def test_wrapper_rejects_duplicates_and_node_changes_and_passes_only_verified_replies():
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
@@ -114,11 +122,11 @@ def test_wrapper_rejects_duplicates_and_node_changes_and_passes_only_verified_re
     s = SignedStrategy(Spy(), static_lookup([a.public_key, b.public_key]), Identity.generate("server", "ed25519"),
                        run_id="r", report_after=2)
     with task_identity():
-        arrays, _ = s.aggregate_train(1, [_reply(content(a, 1.0, 1), 1), _reply(content(b, 3.0, 1, weight=3), 2),
-                                          _reply(content(a, 9.0, 1), 1)])  # a's second update: replay
+        arrays, _ = s.aggregate_train(1, [reply(content(a, 1.0, 1), 1), reply(content(b, 3.0, 1, weight=3), 2),
+                                          reply(content(a, 9.0, 1), 1)])  # a's second update: replay
         np.testing.assert_array_equal(arrays["w"].numpy(), np.full(3, 2.5, dtype=np.float32))  # (1*1 + 3*3) / 4
         assert seen == [[1.0, 3.0]]
         assert "second update from 'client-a'" in s.rejections[-1].reason
-        s.aggregate_train(2, [_reply(content(a, 1.0, 2), 2), _reply(content(b, 3.0, 2), 2)])  # a on b's node
+        s.aggregate_train(2, [reply(content(a, 1.0, 2), 2), reply(content(b, 3.0, 2), 2)])  # a on b's node
     assert "'client-a' sent from node 2, earlier from node 1 (reassigned)" in s.rejections[-1].reason
     assert s.flagged == {"client-a"} and s.accepted == {1: ["client-a", "client-b"], 2: ["client-b"]}

@@ -14,8 +14,11 @@ from expertkit.weights.reader import Checkpoint
 
 SEQ2SEQ = ("t5", "switch_transformers")
 # (experts, experts per token) of the MoE tiny models; Switch routes top-1 by design.
-MOE = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "switch_transformers": (4, 1)}
-EXPERT_KEYS = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "switch_transformers": "num_experts"}
+MOE = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "olmoe": (4, 2), "deepseek_v2": (4, 2),
+       "deepseek_v3": (4, 2), "switch_transformers": (4, 1)}
+EXPERT_KEYS = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
+               "olmoe": "num_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+               "switch_transformers": "num_experts"}
 
 
 def _forward(model, arch: str) -> torch.Tensor:
@@ -27,7 +30,8 @@ def _forward(model, arch: str) -> torch.Tensor:
 
 
 def test_tiny_archs():
-    assert TINY_ARCHS == ("llama", "mistral", "qwen2", "gpt2", "t5", "mixtral", "qwen2_moe", "switch_transformers")
+    assert TINY_ARCHS == ("llama", "mistral", "qwen2", "gpt2", "t5", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                          "deepseek_v2", "deepseek_v3", "switch_transformers")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

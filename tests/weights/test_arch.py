@@ -39,22 +39,37 @@ DISK_COUNTS = {
         "embedding": 1, "lm_head": 1, "final_norm": 1, "attention": 7 * 2, "norm": 2 * 2,
         "expert": 3 * 4 * 2, "shared_expert": 4 * 2, "router": 2,
     },
+    # q/k/v/o; input/post norms + per-head q_norm/k_norm
+    "qwen3_moe": {"embedding": 1, "lm_head": 1, "final_norm": 1, "attention": 4 * 2, "norm": 4 * 2,
+                  "expert": 3 * 4 * 2, "router": 2},
+    "olmoe": {"embedding": 1, "lm_head": 1, "final_norm": 1, "attention": 4 * 2, "norm": 4 * 2,
+              "expert": 3 * 4 * 2, "router": 2},
+    # latent attention q / kv_a / kv_b / o; input/post/kv_a norms; layer 0 dense, layer 1 experts + 1 shared
+    "deepseek_v2": {"embedding": 1, "lm_head": 1, "final_norm": 1, "attention": 4 * 2, "norm": 3 * 2,
+                    "mlp": 3, "expert": 3 * 4, "shared_expert": 3, "router": 1},
+    # V3's router adds e_score_correction_bias
+    "deepseek_v3": {"embedding": 1, "lm_head": 1, "final_norm": 1, "attention": 4 * 2, "norm": 3 * 2,
+                    "mlp": 3, "expert": 3 * 4, "shared_expert": 3, "router": 2},
     "switch_transformers": {
         "embedding": 1, "final_norm": 2, "position": 2, "attention": 4 * 2 + 8 * 2, "norm": 2 * 2 + 3 * 2,
         "expert": 2 * 4 * 4, "router": 4,
     },
 }  # fmt: skip
 # Expert modules per expert, on disk.
-EXPERT_MODULES = {"mixtral": {"w1", "w2", "w3"}, "qwen2_moe": {"gate_proj", "up_proj", "down_proj"},
-                  "switch_transformers": {"wi", "wo"}}  # fmt: skip
+SWIGLU = {"gate_proj", "up_proj", "down_proj"}
+EXPERT_MODULES = {"mixtral": {"w1", "w2", "w3"}, "qwen2_moe": SWIGLU, "qwen3_moe": SWIGLU, "olmoe": SWIGLU,
+                  "deepseek_v2": SWIGLU, "deepseek_v3": SWIGLU, "switch_transformers": {"wi", "wo"}}  # fmt: skip
 MOE = tuple(EXPERT_MODULES)
+FUSED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")  # fused in memory
+# MoE layers of each tiny model (DeepSeek's layer 0 is dense: first_k_dense_replace = 1)
+MOE_LAYERS = {arch: (1,) if arch.startswith("deepseek") else (0, 1) for arch in MOE}
 
 
 def _counts(summary):
     return {g: len(v) for g, v in summary.groups.items() if v}
 
 
-def test_list_architectures_is_the_eight_shipped_descriptors():
+def test_list_architectures_is_every_shipped_descriptor():
     assert list_architectures() == sorted(TINY_ARCHS)
 
 
@@ -79,11 +94,12 @@ def test_experts_and_routers_per_layer_on_disk(arch, tiny_checkpoint):
     with Checkpoint(tiny_checkpoint(arch)) as ckpt:
         summary = describe(ckpt.names(), ckpt.config)
     stacks = ("decoder", "encoder") if arch == "switch_transformers" else (None,)
-    layer_keys = [(s, layer) for s in stacks for layer in (0, 1)]
+    layer_keys = [(s, layer) for s in stacks for layer in MOE_LAYERS[arch]]
     assert list(summary.experts) == layer_keys
     assert all(found == (0, 1, 2, 3) for found in summary.experts.values())
     routers = summary.by_layer("router")
-    assert list(routers) == layer_keys and all(len(v) == 1 for v in routers.values())
+    per_router = 2 if arch == "deepseek_v3" else 1  # V3: weight + e_score_correction_bias
+    assert list(routers) == layer_keys and all(len(v) == per_router for v in routers.values())
     for key, names in summary.by_layer("expert").items():
         per_expert: dict[int, set[str]] = {}
         for name in names:
@@ -119,23 +135,24 @@ def test_describe_in_memory_names(arch):
     assert "lm_head.weight" in summary.groups["lm_head"]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_fused_experts_in_memory(arch):
     state = tiny_model(arch).state_dict()
     summary = describe(list(state), tiny_config(arch))
     fused = {n: summary.roles[n] for n in summary.groups["expert"]}
+    layers = MOE_LAYERS[arch]
     assert sorted(fused) == sorted(
-        f"model.layers.{i}.mlp.experts.{m}" for i in (0, 1) for m in ("gate_up_proj", "down_proj")
+        f"model.layers.{i}.mlp.experts.{m}" for i in layers for m in ("gate_up_proj", "down_proj")
     )
     for name, role in fused.items():
         assert role.expert is None and role.expert_dim == 0 and role.fused
         assert state[name].shape[role.expert_dim] == 4  # (E, ...)
-    assert summary.experts == {(None, 0): (0, 1, 2, 3), (None, 1): (0, 1, 2, 3)}
-    routers = summary.by_layer("router")
-    assert routers == {(None, i): (f"model.layers.{i}.mlp.gate.weight",) for i in (0, 1)}
+    assert summary.experts == {(None, i): (0, 1, 2, 3) for i in layers}
+    routers = {k: tuple(n for n in v if n.endswith(".weight")) for k, v in summary.by_layer("router").items()}
+    assert routers == {(None, i): (f"model.layers.{i}.mlp.gate.weight",) for i in layers}
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", FUSED)
 def test_fused_parts_match_disk_tensors(arch, tiny_checkpoint):
     """The descriptor's parts/part_dim say how a fused tensor splits into the on-disk per-expert ones."""
     state = tiny_model(arch, seed=0).state_dict()
@@ -153,7 +170,7 @@ def test_fused_parts_match_disk_tensors(arch, tiny_checkpoint):
                     expected = ckpt.read(by_key[(role.layer, e, part)])  # (out, in)
                     torch.testing.assert_close(chunk.select(role.expert_dim, e), expected, rtol=0, atol=0)
                     checked += 1
-    assert checked == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    assert checked == len(MOE_LAYERS[arch]) * 4 * 3  # layers x experts x (gate, up, down)
 
 
 def test_gpt2_conv1d_is_fan_in_fan_out():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,64 +23,20 @@ from expertkit.weights.writer import (
     shard_file_name,
 )
 
-
-def _tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "f32": torch.randn(7, 5, generator=g),
-        "bf16": torch.randn(3, 11, generator=g).to(torch.bfloat16),
-        "f16": torch.randn(13, generator=g).to(torch.float16),
-        "f64": torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
-        "i64": torch.arange(-20, 17, dtype=torch.int64),
-        "i32": torch.tensor([[1, -2], [3, 2**31 - 1]], dtype=torch.int32),
-        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
-        "u8": torch.tensor([0, 255, 7], dtype=torch.uint8),
-        "bool": torch.tensor([True, False, True, True, False]),
-        "scalar_f32": torch.tensor(3.25),
-        "scalar_i64": torch.tensor(-9, dtype=torch.int64),
-        "empty": torch.empty(0, 4),
-        "empty_bf16": torch.empty(3, 0, dtype=torch.bfloat16),
-        "big": torch.randn(40, 10, generator=g),  # 1600 bytes: bigger than the shard size below
-        "noncontig": torch.arange(24, dtype=torch.float32).reshape(4, 6).t(),
-    }
-
-
-def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, t in want.items():
-        assert got[name].dtype == t.dtype, name
-        assert got[name].shape == t.shape, name
-        assert torch.equal(got[name], t), name
-
-
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    with Checkpoint(path) as ckpt:
-        return dict(ckpt.iter_tensors())
-
-
-def _write(out: Path, tensors: dict[str, torch.Tensor], *, layout: bool, **kw) -> Path:
-    lay = [(n, t.shape, t.dtype) for n, t in tensors.items()] if layout else None
-    with ShardedWriter(out, layout=lay, **kw) as w:
-        for name, t in tensors.items():
-            w.add(name, t)
-    return out
-
-
-def _siblings(path: Path) -> list[str]:
-    return sorted(p.name for p in path.parent.iterdir())
+from .rw_helpers import assert_same, read_all, siblings, sample_tensors, write_ckpt
 
 
 # ----------------------------------------------------------------- round trips
 @pytest.mark.parametrize("layout", [False, True])
 def test_sharded_round_trip(tmp_path: Path, layout: bool) -> None:
-    tensors = _tensors()
-    out = _write(tmp_path / "out", tensors, layout=layout, max_shard_size=300)
+    tensors = sample_tensors()
+    out = write_ckpt(tmp_path / "out", tensors, layout=layout, max_shard_size=300)
     files = sorted(p.name for p in out.iterdir())
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 2 and INDEX_NAME in files
     assert files == sorted(shards + [INDEX_NAME])  # no spill or temp files left
     assert shards == [shard_file_name(i, len(shards)) for i in range(len(shards))]
-    _assert_same(_read_all(out), tensors)
+    assert_same(read_all(out), tensors)
     # the safetensors library reads every shard, and the index is right
     index = json.loads((out / INDEX_NAME).read_text())
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -92,13 +49,13 @@ def test_sharded_round_trip(tmp_path: Path, layout: bool) -> None:
         loaded.update(part)
         with safe_open(out / shard, "pt") as f:
             assert f.metadata()["format"] == "pt"
-    _assert_same(loaded, tensors)
-    assert _siblings(out) == ["out"]  # no temporary folder left
+    assert_same(loaded, tensors)
+    assert siblings(out) == ["out"]  # no temporary folder left
 
 
 def test_shard_limits(tmp_path: Path) -> None:
     tensors = {"a": torch.zeros(25), "b": torch.zeros(25), "huge": torch.zeros(100), "c": torch.zeros(10)}
-    out = _write(tmp_path / "o", tensors, layout=False, max_shard_size=200)
+    out = write_ckpt(tmp_path / "o", tensors, layout=False, max_shard_size=200)
     wm = json.loads((out / INDEX_NAME).read_text())["weight_map"]
     # a+b fill the first shard (200 bytes), huge (400 bytes) gets its own, c starts a new one
     assert wm == {"a": shard_file_name(0, 3), "b": shard_file_name(0, 3),
@@ -106,18 +63,18 @@ def test_shard_limits(tmp_path: Path) -> None:
 
 
 def test_single_shard_has_no_index(tmp_path: Path) -> None:
-    tensors = _tensors()
+    tensors = sample_tensors()
     out = save_state_dict(tensors, tmp_path / "one", metadata={"note": "hi"})
     assert sorted(p.name for p in out.iterdir()) == [SINGLE_SHARD]
-    _assert_same(load_file(out / SINGLE_SHARD), tensors)
+    assert_same(load_file(out / SINGLE_SHARD), tensors)
     with Checkpoint(out) as ckpt:
         assert ckpt.metadata == {"format": "pt", "note": "hi"}
 
 
 def test_layout_and_stream_give_identical_bytes(tmp_path: Path) -> None:
-    tensors = _tensors()
-    a = _write(tmp_path / "a", tensors, layout=False, max_shard_size=500)
-    b = _write(tmp_path / "b", tensors, layout=True, max_shard_size=500)
+    tensors = sample_tensors()
+    a = write_ckpt(tmp_path / "a", tensors, layout=False, max_shard_size=500)
+    b = write_ckpt(tmp_path / "b", tensors, layout=True, max_shard_size=500)
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
@@ -133,12 +90,12 @@ def test_data_is_aligned(tmp_path: Path) -> None:
 
 
 def test_layout_any_order(tmp_path: Path) -> None:
-    tensors = _tensors()
+    tensors = sample_tensors()
     layout = [(n, t.shape, t.dtype) for n, t in tensors.items()]
     with ShardedWriter(tmp_path / "o", layout=layout, max_shard_size=300) as w:
         for name in reversed(list(tensors)):
             w.add(name, tensors[name])
-    _assert_same(_read_all(tmp_path / "o"), tensors)
+    assert_same(read_all(tmp_path / "o"), tensors)
 
 
 def test_progress_hook(tmp_path: Path) -> None:
@@ -150,7 +107,7 @@ def test_progress_hook(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- atomicity
 @pytest.mark.parametrize("layout", [False, True])
 def test_exception_mid_write_leaves_nothing(tmp_path: Path, layout: bool) -> None:
-    tensors = _tensors()
+    tensors = sample_tensors()
     lay = [(n, t.shape, t.dtype) for n, t in tensors.items()] if layout else None
     with pytest.raises(RuntimeError, match="boom"):
         with ShardedWriter(tmp_path / "out", layout=lay, max_shard_size=300) as w:
@@ -212,9 +169,9 @@ def test_overwrite_semantics(tmp_path: Path) -> None:
     w.add("u", torch.tensor([4.0]))
     assert torch.equal(load_file(out / SINGLE_SHARD)["v"], torch.tensor([1.0]))
     assert w.finish() == out
-    _assert_same(_read_all(out), {"v": torch.tensor([3.0]), "u": torch.tensor([4.0])})
+    assert_same(read_all(out), {"v": torch.tensor([3.0]), "u": torch.tensor([4.0])})
     assert not (out / SINGLE_SHARD).exists()  # nothing stale from the old folder
-    assert _siblings(out) == ["out"]
+    assert siblings(out) == ["out"]
     with pytest.raises(CheckpointError, match="finished"):
         w.add("z", torch.ones(1))
 
@@ -249,70 +206,6 @@ def test_parse_size_rejects(bad: object) -> None:
         parse_size(bad)  # type: ignore[arg-type]
 
 
-# ------------------------------------------------------------------- reader
-def test_reader_lists_without_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tensors = _tensors()
-    out = _write(tmp_path / "out", tensors, layout=True, max_shard_size=300)
-
-    def no_read(*a: object, **k: object) -> None:
-        raise AssertionError("data was read")
-
-    with Checkpoint(out) as ckpt:
-        monkeypatch.setattr(Checkpoint, "read", no_read)
-        assert sorted(ckpt.names()) == sorted(tensors)
-        for name, t in tensors.items():
-            info = ckpt.info(name)
-            assert info.shape == tuple(t.shape) and info.dtype == t.dtype
-            assert info.nbytes == t.numel() * t.element_size()
-        assert ckpt.num_parameters == sum(t.numel() for t in tensors.values())
-        assert ckpt._handles == {}
-
-
-def test_reader_one_handle_per_shard(tmp_path: Path) -> None:
-    tensors = {f"t{i}": torch.full((8,), float(i)) for i in range(40)}
-    out = _write(tmp_path / "out", tensors, layout=False, max_shard_size=100)
-    with Checkpoint(out) as ckpt:
-        assert len(ckpt.shards) > 5
-        for _ in range(3):
-            for name in reversed(ckpt.names()):
-                assert torch.equal(ckpt.read(name), tensors[name])
-        assert len(ckpt._handles) <= len(ckpt.shards)
-    assert ckpt._handles == {}
-
-
-def test_reader_refuses_pickles(tmp_path: Path) -> None:
-    tensors = {"a": torch.arange(4.0), "b": torch.tensor([1, 2], dtype=torch.int64)}
-    for suffix in (".bin", ".pt"):
-        folder = tmp_path / suffix.strip(".")
-        folder.mkdir()
-        torch.save(tensors, folder / f"pytorch_model{suffix}")
-        for path in (folder, folder / f"pytorch_model{suffix}"):
-            with pytest.raises(PickleRefusedError, match="allow_pickle"):
-                Checkpoint(path)
-        with Checkpoint(folder, allow_pickle=True) as ckpt:
-            _assert_same(dict(ckpt.iter_tensors()), tensors)
-
-
-def test_truncated_shard_errors(tmp_path: Path) -> None:
-    out = save_state_dict({"a": torch.randn(100), "b": torch.randn(100)}, tmp_path / "out")
-    shard = out / SINGLE_SHARD
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="truncated"):
-        Checkpoint(out)
-    shard.write_bytes(data[:20])
-    with pytest.raises(CheckpointError):
-        Checkpoint(out)
-
-
-def test_reader_reads_safetensors_library_output(tmp_path: Path) -> None:
-    tensors = _tensors()
-    tensors["noncontig"] = tensors["noncontig"].contiguous()
-    (tmp_path / "m").mkdir()
-    save_file(tensors, tmp_path / "m" / "model.safetensors")
-    _assert_same(_read_all(tmp_path / "m"), tensors)
-
-
 # ------------------------------------------------------------- transformers
 def test_transformers_round_trip(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
@@ -344,16 +237,16 @@ def test_transformers_round_trip(tmp_path: Path) -> None:
 
 
 def test_rewrite_in_place_from_reader_infos(tmp_path: Path) -> None:
-    tensors = _tensors()
-    out = _write(tmp_path / "m", tensors, layout=False, max_shard_size=300)
+    tensors = sample_tensors()
+    out = write_ckpt(tmp_path / "m", tensors, layout=False, max_shard_size=300)
     (out / "config.json").write_text("{}")
     with Checkpoint(out) as ckpt:  # read the old folder while its replacement is written
         with ShardedWriter(out, layout=ckpt.infos(), template=out, overwrite=True, max_shard_size="1MB") as w:
             for name in ckpt.names():
                 w.add(name, ckpt.read(name))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE_SHARD]
-    _assert_same(load_file(out / SINGLE_SHARD), tensors)
-    assert _siblings(out) == ["m"]
+    assert_same(load_file(out / SINGLE_SHARD), tensors)
+    assert siblings(out) == ["m"]
 
 
 def test_stream_mode_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,9 +254,9 @@ def test_stream_mode_without_copy_file_range(tmp_path: Path, monkeypatch: pytest
         raise OSError(38, "copy_file_range not supported")
 
     monkeypatch.setattr("expertkit.weights.writer.os.copy_file_range", unsupported)
-    tensors = _tensors()
-    out = _write(tmp_path / "out", tensors, layout=False, max_shard_size=300)
-    _assert_same(_read_all(out), tensors)
+    tensors = sample_tensors()
+    out = write_ckpt(tmp_path / "out", tensors, layout=False, max_shard_size=300)
+    assert_same(read_all(out), tensors)
 
 
 def test_abandoned_writer_cleans_up(tmp_path: Path) -> None:
@@ -379,6 +272,65 @@ def test_abandoned_writer_cleans_up(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("layout", [False, True])
 def test_shards_are_not_executable(tmp_path: Path, layout: bool) -> None:
-    out = _write(tmp_path / "out", _tensors(), layout=layout, max_shard_size=300)
+    out = write_ckpt(tmp_path / "out", sample_tensors(), layout=layout, max_shard_size=300)
     for p in out.iterdir():
         assert p.stat().st_mode & 0o111 == 0, p.name
+
+
+def test_full_disk_fails_at_the_start_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    from expertkit.weights import _shardio
+
+    calls: list[int] = []
+
+    def no_space(fd: int, mode: int, offset: int, size: int) -> int:
+        calls.append(size)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(_shardio, "_FALLOCATE", no_space)
+    layout = [("a", (1000,), torch.float32)]
+    with pytest.raises(OSError, match="cannot allocate 4[0-9]{3} bytes: No space left") as info:
+        ShardedWriter(tmp_path / "out", layout=layout)
+    assert info.value.errno == errno.ENOSPC and calls  # refused before any tensor was written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_preallocation_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    from expertkit.weights import _shardio
+
+    def unsupported(fd: int, mode: int, offset: int, size: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(_shardio, "_FALLOCATE", unsupported)
+    tensors = sample_tensors()
+    assert_same(read_all(write_ckpt(tmp_path / "out", tensors, layout=True, max_shard_size=300)), tensors)
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_background_fsync_failure_fails_the_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  layout: bool) -> None:
+    import threading
+
+    from expertkit.weights import _shardio
+
+    real_fsync = os.fsync
+    threads: set[str] = set()
+
+    def failing_fsync(fd: int) -> None:
+        threads.add(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_shardio.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_ckpt(tmp_path / "out", sample_tensors(), layout=layout, max_shard_size=300)
+    assert any(n.startswith("expertkit-fsync") for n in threads)  # shards were flushed in the background
+    assert list(tmp_path.iterdir()) == []

@@ -45,8 +45,8 @@ def simulate_cmd(
     out.print(f"[green]done[/green]: {cfg.clients} clients, {cfg.rounds} rounds, scheme {res['scheme']}; accuracy {acc}")
     if res.get("signing"):
         for r in res["signing"]["rejections"]:
-            out.print(f"  dropped round {r['server_round']} update of {r['client'] or 'node ' + str(r['node_id'])}: "
-                      f"{r['reason']}")
+            out.print(f"  dropped round {r['server_round']} update of {r['client'] or '(no client id)'} from node "
+                      f"{r['node_id']} (counted against {r['charged']}): {r['reason']}")
         if res["signing"]["flagged"]:
             out.print(f"  [red]reported[/red] (failed verification repeatedly): {', '.join(res['signing']['flagged'])}")
     out.print(f"result: {Path(cfg.output_dir) / cfg.name / 'result.json'}")
@@ -98,7 +98,14 @@ def client_cmd(
 
     load_identity(key), load_public(server_key)  # fail early on a bad key file
     cmd = supernode_command(superlink, partition_id, key, server_key, port=port, root_certificates=root_certificates)
-    raise typer.Exit(subprocess.call(cmd, env=_env()))
+    code = subprocess.call(cmd, env=_env())
+    if code < 0:  # killed by signal N: exit 128 + N, as a shell reports it
+        code = 128 - code
+    if code:
+        typer.echo(f"error: the SuperNode (flower-supernode) exited with status {code}.", err=True)
+    # SystemExit, not typer.Exit: click returns typer.Exit's code from the command when it runs with
+    # standalone_mode=False (as expertkit's main does) instead of exiting, so the code could be lost.
+    raise SystemExit(code)
 
 
 @fl_app.command("measure")

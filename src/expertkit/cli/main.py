@@ -1,11 +1,21 @@
 """Entry point of the ``expertkit`` command.
 
-User errors (:class:`~expertkit.errors.ExpertkitError`) print one message without a
-traceback and exit with status 2; ``--debug`` shows the traceback instead.
+Exit status, decided here once for every command:
+
+* 0 on success; a command that returns an int, or raises ``typer.Exit(code)``, exits with that
+  code (``expertkit fl client`` passes on the SuperNode's);
+* 2 for user errors (:class:`~expertkit.errors.ExpertkitError`) and for operating-system errors
+  (read-only file system, disk full, file-size limit, a parent path that is a file): one line,
+  no traceback; ``--debug`` (or ``EXPERTKIT_DEBUG=1``) shows the traceback instead;
+* 130 after Ctrl-C, with one line.
+
+Help texts come from docstrings and registry metadata written in reStructuredText; the
+``expertkit`` help shows them without the markup (:func:`expertkit.cli.helptext.plain`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -153,34 +163,78 @@ def run(
 def stages() -> None:
     """List the pipeline stage kinds and their parameters."""
     import expertkit.pipeline.stages  # noqa: F401
+    from expertkit.cli.helptext import print_entries
     from expertkit.pipeline import STAGES
 
-    for entry in STAGES:
-        out.print(f"[bold]{entry.name}[/bold]: {entry.summary}")
-        for pname, field in entry.params.model_fields.items():
-            default = "required" if field.is_required() else f"default {field.default!r}"
-            out.print(f"    {pname} ({default}): {field.description or ''}")
+    print_entries(out, STAGES)
+
+
+#: what to do about an operating-system error, by errno
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free space or write somewhere else",
+    errno.EFBIG: "the file-size limit (ulimit -f) is smaller than this file",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "check the permissions of the path",
+    errno.EPERM: "check the permissions of the path",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and what to do."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = ""
+    if exc.filename is not None:
+        where = f": {os.fsdecode(exc.filename)}"
+        if exc.filename2 is not None:
+            where += f" -> {os.fsdecode(exc.filename2)}"
+    hint = _OS_HINTS.get(exc.errno or 0)
+    return f"{what}{where}" + (f" ({hint})." if hint else ".")
+
+
+def _exit_code(value: object) -> int:
+    """The exit status for a command's return value: an int is the status, anything else is 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors exit 2 with one message, ``--debug`` shows tracebacks."""
+    """Run the CLI: exit codes and one-line errors as the module docstring says."""
+    from expertkit.cli.helptext import clean_help
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("EXPERTKIT_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    clean_help(command)
     try:
-        app(args=args, prog_name="expertkit", standalone_mode=False)
+        # make_context + invoke instead of command.main(): typer's main turns Ctrl-C into a plain
+        # return value of 130 and drops the messages; here every outcome is handled below.
+        with command.make_context("expertkit", args) as ctx:
+            code = _exit_code(command.invoke(ctx))
     except ExpertkitError as exc:
         if debug:
             raise
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # the reader went away (`expertkit tasks list | head`): not an error to report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing left to flush at exit
+            sys.exit(1)
+        if debug:
+            raise
+        err.print(Text.assemble(("error: ", "bold red"), os_error_line(exc)), soft_wrap=True)
+        sys.exit(2)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        err.print("interrupted: finished stages are saved; run the same command again to resume.")
+        err.print("interrupted: nothing half-written was left; commands that resume (run, train) "
+                  "continue where they stopped when run again.", soft_wrap=True)
         sys.exit(130)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -43,16 +43,52 @@ def list_cmd(
         if family not in families:
             raise unknown("task family", family, families)
         tasks = [t for t in tasks if t.family == family]
-    table = Table(title=f"{len(tasks)} tasks (* = recommended for quickstart experts)")
-    for column in ("name", "family", "kind", "source", "license", "train", "validation", "test"):
-        table.add_column(column, overflow="fold")
+    title = f"{len(tasks)} tasks (* = recommended for quickstart experts)"
+    rows = []
     for task in tasks:
         size = task.size or {}
-        name = task.name + (" *" if task.name in QUICKSTART_TASKS else "")
-        kind = task.kind + (" (eval only)" if task.eval_only else "")
-        table.add_row(name, task.family, kind, task.source, task.license,
-                      *(_size(size.get(split)) for split in ("train", "validation", "test")))
-    out.print(table)
+        sizes = [_size(size.get(split)) for split in ("train", "validation", "test")]
+        rows.append({
+            "name": task.name + (" *" if task.name in QUICKSTART_TASKS else ""), "family": task.family,
+            "kind": task.kind + (" (eval only)" if task.eval_only else ""), "source": task.source,
+            "license": task.license, "train": sizes[0], "validation": sizes[1], "test": sizes[2],
+            "examples": "generated" if set(sizes) == {"generated"} else "/".join(sizes),
+        })
+    _print_table(title, rows)
+
+
+def _table(title: str, rows: list[dict[str, str]], columns: tuple[str, ...]) -> Table:
+    """A table of ``columns``. Identifiers never wrap; prose (kind, license) wraps between words,
+    and only ``source``, the one long identifier, may be folded when nothing else fits."""
+    table = Table(title=title)
+    for column in columns:
+        if column in ("kind", "license"):
+            table.add_column(column)  # wraps between words
+        elif column == "source":
+            table.add_column(column, overflow="fold", min_width=12)
+        else:
+            table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    return table
+
+
+def _print_table(title: str, rows: list[dict[str, str]]) -> None:
+    """All columns when they fit, or when the output is not a terminal (then nothing wraps: a row
+    per line, for grep); on a narrow terminal, the columns that fit whole, and where the rest is."""
+    from rich.measure import Measurement
+
+    wide = _table(title, rows, ("name", "family", "kind", "source", "license", "train", "validation", "test"))
+    natural = Measurement.get(out, out.options.update(width=10_000), wide).maximum
+    if not out.is_terminal:
+        Console(width=natural, soft_wrap=True).print(wide)
+    elif natural <= out.width:
+        out.print(wide)
+    else:
+        narrow = _table(title, rows, ("name", "family", "kind", "examples"))
+        narrow.caption = ("examples: train/validation/test; source and license: 'expertkit tasks show NAME' "
+                          "or a wider terminal")
+        out.print(narrow)
 
 
 @tasks_app.command("show")

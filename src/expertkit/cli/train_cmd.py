@@ -95,15 +95,14 @@ def train_cmd(
 
 def optimizers_cmd() -> None:
     """List the registered optimizers (first- and zeroth-order) and their parameters."""
+    from expertkit.cli.helptext import print_entries
     from expertkit.train.optimizers import OPTIMIZERS, _load_plugins
 
-    _load_plugins()
-    for entry in OPTIMIZERS:
-        kind = "zeroth-order" if entry.extra.get("zo") else "first-order"
-        out.print(f"[bold]{entry.name}[/bold] ({kind}): {entry.summary}", highlight=False)
-        if entry.params is not None:
-            for pname, field in entry.params.model_fields.items():
-                out.print(f"    {pname} (default {field.default!r}): {field.description or ''}", highlight=False)
+    missing = _load_plugins()
+    print_entries(out, OPTIMIZERS, kind=lambda e: "zeroth-order" if e.extra.get("zo") else "first-order")
+    for package, dependency in missing.items():
+        out.print(f"(optimizers of {package} are not listed: it needs the package '{dependency}', "
+                  "which is not installed)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,12 @@
   round does not go back in time within a run (a replayed old global model). A failure returns an
   error reply and the local training never runs on an unverified model;
 * on the outgoing ``train`` reply it signs the content (arrays and metrics) bound to the run id
-  and round the server signed, and to this client's id.
+  and round the server signed, and to this client's id; an ``evaluate`` reply (metrics) is
+  signed the same way in the ``client-evaluation`` role.
+
+The incoming message is attacker-controlled until its signature verifies: a signature record of
+the wrong type or with fields of the wrong type, and a malformed model, give an error reply with
+the reason, never an exception.
 """
 
 from __future__ import annotations
@@ -15,7 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from expertkit.federated.keys import Identity, PublicKey
-from expertkit.federated.records import CLIENT_ROLE, SERVER_ROLE, SIG_KEY, sign_content, static_lookup, verify_content
+from expertkit.federated.records import (
+    CLIENT_ROLE,
+    EVAL_ROLE,
+    SERVER_ROLE,
+    SIG_KEY,
+    parse_signature_record,
+    sign_content,
+    static_lookup,
+    verify_content,
+)
 
 STATE_KEY = "expertkit.fl"
 ERROR_CODE = 4711  # Flower error code used for a refused (unverified) server message
@@ -47,7 +61,10 @@ class SigningMod:
         rec = msg.content.get(SIG_KEY) if msg.has_content() else None
         if rec is None:
             return self._refuse(msg, "the server message is not signed")
-        run_id, server_round = str(rec.get("run-id", "")), int(rec.get("round", -1))
+        parsed = parse_signature_record(rec)
+        if isinstance(parsed, str):
+            return self._refuse(msg, parsed)
+        run_id, server_round = parsed.run_id, parsed.server_round
         if self.lookup is not None:
             verdict = verify_content(msg.content, self.lookup, run_id=run_id, server_round=server_round,
                                      role=SERVER_ROLE, sender="server")
@@ -59,7 +76,7 @@ class SigningMod:
         ctxt.state[STATE_KEY] = ConfigRecord({"run-id": run_id, "round": server_round})
         del msg.content[SIG_KEY]  # the inner app sees exactly what an unsigned run would
         reply = call_next(msg, ctxt)
-        if mtype == MessageType.TRAIN and not reply.has_error():
-            sign_content(reply.content, self.identity, run_id=run_id, server_round=server_round, role=CLIENT_ROLE,
-                         alg=self.alg)
+        if not reply.has_error():
+            role = CLIENT_ROLE if mtype == MessageType.TRAIN else EVAL_ROLE
+            sign_content(reply.content, self.identity, run_id=run_id, server_round=server_round, role=role, alg=self.alg)
         return reply

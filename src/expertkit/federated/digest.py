@@ -16,6 +16,7 @@ another round or run, or reassigned to another client.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -35,8 +36,38 @@ def _new(alg: str) -> Any:
     raise unknown("digest algorithm", alg, DIGESTS)
 
 
+U64_LIMIT = 1 << 64  # every length and dimension is encoded as an unsigned 64-bit integer
+I64_RANGE = (-(1 << 63), 1 << 63)  # integer values: what a Flower record can carry over the wire (sint64)
+
+
+class MalformedUpdateError(ConfigError):
+    """An update (or a field of it) has a type or value that has no canonical encoding.
+
+    Raised instead of ``struct.error`` / ``OverflowError`` / ``ValueError`` from deep inside the
+    encoder, so a verifier can refuse one attacker-made reply and carry on with the others.
+    """
+
+
 def _u64(n: int) -> bytes:
+    if not 0 <= n < U64_LIMIT:
+        raise MalformedUpdateError(f"{n if abs(n) < 1 << 80 else 'a huge number'} is outside 0 .. 2^64-1")
     return struct.pack(">Q", n)
+
+
+def _dim(d: Any) -> int:
+    """A tensor dimension: an integer (not a bool) in 0 .. 2^64-1."""
+    if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+        raise MalformedUpdateError(f"a dimension of type {type(d).__name__} (an integer is needed)")
+    d = int(d)
+    if not 0 <= d < U64_LIMIT:
+        raise MalformedUpdateError(f"dimension {d if abs(d) < 1 << 80 else 'a huge number'} (0 .. 2^64-1 expected)")
+    return d
+
+
+def _text(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise MalformedUpdateError(f"{what} of type {type(value).__name__} (a string is needed)")
+    return value.encode("utf-8", "surrogatepass")
 
 
 def _field(data: bytes) -> bytes:
@@ -48,23 +79,35 @@ def encode_scalar(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"?" + (b"\x01" if value else b"\x00")
     if isinstance(value, int):
+        if not I64_RANGE[0] <= value < I64_RANGE[1]:
+            raise MalformedUpdateError("an integer value outside the signed 64-bit range")
         return b"i" + _field(str(value).encode())
     if isinstance(value, float):
         return b"f" + struct.pack(">d", value)
     if isinstance(value, str):
-        return b"s" + _field(value.encode("utf-8"))
+        return b"s" + _field(value.encode("utf-8", "surrogatepass"))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return b"b" + _field(bytes(value))
     if isinstance(value, (list, tuple)):
         return b"L" + _u64(len(value)) + b"".join(encode_scalar(v) for v in value)
-    raise ConfigError(f"cannot hash a value of type {type(value).__name__}; use bool, int, float, str, bytes or lists.")
+    raise MalformedUpdateError(f"cannot hash a value of type {type(value).__name__}; use bool, int, float, str, bytes "
+                               "or lists.")
 
 
 def tensor_header(name: str, dtype: str, shape: Iterable[int], nbytes: int) -> bytes:
-    """The encoding that precedes a tensor's bytes."""
-    dims = list(shape)
-    return b"T" + _field(name.encode()) + _field(str(dtype).encode()) + _u64(len(dims)) + b"".join(
-        _u64(int(d)) for d in dims) + _u64(nbytes)
+    """The encoding that precedes a tensor's bytes.
+
+    Raises :class:`MalformedUpdateError` for a name or dtype that is not a string, or a shape that
+    is not a sequence of integers in 0 .. 2^64-1 (checked before anything is hashed).
+    """
+    if not isinstance(shape, (tuple, list)):
+        raise MalformedUpdateError(f"tensor '{str(name)[:80]}': shape of type {type(shape).__name__} (a tuple is needed)")
+    try:
+        dims = [_dim(d) for d in shape]
+    except MalformedUpdateError as exc:
+        raise MalformedUpdateError(f"tensor '{str(name)[:80]}': {exc}") from None
+    return b"T" + _field(_text(name, "a tensor name")) + _field(_text(dtype, "a dtype")) + _u64(len(dims)) + b"".join(
+        _u64(d) for d in dims) + _u64(nbytes)
 
 
 def as_buffer(tensor: Any) -> memoryview:
@@ -98,17 +141,19 @@ class UpdateHasher:
 
     def section(self, kind: str, name: str) -> None:
         """Start a named group of items (e.g. a Flower record)."""
-        self._h.update(b"R" + _field(kind.encode()) + _field(name.encode()))
+        self._h.update(b"R" + _field(_text(kind, "a record kind")) + _field(_text(name, "a record name")))
 
     def tensor(self, name: str, dtype: str, shape: Iterable[int], data: bytes | memoryview) -> None:
         """Add a tensor given its declared dtype and shape and its raw bytes."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedUpdateError(f"tensor '{str(name)[:80]}': data of type {type(data).__name__} (bytes needed)")
         view = memoryview(data).cast("B")
         self._h.update(tensor_header(name, dtype, shape, view.nbytes))
         self._h.update(view)
 
     def scalar(self, name: str, value: Any) -> None:
         """Add a named scalar (or list of scalars)."""
-        self._h.update(b"S" + _field(name.encode()) + encode_scalar(value))
+        self._h.update(b"S" + _field(_text(name, "a value name")) + encode_scalar(value))
 
     def digest(self) -> bytes:
         """The 32-byte digest of everything added so far."""

@@ -1,8 +1,10 @@
 """Keys for signed federated learning: key files, fingerprints, and the server's allowlist.
 
 * :func:`generate_key` writes ``<owner>.key`` (secret, mode 0600, in a 0700 folder) and
-  ``<owner>.pub`` (public) as small JSON files; writes are atomic, and an existing key is never
-  overwritten (use :func:`rotate_key`).
+  ``<owner>.pub`` (public); writes are atomic, and an existing key is never overwritten (use
+  :func:`rotate_key`). Ed25519 and ML-DSA keys are PEM files that ``cryptography`` and OpenSSL
+  read (PKCS#8 with the FIPS 204 seed for ML-DSA; see :mod:`.keyfile`); other schemes use small
+  JSON files (``expertkit-fl-key-v1``). Both formats are read for every scheme.
 * :func:`load_identity` refuses a secret key file that group or others can read, like ssh.
 * :class:`TrustStore` is the server's allowlist: a folder of trusted ``.pub`` files plus
   ``revoked.json``. A key is trusted when its file is in the folder and its fingerprint is not
@@ -26,6 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from expertkit.errors import CheckpointError, ConfigError, UnknownNameError
+from expertkit.federated.keyfile import (
+    decode_pem,
+    encode_public,
+    encode_secret,
+    is_pem,
+    pem_encodable,
+    read_key_bytes,
+)
 from expertkit.federated.signing.base import get_signer
 from expertkit.fileio import write_atomic
 
@@ -60,9 +70,15 @@ class PublicKey:
         return fingerprint(self.scheme, self.public)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``.pub`` file content."""
+        """The JSON ``.pub`` file content (schemes without a standard encoding)."""
         return {"format": FORMAT, "owner": self.owner, "scheme": self.scheme,
                 "public": base64.b64encode(self.public).decode(), "fingerprint": self.fingerprint}
+
+    def file_bytes(self) -> bytes:
+        """The ``.pub`` file: PEM (SubjectPublicKeyInfo) where a standard encoding exists, else JSON."""
+        if pem_encodable(self.scheme):
+            return encode_public(self.owner, self.scheme, self.public, self.fingerprint)
+        return json.dumps(self.to_json(), indent=1).encode()
 
 
 @dataclass(frozen=True)
@@ -112,10 +128,16 @@ def save_identity(identity: Identity, key_dir: str | os.PathLike[str], *, overwr
     key_path, pub_path = folder / f"{identity.owner}.key", folder / f"{identity.owner}.pub"
     if key_path.exists() and not overwrite:
         raise CheckpointError(f"{key_path} exists; use `expertkit fl keys rotate` to replace a key.")
-    secret = {**identity.public_key.to_json(), "secret": base64.b64encode(identity.secret).decode(),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_private(key_path, json.dumps(secret, indent=1).encode(), 0o600)
-    _write_private(pub_path, json.dumps(identity.public_key.to_json(), indent=1).encode(), 0o644)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if pem_encodable(identity.scheme, identity.secret):
+        data = encode_secret(identity.owner, identity.scheme, identity.secret, identity.fingerprint, created)
+        pub = identity.public_key.file_bytes()
+    else:  # no standard encoding: FN-DSA, SLH-DSA, hybrids, pqcrypto's expanded ML-DSA keys
+        secret = {**identity.public_key.to_json(), "secret": base64.b64encode(identity.secret).decode(),
+                  "created": created}
+        data, pub = json.dumps(secret, indent=1).encode(), json.dumps(identity.public_key.to_json(), indent=1).encode()
+    _write_private(key_path, data, 0o600)
+    _write_private(pub_path, pub, 0o644)
     return key_path
 
 
@@ -144,42 +166,63 @@ def rotate_key(owner: str, key_dir: str | os.PathLike[str], scheme: str | None =
     return old, new
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_key(path: Path, what: str) -> dict[str, Any]:
+    """A key file as ``{"owner", "scheme", "public", "secret" (or None), "fingerprint" (or None)}``, either format."""
+    data = read_key_bytes(path, what)
+    if is_pem(data):
+        fields = decode_pem(data, path)
+    else:
+        fields = _read_json(data, path)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable expertkit key file ({exc}).") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an expertkit key file (format {FORMAT} expected).")
-    return data
+        check_owner(fields["owner"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    get_signer(fields["scheme"])
+    if fields["fingerprint"] not in (None, fingerprint(fields["scheme"], fields["public"])):
+        raise CheckpointError(f"{path}: recorded fingerprint does not match the key; the file was altered.")
+    return fields
+
+
+def _read_json(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON format (``expertkit-fl-key-v1``)."""
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a readable expertkit key file ({str(exc)[:200]}).") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an expertkit key file (PEM or format {FORMAT} expected).")
+    try:
+        fields = {k: raw[k] for k in ("owner", "scheme", "public")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            raise TypeError("owner, scheme and public must be strings")
+        fields["public"] = base64.b64decode(fields["public"], validate=True)
+        secret = raw.get("secret")
+        fields["secret"] = None if secret is None else base64.b64decode(secret, validate=True)
+        fields["fingerprint"] = raw.get("fingerprint")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed key file ({str(exc)[:200]}).") from None
+    return fields
 
 
 def load_public(path: str | os.PathLike[str]) -> PublicKey:
-    """Read a ``.pub`` file; its recorded fingerprint must match its key."""
-    path = Path(path)
-    data = _read_json(path, "public key")
-    key = PublicKey(check_owner(data["owner"]), data["scheme"], base64.b64decode(data["public"]))
-    get_signer(key.scheme)
-    if data.get("fingerprint") not in (None, key.fingerprint):
-        raise CheckpointError(f"{path}: recorded fingerprint does not match the key; the file was altered.")
-    return key
+    """Read a ``.pub`` file (PEM or JSON); a recorded fingerprint must match its key.
+
+    A secret key file is accepted too (its public half is used).
+    """
+    fields = _read_key(Path(path), "public key")
+    return PublicKey(fields["owner"], fields["scheme"], fields["public"])
 
 
 def load_identity(path: str | os.PathLike[str]) -> Identity:
-    """Read a secret ``.key`` file; refuse it when group or others may read it."""
+    """Read a secret ``.key`` file (PEM or JSON); refuse it when group or others may read it."""
     path = Path(path)
     if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise CheckpointError(f"{path} is readable by group or others (mode {oct(stat.S_IMODE(path.stat().st_mode))}); "
                               f"run `chmod 600 {path}` or generate a new key.")
-    data = _read_json(path, "secret key")
-    if "secret" not in data:
+    fields = _read_key(path, "secret key")
+    if fields["secret"] is None:
         raise CheckpointError(f"{path} holds no secret key (is it a .pub file?).")
-    ident = Identity(check_owner(data["owner"]), data["scheme"], base64.b64decode(data["public"]),
-                     base64.b64decode(data["secret"]))
-    get_signer(ident.scheme)
-    return ident
+    return Identity(fields["owner"], fields["scheme"], fields["public"], fields["secret"])
 
 
 class TrustStore:
@@ -212,8 +255,7 @@ class TrustStore:
         if key.fingerprint in self._revoked:
             raise ConfigError(f"key {key.fingerprint} of '{key.owner}' was revoked "
                               f"({self._revoked[key.fingerprint].get('reason', '')}); generate a new key.")
-        _write_private(self.folder / f"{key.owner}-{key.fingerprint[:16]}.pub",
-                       json.dumps(key.to_json(), indent=1).encode(), 0o644)
+        _write_private(self.folder / f"{key.owner}-{key.fingerprint[:16]}.pub", key.file_bytes(), 0o644)
         self._keys[key.fingerprint] = key
         return key
 

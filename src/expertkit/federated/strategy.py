@@ -5,13 +5,17 @@ FedAdam, ...). It
 
 * signs every outgoing ``train`` / ``evaluate`` message (global model and config) with the
   server identity, bound to this run id and the round;
-* verifies every ``train`` reply against the allowlist for this run and round, and rejects
-  duplicates within a round and a client id that moves to another node; rejected replies are
-  dropped, logged and kept in :attr:`rejections` with the reason;
+* verifies every ``train`` and ``evaluate`` reply against the allowlist for this run and round,
+  and rejects duplicates within a round and a client id that moves to another node; each reply
+  is parsed defensively and checked on its own (:mod:`.replies`: one metric record with a
+  weight > 0, tensors whose bytes match the arrays the server sent), so a malformed reply is
+  dropped, logged and kept in :attr:`rejections` with the reason while the round completes
+  with the others;
 * hands only verified replies to the inner strategy, so an unverified update never touches the
   global model; with no verified reply the global model stays as it was;
-* counts failures per client id; after ``report_after`` failures the client is listed in
-  :attr:`flagged` (and, with ``exclude_flagged``, no longer sent work).
+* counts failures against the verified client id, or against the delivering node (``node
+  <id>``) when the signature did not verify; after ``report_after`` failures it is listed in
+  :attr:`flagged` (and, with ``exclude_flagged``, that node is no longer sent work).
 """
 
 from __future__ import annotations
@@ -24,19 +28,38 @@ from dataclasses import dataclass
 from typing import Any
 
 from expertkit.federated.keys import Identity, TrustStore
-from expertkit.federated.records import CLIENT_ROLE, SERVER_ROLE, Lookup, sign_content, verify_content
+from expertkit.federated.records import (
+    CLIENT_ROLE,
+    EVAL_ROLE,
+    SERVER_ROLE,
+    SIG_KEY,
+    Lookup,
+    Verdict,
+    sign_content,
+    verify_content,
+)
+from expertkit.federated.replies import (
+    ArrayLayout,
+    array_layout,
+    check_reply,
+    layout_difference,
+    metric_layout,
+    pick_layout,
+    without_dtypes,
+)
 
 log = logging.getLogger("expertkit.federated")
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """A training reply that was dropped before aggregation."""
+    """A reply that was dropped before aggregation."""
 
     server_round: int
     node_id: int
-    client: str  # the client id the reply claimed ("" when it claimed none)
+    client: str  # the client id the reply claimed ("" when it claimed none); not verified
     reason: str
+    charged: str = ""  # who the failure counts against: a verified client id, else "node <id>"
 
 
 class SignedStrategy:
@@ -53,10 +76,12 @@ class SignedStrategy:
         self.alg = alg
         self.rejections: list[Rejection] = []
         self.accepted: dict[int, list[str]] = {}
+        self.accepted_evaluate: dict[int, list[str]] = {}
         self.failures: Counter[str] = Counter()
         self.flagged: set[str] = set()
         self._node_of: dict[str, int] = {}
         self._flagged_nodes: set[int] = set()
+        self._sent_arrays: dict[int, ArrayLayout] = {}
 
     def __getattr__(self, name: str) -> Any:  # weighted_by_key, arrayrecord_key, ... of the inner strategy
         if name == "inner":
@@ -77,58 +102,101 @@ class SignedStrategy:
         return out
 
     def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
-        """The inner strategy's train messages, signed."""
-        return self._sign(self.inner.configure_train(server_round, arrays, config, grid), server_round)
+        """The inner strategy's train messages, signed; their arrays are what replies must match."""
+        messages = self._sign(self.inner.configure_train(server_round, arrays, config, grid), server_round)
+        if messages:
+            self._sent_arrays[server_round] = without_dtypes(array_layout(messages[0].content))
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
         """The inner strategy's evaluate messages, signed."""
         return self._sign(self.inner.configure_evaluate(server_round, arrays, config, grid), server_round)
 
     # -- clients -> server ----------------------------------------------------------------
-    def verify_replies(self, server_round: int, replies: Iterable[Any]) -> list[Any]:
-        """The replies that pass verification; the others are recorded in :attr:`rejections`."""
-        from expertkit.federated.records import SIG_KEY
+    def verify_replies(self, server_round: int, replies: Iterable[Any], role: str = CLIENT_ROLE) -> list[Any]:
+        """The replies that pass verification and the shape checks; the others go to :attr:`rejections`.
 
-        ok: list[Any] = []
+        Each reply is checked on its own and nothing it holds can raise out of here: a bad reply
+        is dropped, logged and counted, and the round goes on with the others. A failure counts
+        against the client id only when the reply's signature verified under that client's
+        trusted key; otherwise against the node that delivered it (``"node <id>"``), so a forged
+        reply that claims another client's id never gets that client reported.
+        """
+        train = role == CLIENT_ROLE
+        passed: list[tuple[Any, str, int]] = []  # (message, verified sender, node)
+        errors: list[Any] = []
         seen: set[str] = set()
         for m in replies:
             if m.has_error():  # no content: the inner strategy logs and skips it
-                ok.append(m)
+                errors.append(m)
                 continue
             node = int(m.metadata.src_node_id)
-            v = verify_content(m.content, self.lookup, run_id=self.run_id, server_round=server_round, role=CLIENT_ROLE)
-            reason = v.reason
-            if v.ok and v.sender in seen:
-                reason = f"second update from '{v.sender}' in round {server_round} (replay)"
-            elif v.ok and self._node_of.get(v.sender, node) != node:
-                reason = f"'{v.sender}' sent from node {node}, earlier from node {self._node_of[v.sender]} (reassigned)"
+            try:
+                v, reason = self._check_one(m, server_round, role, seen, node)
+            except Exception as exc:  # noqa: BLE001 - the last guard: a reply never stops the round
+                log.debug("round %d: checking the reply of node %d failed", server_round, node, exc_info=True)
+                v, reason = Verdict(False), f"could not be checked ({type(exc).__name__}: {str(exc)[:200]})"
             if reason:
-                self._reject(Rejection(server_round, node, v.sender, reason))
+                self._reject(Rejection(server_round, node, v.sender, reason, v.sender if v.ok else f"node {node}"))
                 continue
             seen.add(v.sender)
             self._node_of[v.sender] = node
+            passed.append((m, v.sender, node))
+        ok = self._consistent(server_round, passed, train)
+        (self.accepted if train else self.accepted_evaluate)[server_round] = sorted(s for _, s, _ in ok)
+        for m, _, _ in ok:
             del m.content[SIG_KEY]  # the inner strategy sees exactly what an unsigned run gives it
-            ok.append(m)
-        self.accepted[server_round] = sorted(seen)
+        return errors + [m for m, _, _ in ok]
+
+    def _check_one(self, m: Any, server_round: int, role: str, seen: set[str], node: int) -> tuple[Verdict, str]:
+        v = verify_content(m.content, self.lookup, run_id=self.run_id, server_round=server_round, role=role)
+        if not v.ok:
+            return v, v.reason
+        if v.sender in seen:
+            return v, f"second update from '{v.sender}' in round {server_round} (replay)"
+        if self._node_of.get(v.sender, node) != node:
+            return v, f"'{v.sender}' sent from node {node}, earlier from node {self._node_of[v.sender]} (reassigned)"
+        why = check_reply(m.content, getattr(self.inner, "weighted_by_key", "num-examples"), train=role == CLIENT_ROLE)
+        if why is None and role == CLIENT_ROLE and server_round in self._sent_arrays:
+            sent = self._sent_arrays[server_round]
+            got = without_dtypes(array_layout(m.content))
+            why = None if got == sent else f"its arrays differ from the global model: {layout_difference(got, sent)}"
+        return v, why or ""
+
+    def _consistent(self, server_round: int, passed: list[tuple[Any, str, int]], train: bool) -> list[tuple[Any, str, int]]:
+        """Keep the replies whose arrays (training) and metric names match the round's common layout."""
+        layouts = [(array_layout(m.content) if train else (), metric_layout(m.content)) for m, _, _ in passed]
+        common = pick_layout(layouts)
+        ok = []
+        for (m, sender, node), lay in zip(passed, layouts, strict=True):
+            if lay == common:
+                ok.append((m, sender, node))
+                continue
+            why = (f"its arrays differ from the round's other replies: {layout_difference(lay[0], common[0])}"
+                   if lay[0] != common[0] else
+                   f"its metrics {[k for k, _ in lay[1][1]][:6]} in '{lay[1][0][:40]}' differ from the round's other "
+                   f"replies {[k for k, _ in common[1][1]][:6]} in '{common[1][0][:40]}'")
+            self._reject(Rejection(server_round, node, sender, why, sender))
         return ok
 
     def _reject(self, r: Rejection) -> None:
         self.rejections.append(r)
-        who = r.client or f"node {r.node_id}"
+        who = r.charged
         self.failures[who] += 1
-        log.warning("round %d: dropped the update of %s: %s", r.server_round, who, r.reason)
+        claim = f" (claims '{r.client}')" if r.client and r.client != who else ""
+        log.warning("round %d: dropped the reply of %s%s: %s", r.server_round, who, claim, r.reason)
         if self.failures[who] >= self.report_after and who not in self.flagged:
             self.flagged.add(who)
             self._flagged_nodes.add(r.node_id)
             log.warning("%s failed verification %d times: reported as persistently failing", who, self.failures[who])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
-        """Aggregate the verified replies only."""
+        """Aggregate the verified, well-formed replies only."""
         return self.inner.aggregate_train(server_round, self.verify_replies(server_round, list(replies)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Any]) -> Any:
-        """Evaluation replies carry metrics only and never touch the model: passed through."""
-        return self.inner.aggregate_evaluate(server_round, replies)
+        """Aggregate the verified, well-formed evaluation replies only (signed by clients as evaluations)."""
+        return self.inner.aggregate_evaluate(server_round, self.verify_replies(server_round, list(replies), EVAL_ROLE))
 
     def summary(self) -> None:
         """Log the inner strategy's summary and the signing setup."""
@@ -148,4 +216,6 @@ class SignedStrategy:
             "run_id": self.run_id, "server_key": self.server.fingerprint, "scheme": self.server.scheme,
             "accepted": {str(k): v for k, v in self.accepted.items()},
             "rejections": [r.__dict__ for r in self.rejections], "flagged": sorted(self.flagged),
+            **({"accepted_evaluate": {str(k): v for k, v in self.accepted_evaluate.items()}}
+               if self.accepted_evaluate else {}),
         }

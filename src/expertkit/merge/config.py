@@ -31,7 +31,7 @@ from typing import Any, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from expertkit.config import Config, load_config
+from expertkit.config import REFUSED, Config, load_config
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 - pydantic keeps the order of a Union
 
@@ -93,7 +93,7 @@ class OutputSlice(Config):
     sources: list[InputSlice] = Field(min_length=1)
     base_model: str | None = None
     parameters: Parameters | None = None
-    residual_weight: float | None = None
+    residual_weight: float | None = Field(None, json_schema_extra=REFUSED)
 
     @model_validator(mode="after")
     def _lengths(self) -> OutputSlice:
@@ -120,8 +120,8 @@ class MergeConfig(Config):
     chat_template: str | None = None
     seed: int = Field(0, description="seed of random methods (DARE): per tensor, mixed with the tensor name")
     max_shard_size: str | int = Field("2GB", description="bytes per output shard")
-    modules: Any = None
-    tokenizer: Any = None
+    modules: Any = Field(None, json_schema_extra=REFUSED)
+    tokenizer: Any = Field(None, json_schema_extra=REFUSED)
 
     @field_validator("merge_method")
     @classmethod

@@ -10,21 +10,17 @@ reuse that folder; a partial or corrupt cache is detected and rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from expertkit.fileio import install_folder
+from expertkit.fileio import staged_folder
 from expertkit.errors import CheckpointError, unknown
-from expertkit.progress import status
+from expertkit.progress import note
 
 MARKER = "expertkit-bundle.json"
 
@@ -100,28 +96,11 @@ def ensure_bundled(name: str) -> Path:
         return folder
     if folder.exists():
         warnings.warn(f"the cached copy of '{name}' at {folder} is incomplete or corrupt; rebuilding it.", stacklevel=2)
-    with status(f"Converting bundled model {name} to safetensors (once; about 30 s)"):
-        _convert_gguf(spec, source, folder)
+    # a line, not a spinner: transformers' GGUF reader draws its own tqdm bar (silenced by
+    # expertkit's quiet mode through tqdm's public TQDM_DISABLE; see expertkit.progress)
+    note(f"Converting bundled model {name} to safetensors (once; about 30 s)")
+    _convert_gguf(spec, source, folder)
     return folder
-
-
-@contextlib.contextmanager
-def _no_gguf_bar() -> Iterator[None]:
-    """transformers' GGUF reader draws its own tqdm bar; our status spinner already covers the step."""
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - module moved in another transformers version
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:  # pragma: no cover
-        yield
-        return
-    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
 
 
 def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
@@ -130,10 +109,8 @@ def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
 
     from expertkit.weights.fingerprint import fingerprint
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with warnings.catch_warnings(), _no_gguf_bar():
+    with staged_folder(folder) as tmp:  # a corrupt old cache is replaced only when the new one is complete
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
@@ -159,7 +136,3 @@ def _convert_gguf(spec: BundledModel, source: Path, folder: Path) -> None:
             "files": files,
         }
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-        install_folder(tmp, folder)  # a corrupt old cache is replaced only now
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -2,8 +2,9 @@
 
 No network: each model is built with ``from_config`` from the table below (hidden
 size 64, 2 layers, vocabulary 128, fp32, eval mode). MoE models have 4 experts;
-Mixtral and Qwen2-MoE route top-2, Switch Transformers routes top-1 (its router has
-no top-k setting). The same ``seed`` always gives identical weights, and building a
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 route top-2 (DeepSeek: layer 0 is
+a dense MLP, layer 1 has a shared expert beside the routed ones), Switch Transformers
+routes top-1 (its router has no top-k setting). The same ``seed`` always gives identical weights, and building a
 model leaves the caller's torch RNG state untouched.
 
 Token ids are shared by all tiny models and by :func:`tiny_tokenizer`: 0 ``<pad>``,
@@ -86,6 +87,44 @@ _TINY: dict[str, tuple[Any, dict[str, Any]]] = {
             "mlp_only_layers": [],
         },
     ),
+    "qwen3_moe": (
+        AutoModelForCausalLM,
+        {
+            **_DECODER,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+        },
+    ),
+    "olmoe": (AutoModelForCausalLM, {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2}),
+    # DeepSeek: layer 0 dense (first_k_dense_replace), layer 1 = 1 shared + 4 routed experts;
+    # latent attention with kv rank 16 (no q compression), rope 8 + nope 8 per head.
+    **{
+        arch: (
+            AutoModelForCausalLM,
+            {
+                **_DECODER,
+                "num_key_value_heads": 4,  # latent attention expands kv to every head
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "n_shared_experts": 1,
+                "first_k_dense_replace": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "kv_lora_rank": 16,
+                "q_lora_rank": None,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 8,
+                "v_head_dim": 16,
+            },
+        )
+        for arch in ("deepseek_v2", "deepseek_v3")
+    },
     "switch_transformers": (
         AutoModelForSeq2SeqLM,
         {
@@ -100,7 +139,8 @@ _TINY: dict[str, tuple[Any, dict[str, Any]]] = {
     ),
 }
 TINY_ARCHS: tuple[str, ...] = tuple(_TINY)
-_ALIASES = {"switch": "switch_transformers", "qwen2-moe": "qwen2_moe"}
+_ALIASES = {"switch": "switch_transformers", "qwen2-moe": "qwen2_moe", "qwen3-moe": "qwen3_moe",
+            "deepseek": "deepseek_v3", "deepseek-v2": "deepseek_v2", "deepseek-v3": "deepseek_v3"}
 
 
 def _arch_name(arch: str) -> str:

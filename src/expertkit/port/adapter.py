@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from expertkit.errors import ConfigError
-from expertkit.fileio import install_folder
+from expertkit.fileio import staged_folder
 from expertkit.weights.patch import Patch
 
 PREFIX = "base_model.model."
@@ -116,14 +114,8 @@ def write_adapter(
         fan_in_fan_out=bool(fan_in_fan_out and fan_in_fan_out.pop()), task_type="CAUSAL_LM",
         base_model_name_or_path=base_name,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        install_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"rank": r, "residuals": residuals, "skipped": skipped,
             "max_residual": max(residuals.values(), default=0.0)}

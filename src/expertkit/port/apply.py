@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from expertkit.fileio import write_atomic
+from expertkit.fileio import new_folders, write_atomic, writing
 from expertkit.port.diagnose import PortDiagnosis, diagnose
 from expertkit.port.sketch import sketch_source
 from expertkit.weights.deltas import TensorSource
@@ -56,6 +56,13 @@ def _folder(source: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def _not_found(path: Path, what: str) -> CheckpointError:
+    """A missing input; the quickstart's experts get a pointer to what makes them."""
+    hint = ("the quickstart's experts are written by `make run`, i.e. `expertkit run examples/quickstart.yaml`: "
+            "run it first" if "quickstart" in path.parts else "check the path")
+    return CheckpointError(f"{what} not found: {path} ({hint}).")
+
+
 def is_adapter(path: str | os.PathLike[str]) -> bool:
     """True for a PEFT adapter folder."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -81,6 +88,8 @@ def extract_patch(
     the base's fingerprint and, when ``sketch``, a sketch of each patched tensor.
     """
     path = Path(source)
+    if not path.exists():
+        raise _not_found(path, "adapter or model folder")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass a PEFT adapter folder or a fine-tuned model folder.")
     base_dir = _folder(base) if base is not None else (_adapter_base(path) if is_adapter(path) else None)
@@ -122,6 +131,8 @@ def _replacements_to_deltas(patch: Patch, base: TensorSource) -> None:
 def _load_patch(patch: Patch | str | os.PathLike[str]) -> Patch:
     if isinstance(patch, Patch):
         return patch
+    if not Path(patch).exists():
+        raise _not_found(Path(patch), "patch or adapter folder")
     return extract_patch(patch) if is_adapter(patch) else Patch.load(patch)
 
 
@@ -163,28 +174,29 @@ def port(  # noqa: PLR0913 - keyword options of one command
         raise IncompatibleModelsError(
             f"refusing to port: {diag.message} Pass --force (force=True) to apply it anyway."
         )
-    meta = {"format": "expertkit-port", "new_base": str(new_dir), "patch_source": patch.source, "scale": scale,
+    meta = {"format": "expertkit-port", "new_base": str(new_dir.resolve()), "patch_source": patch.source, "scale": scale,
             "patch_kind": patch.kind, "output": "adapter" if as_adapter else "model", "diagnosis": diag.to_dict()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.port-", dir=out.parent))
-    info = None
-    try:
-        if as_adapter:
-            from expertkit.port.adapter import write_adapter
+    with new_folders(out.parent), writing(out):
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.port-", dir=out.parent))
+        info = None
+        try:
+            if as_adapter:
+                from expertkit.port.adapter import write_adapter
 
-            cfg_path = new_dir / "config.json"
-            config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
-            info = write_adapter(patch, stage / "out", base_name=str(new_dir), base_config=config, scale=scale,
-                                 rank=rank, skip_non_matrix=skip_non_matrix)
-            meta["adapter"] = info
-        else:
-            _write_model(patch, new_dir, stage / "out", scale)
-        write_atomic(stage / "out" / PORT_META, json.dumps(meta, indent=1))
-        if out.exists():
-            os.replace(out, stage / "old")
-        os.replace(stage / "out", out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+                cfg_path = new_dir / "config.json"
+                config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+                # PEFT's base_model_name_or_path: absolute, so that the adapter loads from any directory
+                info = write_adapter(patch, stage / "out", base_name=str(new_dir.resolve()), base_config=config,
+                                     scale=scale, rank=rank, skip_non_matrix=skip_non_matrix)
+                meta["adapter"] = info
+            else:
+                _write_model(patch, new_dir, stage / "out", scale)
+            write_atomic(stage / "out" / PORT_META, json.dumps(meta, indent=1))
+            if out.exists():
+                os.replace(out, stage / "old")
+            os.replace(stage / "out", out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return PortResult(out, "adapter" if as_adapter else "model", scale, diag, info)
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 import torch
 
 from expertkit.errors import CheckpointError, ConfigError
-from expertkit.fileio import install_folder
+from expertkit.fileio import check_writable, staged_folder
 
 META_NAME = "expertkit.json"
 
@@ -98,17 +96,11 @@ def _model_card(meta: dict[str, Any]) -> str:
 
 
 def _write(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(meta))
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-        install_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def evolve(  # noqa: PLR0913 - keyword options of one training run
@@ -142,6 +134,7 @@ def evolve(  # noqa: PLR0913 - keyword options of one training run
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"output folder exists: {out_dir}. Choose another path, or pass --overwrite (overwrite=True in Python).")
+    check_writable(out_dir)  # before training, not after
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
             raise ConfigError(f"evolve: {name} must be at least 1, got {value}.")

@@ -4,8 +4,14 @@
 
 * ``<task>_<split>.jsonl``: one line per example, ``{"prompt", "answer"}`` plus, for choice
   tasks, ``"choices"`` (list) and ``"label"`` (index of the answer);
-* ``expertkit_<task>.yaml``: an lm-eval (0.4.x) task config that reads that file through
-  ``dataset_path: json`` and ``dataset_kwargs.data_files``.
+* ``expertkit_<task>.yaml``: an lm-eval (0.4.x) task config that reads that file;
+* ``expertkit_lmeval_data.py``: the loader the YAML names (``custom_dataset: !function
+  expertkit_lmeval_data.load``), which opens the data files next to itself.
+
+The export is relocatable: no absolute path is written. lm-eval 0.4.13 hands ``data_files`` to
+``datasets.load_dataset`` unchanged, so a relative path there would be read from the current
+directory; a ``!function`` reference, however, is resolved next to the YAML file, so the loader
+finds the JSONL files wherever the folder is moved. Files are written 0644 (less the umask).
 
 Generation tasks use ``output_type: generate_until`` (stop at a newline, greedy, at most the
 task's ``max_new_tokens``), a ``remove_whitespace`` + ``take_first`` filter (lm-eval appends
@@ -16,7 +22,7 @@ lm-eval puts its default ``target_delimiter`` (a space) between prompt and choic
 :meth:`~expertkit.tasks.base.Task.target`; metrics ``acc`` and ``acc_norm``.
 
 Run it with ``lm_eval --model hf --model_args pretrained=DIR --include_path OUT_DIR --tasks
-expertkit_<task>``. lm-eval is a peer tool, never a runtime dependency of expertkit.
+expertkit_<task>`` from any directory. lm-eval is a peer tool, never a runtime dependency of expertkit.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import yaml
 
 from expertkit.errors import ConfigError
-from expertkit.fileio import write_atomic
+from expertkit.fileio import new_folders, write_atomic
 from expertkit.tasks.base import Example, Task, get_task
 
 GSM8K_FILTERS = [
@@ -53,12 +59,45 @@ def example_record(task: Task, example: Example) -> dict[str, Any]:
     return record
 
 
+#: the loader module written beside the task YAML files (see the module docstring)
+LOADER_MODULE = "expertkit_lmeval_data"
+LOADER_SOURCE = '''"""Loads the data of tasks written by `expertkit tasks export`, from the folder of this file.
+
+lm-eval resolves `custom_dataset: !function expertkit_lmeval_data.load` next to the task YAML
+and calls it with the task's dataset_kwargs (and metadata): the data file names are relative
+to this folder, so the export can be moved or shared.
+"""
+
+from pathlib import Path
+
+
+def load(data_files, **metadata):
+    """The task's splits as a datasets.DatasetDict, read from the JSONL files beside this file."""
+    import datasets
+
+    here = Path(__file__).resolve().parent
+    return datasets.load_dataset("json", data_files={split: str(here / name) for split, name in data_files.items()})
+'''
+
+
+class FunctionRef(str):
+    """A ``!function module.name`` reference of an lm-eval task YAML."""
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Safe YAML dumper that writes :class:`FunctionRef` values with lm-eval's ``!function`` tag."""
+
+
+_TaskDumper.add_representer(FunctionRef, lambda dumper, ref: dumper.represent_scalar("!function", str(ref)))
+
+
 def task_config(task: Task, data_file: Path, split: str) -> dict[str, Any]:
-    """The lm-eval task config (as a dict) for ``task`` reading ``data_file`` as ``split``."""
+    """The lm-eval task config (as a dict) for ``task`` reading ``data_file`` (found beside the
+    YAML by its name) as ``split``."""
     config: dict[str, Any] = {
         "task": f"expertkit_{task.name}",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {split: str(data_file.resolve())}},
+        "custom_dataset": FunctionRef(f"{LOADER_MODULE}.load"),
+        "dataset_kwargs": {"data_files": {split: data_file.name}},
         "test_split": split,
         "doc_to_text": "prompt",
     }
@@ -98,11 +137,22 @@ def export_lm_eval(task: Task | str, out_dir: str | Path, split: str = "test", n
     if n <= 0:
         raise ConfigError(f"n must be positive, got {n}.")
     examples = task.examples(split, n, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data_file = out / f"{task.name}_{split}.jsonl"
     lines = [json.dumps(example_record(task, ex), ensure_ascii=False) for ex in examples]
-    write_atomic(data_file, "\n".join(lines) + "\n")
-    yaml_file = out / f"expertkit_{task.name}.yaml"
-    write_atomic(yaml_file, yaml.safe_dump(task_config(task, data_file, split), sort_keys=False, allow_unicode=True))
+    out = Path(out_dir)
+    data_file, yaml_file = out / f"{task.name}_{split}.jsonl", out / f"expertkit_{task.name}.yaml"
+    files = {
+        data_file: "\n".join(lines) + "\n",
+        out / f"{LOADER_MODULE}.py": LOADER_SOURCE,
+        yaml_file: yaml.dump(task_config(task, data_file, split), Dumper=_TaskDumper, sort_keys=False,
+                             allow_unicode=True),
+    }
+    with new_folders(out):
+        fresh = [path for path in files if not path.exists()]
+        try:
+            for path, text in files.items():
+                write_atomic(path, text)
+        except BaseException:
+            for path in fresh:  # a failed export leaves none of its new files behind
+                path.unlink(missing_ok=True)
+            raise
     return yaml_file

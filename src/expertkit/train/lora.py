@@ -20,13 +20,10 @@ writes ``out_dir`` as a standard PEFT adapter folder (``adapter_config.json``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +32,8 @@ import torch
 
 from expertkit.config import validate
 from expertkit.errors import CheckpointError, ConfigError
-from expertkit.fileio import install_folder
+from expertkit.fileio import check_writable, staged_folder
+from expertkit.progress import loss_bar
 from expertkit.tasks.base import Task
 from expertkit.train.config import LoraTrainConfig
 from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
@@ -89,6 +87,7 @@ class TrainResult:
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} is a file; out_dir must be a folder for the adapter.")
+    check_writable(out_dir)  # before training, not after: a parent that is a file, a read-only disk
     if out_dir.is_dir():
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OURS)
         if foreign:
@@ -99,9 +98,17 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _base_name(loaded: Any) -> str:
+    """expertkit's name of the base (``expertkit.json``): a bundled name, an absolute folder or a hub id."""
     from expertkit.models.bundled import BUNDLED
 
-    return loaded.name if loaded.name in BUNDLED or loaded.path is None else str(loaded.path)
+    return loaded.name if loaded.name in BUNDLED or loaded.path is None else str(loaded.path.resolve())
+
+
+def peft_base_path(loaded: Any) -> str:
+    """The base as PEFT's ``base_model_name_or_path`` must name it: the absolute folder the weights
+    were loaded from (for a bundled model, its cached safetensors folder), so that
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` works from any directory; a hub id as is."""
+    return str(loaded.path.resolve()) if loaded.path is not None else loaded.name
 
 
 def config_scheme(meta: dict[str, Any]) -> str:
@@ -123,50 +130,22 @@ def _finished(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
     return meta if same and complete else None
 
 
-def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_name: str) -> None:
-    """Write the adapter into a temporary sibling folder, then swap it in for ``out_dir``."""
+def _write_adapter(peft_model: Any, out_dir: Path, meta: dict[str, Any], base_path: str) -> None:
+    """Write the adapter into a temporary sibling folder, then swap it in for ``out_dir``;
+    ``base_path`` goes to PEFT's ``base_model_name_or_path``."""
     from safetensors.torch import load_file, save_file
 
     from expertkit.weights.fingerprint import FINGERPRINT_METADATA_KEY
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         scheme = config_scheme(meta)
         for cfg in getattr(peft_model, "peft_config", {}).values():
-            cfg.base_model_name_or_path = base_name
+            cfg.base_model_name_or_path = base_path
         save(peft_model, tmp, scheme)
         weights = tmp / ("model.safetensors" if scheme == "full" else "adapter_model.safetensors")
         tensors = load_file(weights)
         save_file(tensors, weights, metadata={"format": "pt", FINGERPRINT_METADATA_KEY: meta["base_fingerprint"]})
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-        install_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def _loss_bar(description: str, total: int, completed: int) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar with the running loss; yields ``advance(loss)``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from expertkit.progress import console, is_quiet
-
-    columns = (
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=is_quiet()) as prog:
-        task = prog.add_task(description, total=total, completed=completed, loss="-")
-        yield lambda loss: prog.update(task, advance=1, loss=f"{loss:.4f}")
 
 
 def _evaluate(model: Any, tokenizer: Any, task: Task, config: LoraTrainConfig, **kw: Any) -> dict[str, Any]:
@@ -236,14 +215,14 @@ def train_lora(
         torch.manual_seed(config.seed)
         model, give_back = wrap(loaded.model, config, loaded.path)
         try:
-            return _train(model, tok, task, config, rows, out_dir, ckpt_path, ident, _base_name(loaded), callbacks)
+            return _train(model, tok, task, config, rows, out_dir, ckpt_path, ident, loaded, callbacks)
         finally:
             give_back()  # the caller's base model gets its plain layers (or its weights) back
 
 
 def _train(
     model: Any, tok: Any, task: Task, config: LoraTrainConfig, rows: list[Any], out_dir: Path,
-    ckpt_path: Path, ident: dict[str, Any], base_name: str, callbacks: Sequence[Callable[[StepInfo], None]],
+    ckpt_path: Path, ident: dict[str, Any], loaded: Any, callbacks: Sequence[Callable[[StepInfo], None]],
 ) -> TrainResult:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = build_optimizer(
@@ -267,7 +246,7 @@ def _train(
         resumed_from = start
     started = time.perf_counter()
     model.train()
-    with _loss_bar(f"Training {task.name}", config.steps, start) as advance:
+    with loss_bar(f"Training {task.name}", config.steps, start) as advance:
         for step in range(start, config.steps):
             batch = [rows[i] for i in batch_indices(step, config.batch_size, len(rows), config.seed)]
             lr = config.lr_at(step)
@@ -288,13 +267,13 @@ def _train(
     seconds = prior_seconds + time.perf_counter() - started
     metrics = _evaluate(model, tok, task, config) if config.eval_n else None
     meta = {
-        "format": FORMAT, **ident, "base": base_name, "steps": config.steps, "seed": config.seed,
+        "format": FORMAT, **ident, "base": _base_name(loaded), "steps": config.steps, "seed": config.seed,
         "lr": config.lr, "rank": config.rank, "alpha": config.alpha, "optimizer": config.optimizer,
         "scheme": config.scheme,
         "final_loss": losses[-1], "train_loss": sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10),
         "losses": losses, "metrics": metrics, "seconds": seconds, "trainable_params": sum(p.numel() for _, p in named),
     }
-    _write_adapter(model, out_dir, meta, base_name)
+    _write_adapter(model, out_dir, meta, peft_base_path(loaded))
     return TrainResult(out_dir, task.name, config.steps, losses, seconds, metrics, resumed_from, meta=meta)
 
 

@@ -161,18 +161,39 @@ def sgd(params: list[torch.nn.Parameter], setup: OptimizerSetup) -> TrainOptimiz
     return TorchOptimizer(opt, hp.max_grad_norm)
 
 
-def _load_plugins() -> None:
+def _load_plugins() -> dict[str, str]:
+    """Import :data:`PLUGIN_PACKAGES` (their ``__init__`` registers their optimizers).
+
+    Returns ``{package: missing third-party module}`` for a plugin package that could not be
+    imported because an optional dependency is not installed. Any other import failure (a
+    plugin module that is broken, a missing expertkit module) is raised as it is: it must not
+    pass for an unknown optimizer name.
+    """
+    missing: dict[str, str] = {}
     for pkg in PLUGIN_PACKAGES:
         try:
             importlib.import_module(pkg)
-        except ImportError:
-            pass
+        except ModuleNotFoundError as exc:
+            name = exc.name or ""
+            ours = name == "expertkit" or name.startswith("expertkit.") or pkg.startswith(name + ".") or name == pkg
+            if not name or ours:
+                raise
+            missing[pkg] = name.split(".")[0]
+    return missing
 
 
 def optimizer_entry(name: str) -> Any:
-    """The registry entry of optimizer ``name``; unknown names raise with a suggestion."""
+    """The registry entry of optimizer ``name``; unknown names raise with a suggestion (and name
+    the missing package of a plugin that could not be loaded)."""
     if name not in OPTIMIZERS:
-        _load_plugins()
+        missing = _load_plugins()
+        if name not in OPTIMIZERS and missing:
+            from expertkit.errors import unknown
+
+            err = unknown("optimizer", name, OPTIMIZERS.names())
+            note = "; ".join(f"{pkg} needs the package '{dep}', which is not installed"
+                             for pkg, dep in missing.items())
+            raise type(err)(f"{err} Not loaded: {note}.") from None
     return OPTIMIZERS.entry(name)
 
 

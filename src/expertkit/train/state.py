@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from expertkit.errors import CheckpointError
+from expertkit.fileio import fsync_path, new_folders, umask, writing
 
 META_KEY = "expertkit.train_state"
 FORMAT = "expertkit-train-checkpoint-v1"
@@ -75,22 +76,19 @@ def save_checkpoint(
     tensors.update(optim_tensors)
     tensors["rng.torch"] = rng_state.clone().contiguous()
     meta = {"format": FORMAT, "record": record, "optimizer": skeleton, "params": sorted(trainable)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    with new_folders(path.parent), writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600
+        os.close(fd)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_path(path.parent)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor, dict[str, Any]]:

@@ -16,7 +16,8 @@ What is hashed (``sha256``, hex digest truncated to 16 characters), exactly:
    ``sample {name}\\n`` followed by the little-endian float32 bytes of up to
    :data:`SAMPLE_VALUES` elements of the flattened tensor, at flat indices
    ``i * numel // k`` for ``i in range(k)``, ``k = min(SAMPLE_VALUES, numel)``
-   (each value cast to float32 first).
+   (each value cast to float32 first; a complex value gives its real and imaginary parts, in
+   that order, and a ``float4_e2m1fn_x2`` element, which packs two 4-bit values, its byte value).
 
 The sampled tensors are up to :data:`SAMPLE_TENSORS` tensors with at least one
 element, taken at evenly spaced positions ``round(j * (n - 1) / (m - 1))`` of
@@ -80,7 +81,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _values_bytes(flat_values: torch.Tensor) -> bytes:
     """Little-endian float32 bytes of a 1-D tensor of sampled values."""
-    v = flat_values.detach().to("cpu", torch.float32).contiguous()
+    v = flat_values.detach().cpu()
+    if v.is_complex():
+        v = torch.view_as_real(v)  # (k, 2): real, imaginary
+    elif v.dtype == torch.float4_e2m1fn_x2:  # torch cannot cast it; hash its bytes' values
+        v = v.view(torch.uint8)
+    v = v.to(torch.float32).contiguous()
     return v.numpy().astype("<f4", copy=False).tobytes()
 
 

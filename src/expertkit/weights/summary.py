@@ -10,16 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from expertkit.fileio import human_bytes as _human
 from expertkit.weights.arch import InferredArchitectureWarning, describe
 from expertkit.weights.reader import Checkpoint
-
-
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1000
-    return f"{nbytes:.1f} TB"  # pragma: no cover
 
 
 def checkpoint_summary(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
@@ -48,6 +41,7 @@ def checkpoint_summary(path: str | Path, *, allow_pickle: bool = False) -> dict[
             "num_layers": arch.num_layers,
             "layers_per_stack": {str(k): v for k, v in arch.layers_per_stack.items()},
             "num_experts": arch.num_experts,
+            "moe": _moe(arch, config),
             "num_tensors": len(infos),
             "num_parameters": ckpt.num_parameters,
             "dtypes": dict(dtypes),
@@ -70,9 +64,26 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in summary["dtypes"].items())),
         ("size on disk", f"{_human(summary['size_on_disk'])} in {summary['shards']} shard(s)"),
     ]
-    if summary["num_experts"]:
-        rows.insert(3, ("experts per MoE layer", str(summary["num_experts"])))
+    moe = summary.get("moe")
+    if moe:
+        shared = f"; shared experts in {moe['shared_layers']}" if moe["shared_layers"] else ""
+        dense = f"; dense MLP layers: {moe['dense_layers']}" if moe["dense_layers"] else ""
+        top_k = f", top-{moe['top_k']} routing" if moe["top_k"] else ""
+        rows.insert(3, ("experts", f"{summary['num_experts']} per MoE layer{top_k}; {moe['moe_layers']} MoE layers, "
+                                   f"{moe['routers']} router tensors{shared}{dense}"))
     return rows
+
+
+def _moe(arch: Any, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the experts, routers and shared parts are (None for a dense model)."""
+    if not arch.num_experts:
+        return None
+    from expertkit.weights.arch import descriptor_for
+
+    desc = descriptor_for(config) if config else None
+    return {"moe_layers": len(arch.experts), "routers": len(arch.groups["router"]),
+            "shared_layers": len(arch.by_layer("shared_expert")), "dense_layers": len(arch.by_layer("mlp")),
+            "top_k": desc.top_k(config) if desc else None}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

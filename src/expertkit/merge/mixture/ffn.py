@@ -21,8 +21,17 @@ transformers' own class:
 
 Every other tensor (embeddings, attention and its biases, norms, head) is the **mean** of the
 dense models' (computed in float32, cast back), as Branch-Train-MiX and Model-GLUE's mixture do;
-when the dense models share those tensors the mean is exact. Routers ``(E, hidden)`` are given
-per layer (see :mod:`~expertkit.merge.mixture.router_init`), zeros by default.
+a tensor the dense models share exactly is copied as it is (its float mean could differ in the
+last bit). Routers ``(E, hidden)`` are given per layer (see :mod:`~expertkit.merge.mixture.router_init`), zeros by default.
+
+A dense Llama/Mistral zoo can also be asked for the Qwen2-MoE form (``target="qwen2_moe"``; its
+attention then has no biases, ``qkv_bias: false``), and a ``shared`` dense model's MLP can fill
+the shared expert (``shared_expert_intermediate_size`` = the dense ``intermediate_size``): every
+token then gets ``sigmoid(g x) * shared(x) + sum_k w_k expert_k(x)``. With the gate ``g`` at zero
+(``sigmoid = 0.5``) and the routed experts' ``down_proj`` scaled by ``expert_scale`` (0.5 by
+default) the layer starts as the average of the shared MLP and the routed mixture; training the
+routers and gates (``expertkit moe build``) moves it from there. This form is not equivalent to
+the Mixtral one.
 
 Both targets route with ``softmax`` over the router logits and keep the top-k, renormalised
 (Mixtral always; Qwen2-MoE through ``norm_topk_prob``), so with ``top_k = 1`` each token gets
@@ -78,14 +87,23 @@ QWEN2_MOE = MoeTarget(
           ("mlp.shared_expert.down_proj.weight", "H,0"), ("mlp.shared_expert_gate.weight", "1,H")))
 #: dense model_type -> its MoE target.
 TARGETS: dict[str, MoeTarget] = {"llama": MIXTRAL, "mistral": MIXTRAL, "qwen2": QWEN2_MOE}
+#: targets by name, for asking for one explicitly
+TARGET_NAMES: dict[str, MoeTarget] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
 #: kept for callers of the Mixtral-only version
 EXPERT_NAMES = MIXTRAL.modules
 DENSE_TYPES = ("llama", "mistral")
 
 
-def moe_target(dense: dict) -> MoeTarget:
-    """The MoE target of a dense ``config.json``; a :class:`ConfigError` when there is none."""
-    target = TARGETS.get(str(dense.get("model_type")))
+def moe_target(dense: dict, name: str | None = None) -> MoeTarget:
+    """The MoE target of a dense ``config.json`` (or the one ``name``d); a :class:`ConfigError` when there is none."""
+    if name is not None and name not in TARGET_NAMES:
+        from expertkit.errors import unknown
+
+        raise unknown("MoE target", name, TARGET_NAMES)
+    if name is not None and dense.get("model_type") not in TARGETS:
+        raise ConfigError(f"an FFN-level mixture needs dense llama, mistral or qwen2 models; got model_type "
+                          f"{dense.get('model_type')!r}.")
+    target = TARGET_NAMES[name] if name is not None else TARGETS.get(str(dense.get("model_type")))
     if target is None:
         raise ConfigError(
             f"an FFN-level mixture needs dense models with an MoE counterpart: llama or mistral "
@@ -100,9 +118,10 @@ def moe_target(dense: dict) -> MoeTarget:
     return target
 
 
-def moe_config(dense: dict, num_experts: int, top_k: int) -> dict:
+def moe_config(dense: dict, num_experts: int, top_k: int, *, target_name: str | None = None,
+               shared: bool = False) -> dict:
     """The MoE ``config.json`` (Mixtral or Qwen2-MoE, see :data:`TARGETS`) for ``num_experts`` experts."""
-    target = moe_target(dense)
+    target = moe_target(dense, target_name)
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"top_k must be between 1 and the number of experts ({num_experts}), got {top_k}.")
     fill = {"{E}": num_experts, "{top_k}": top_k, "{inter}": dense.get("intermediate_size")}
@@ -111,6 +130,12 @@ def moe_config(dense: dict, num_experts: int, top_k: int) -> dict:
     cfg.update({"model_type": target.model_type, "architectures": [target.architecture]})
     if target is MIXTRAL:
         cfg["sliding_window"] = dense.get("sliding_window")
+    else:  # Qwen2 dense models have q/k/v biases; Llama/Mistral ones do not
+        cfg["qkv_bias"] = dense.get("model_type") == "qwen2" or bool(dense.get("attention_bias"))
+        if shared:
+            cfg["shared_expert_intermediate_size"] = dense.get("intermediate_size")
+    if shared and target is not QWEN2_MOE:
+        raise ConfigError("a shared expert needs the qwen2_moe target (Mixtral has no shared expert).")
     return cfg
 
 
@@ -144,10 +169,16 @@ def dense_to_moe(
     top_k: int = 1,
     overwrite: bool = False,
     mixtral_only: bool = False,
+    target: str | None = None,
+    shared: str | os.PathLike[str] | None = None,
+    expert_scale: float = 0.5,
 ) -> Path:
     """Write the MoE mixture (Mixtral or Qwen2-MoE, by model type) of the dense folders ``experts``.
 
     ``routers`` maps a layer index to its ``(E, hidden)`` router weight (zeros where absent).
+    ``target`` asks for ``"mixtral"`` or ``"qwen2_moe"`` explicitly; ``shared`` is a dense folder
+    whose MLP becomes the shared expert (Qwen2-MoE only; routed ``down_proj`` then scaled by
+    ``expert_scale``, see the module docstring).
     Raises :class:`IncompatibleModelsError` (nothing written) when the models differ in tensor
     names or shapes, and :class:`ConfigError` for architectures with no MoE counterpart.
     """
@@ -162,12 +193,19 @@ def dense_to_moe(
         raise ConfigError(f"output folder exists: {out_dir}. Choose another path or pass overwrite=True.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     ckpts = [Checkpoint(p) for p in experts]
+    shared_ckpt = Checkpoint(shared) if shared is not None else None
     try:
         cfg0 = ckpts[0].config or {}
-        config = (mixtral_config if mixtral_only else moe_config)(cfg0, len(ckpts), top_k)
-        target = moe_target(cfg0)
+        if mixtral_only:
+            config = mixtral_config(cfg0, len(ckpts), top_k)
+        else:
+            config = moe_config(cfg0, len(ckpts), top_k, target_name=target, shared=shared is not None)
+        target = moe_target(cfg0, target)
         shapes0 = {i.name: i.shape for i in ckpts[0].infos()}
-        for p, c in zip(experts[1:], ckpts[1:], strict=True):
+        others = list(zip(experts[1:], ckpts[1:], strict=True))
+        if shared_ckpt is not None:
+            others.append((shared, shared_ckpt))
+        for p, c in others:
             if {i.name: i.shape for i in c.infos()} != shapes0:
                 raise IncompatibleModelsError(
                     f"{p} differs from {experts[0]} in tensor names or shapes; an FFN-level mixture needs "
@@ -184,15 +222,22 @@ def dense_to_moe(
                     raise ConfigError(f"{name}: unexpected MLP tensor; {target.architecture} experts hold "
                                       "gate/up/down weights only.")
                 prefix, dt = name.split(".mlp.")[0], ckpts[0].info(name).dtype
+                scale = expert_scale if shared_ckpt is not None and role.module == "down_proj" else 1.0
                 for e in range(len(ckpts)):
                     out = target.expert.format(prefix=prefix, e=e, module=target.modules[role.module])
                     layout.append((out, shapes0[name], ckpts[e].info(name).dtype))
-                    plan.append((out, "expert", (name, e)))
+                    plan.append((out, "expert", (name, e, scale)))
+                if shared_ckpt is not None:
+                    out = f"{prefix}.mlp.shared_expert.{role.module}.weight"
+                    layout.append((out, shapes0[name], dt))
+                    plan.append((out, "shared_mlp", name))
                 if role.module == "down_proj":
                     gate = target.router.format(prefix=prefix)
                     layout.append((gate, (len(ckpts), hidden), dt))
                     plan.append((gate, "router", (role.layer, len(ckpts), hidden)))
                     for suffix, rule in target.zero:  # e.g. Qwen2-MoE's disabled shared expert
+                        if shared_ckpt is not None and not suffix.endswith("shared_expert_gate.weight"):
+                            continue  # the shared expert is the shared model's MLP; its gate starts at 0
                         shape = tuple(hidden if d == "H" else int(d) for d in rule.split(","))
                         layout.append((f"{prefix}.{suffix}", shape, dt))
                         plan.append((f"{prefix}.{suffix}", "zero", shape))
@@ -205,13 +250,16 @@ def dense_to_moe(
             folder = staging / "mixture"
             with ShardedWriter(folder, template=experts[0], layout=layout, max_shard_size="2GB") as writer:
                 for out, kind, src in plan:
-                    writer.add(out, _tensor(ckpts, kind, src, routers, dtypes[out]))
+                    if kind == "shared_mlp":
+                        writer.add(out, shared_ckpt.read(src))  # type: ignore[union-attr]
+                    else:
+                        writer.add(out, _tensor(ckpts, kind, src, routers, dtypes[out]))
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             install_folder(folder, out_dir)  # an old out_dir goes only now that the new one is complete
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     finally:
-        for c in ckpts:
+        for c in ckpts + ([shared_ckpt] if shared_ckpt is not None else []):
             c.close()
     return out_dir
 
@@ -220,8 +268,9 @@ def _tensor(ckpts: list, kind: str, src: object, routers: Mapping[int, torch.Ten
             dtype: torch.dtype) -> torch.Tensor:
     """One output tensor: an expert's MLP weight, a router, or the mean of a shared tensor."""
     if kind == "expert":
-        name, e = src  # type: ignore[misc]
-        return ckpts[e].read(name)
+        name, e, scale = src  # type: ignore[misc]
+        t = ckpts[e].read(name)
+        return t if scale == 1.0 else (t.to(torch.float32) * scale).to(t.dtype)
     if kind == "zero":
         return torch.zeros(src, dtype=dtype)  # type: ignore[arg-type]
     if kind == "router":
@@ -233,7 +282,7 @@ def _tensor(ckpts: list, kind: str, src: object, routers: Mapping[int, torch.Ten
             raise ConfigError(f"router of layer {layer} has shape {list(r.shape)}; expected {[n, hidden]}.")
         return r.detach().to(dtype).contiguous()
     ts = [c.read(src) for c in ckpts]
-    if not ts[0].dtype.is_floating_point:
-        return ts[0]
+    if not ts[0].dtype.is_floating_point or all(torch.equal(ts[0], t) for t in ts[1:]):
+        return ts[0]  # shared exactly: (x + x + x) / 3 need not round back to x in floating point
     mean = torch.stack([t.to(torch.float32) for t in ts]).mean(0)  # (E, *shape) -> (*shape)
     return mean.to(ts[0].dtype)
