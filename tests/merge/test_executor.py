@@ -70,8 +70,9 @@ def _stats(kind: str, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch
     return out
 
 
-@pytest.mark.parametrize("method", sorted(STREAMED))
-def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method):
+def _streamed_case(tmp_path: Path, zoo: list[Path], method: str) -> tuple[dict, list[Path], list[float], list | None]:
+    """The config of ``method``'s row of :data:`STREAMED` (statistics files written when it needs them),
+    its input models, weights and statistics."""
     from expertkit.merge import METHODS
 
     params, n, with_base = STREAMED[method]
@@ -88,8 +89,15 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method
         entries.append(entry)
     data = {"merge_method": method, "parameters": params, "seed": 11, "max_shard_size": 60_000,  # several shards
             "models": entries, **({"base_model": str(base)} if with_base else {})}
+    return data, models, weights, stats
+
+
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method):
+    params, _, with_base = STREAMED[method]
+    data, models, weights, stats = _streamed_case(tmp_path, zoo, method)
     got = _run(tmp_path, data)
-    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(base) if with_base else None, weights=weights,
+    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(zoo[0]) if with_base else None, weights=weights,
                             params=params, seed=11, stats=stats)
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
@@ -111,7 +119,10 @@ def test_output_loads_with_transformers_and_records_the_config(tmp_path, zoo):
         assert json.loads(ck.metadata["expertkit.merge"])["merge_method"] == "linear"
 
 
-def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch):
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch, method):
+    """Every method streams: at most one tensor of each input (and the base) is alive at a time,
+    and each is read exactly once (methods with whole-model statistics read those separately)."""
     alive: list[weakref.ref] = []
     peak = [0]
 
@@ -123,13 +134,13 @@ def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch):
             return t
         return read
 
+    data, models, _, _ = _streamed_case(tmp_path, zoo, method)
+    inputs = len(models) + ("base_model" in data)
     monkeypatch.setattr(FolderSource, "read", tracking(FolderSource.read))
-    monkeypatch.setattr(FolderSource, "view", tracking(FolderSource.view))  # ties maps its inputs
-    base, *models = zoo
-    data = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(m)} for m in models]}
+    monkeypatch.setattr(FolderSource, "view", tracking(FolderSource.view))  # zero-copy methods map their inputs
     _run(tmp_path, data)
-    assert len(alive) == 21 * 3  # every tensor of every input read exactly once
-    assert peak[0] == 3  # inputs + base, one tensor each: never a whole model
+    assert len(alive) == 21 * inputs  # every tensor of every input read exactly once
+    assert peak[0] == inputs  # one tensor each: never a whole model
 
 
 def test_depth_gradients_and_group_filters(tmp_path, zoo):
