@@ -1,6 +1,6 @@
 """Merge benchmark: expertkit's streaming executor vs mergekit, same configs, same run, beside the I/O floor.
 
-    .venv/bin/python bench/merge_vs_mergekit.py [--zoo bundled|tinyllama] [--methods ties linear della sce]
+    .venv/bin/python bench/merge_vs_mergekit.py [--zoo bundled|tinyllama|tiny] [--methods ties linear della sce]
         [--repeats 1] [--tools expertkit mergekit floor] [--json out.json]
 
 Zoos (written once, in a child process):
@@ -13,6 +13,8 @@ Zoos (written once, in a child process):
   intermediate 5632, vocabulary 32000; 2.2 GB in 1 GB shards) as the base and three experts, the
   base plus noise of 1% of each matrix's standard deviation (``~/.cache/expertkit/bench/tinyllama-zoo/``,
   8.8 GB). Configs keep the stored dtype (bfloat16 in and out).
+* ``tiny``: the same recipe at a toy size (2 layers, hidden 64; ``~/.cache/expertkit/bench/tiny-zoo/``),
+  to check that the script runs end to end in seconds (its timings mean nothing).
 
 Each merge runs in a fresh child process (``expertkit --quiet merge CFG OUT`` and ``mergekit-yaml
 CFG OUT --quiet``, the same YAML) after ``os.sync()``, started by a fresh small launcher
@@ -46,6 +48,9 @@ TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+#: the ``tiny`` zoo: TinyLlama's layout at a toy size
+TINY = {**TINYLLAMA, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 128}
 
 BUNDLED_ZOO = """
 import sys, torch
@@ -101,11 +106,12 @@ for k, name in enumerate(['base'] + [f'expert{i}' for i in range(n)]):
 
 
 def make_zoo(kind: str, n: int = 3) -> tuple[Path, list[Path], str | None]:
-    """(base folder, expert folders, config dtype) of the ``bundled`` or ``tinyllama`` zoo."""
+    """(base folder, expert folders, config dtype) of the ``bundled``, ``tinyllama`` or ``tiny`` zoo."""
     if kind == "bundled":
         root, code, args, dtype = CACHE / "merge-zoo", BUNDLED_ZOO, [], "float32"
     else:
-        root, code, args, dtype = CACHE / "tinyllama-zoo", TINYLLAMA_ZOO, [json.dumps(TINYLLAMA)], None
+        cfg = TINYLLAMA if kind == "tinyllama" else TINY
+        root, code, args, dtype = CACHE / f"{kind}-zoo", TINYLLAMA_ZOO, [json.dumps(cfg)], None
     res = subprocess.run([sys.executable, "-c", code, str(root), str(n), *args], check=True, capture_output=True,
                          text=True)
     return Path(res.stdout.strip().splitlines()[-1]), [root / f"expert{i}" for i in range(n)], dtype
@@ -260,7 +266,7 @@ def table(rows: list[dict], tools: list[str]) -> str:
 def main() -> None:
     """Run the benchmark and print a markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", choices=["bundled", "tinyllama"], default="bundled")
+    ap.add_argument("--zoo", choices=["bundled", "tinyllama", "tiny"], default="bundled")
     ap.add_argument("--methods", nargs="+", default=["ties", "linear"], choices=sorted(SETTINGS))
     ap.add_argument("--tools", nargs="+", default=["expertkit", "mergekit"], choices=["expertkit", "mergekit", "floor"])
     ap.add_argument("--repeats", type=int, default=1)

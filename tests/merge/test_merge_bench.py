@@ -26,3 +26,31 @@ def test_a_timed_child_does_not_inherit_the_benchmarks_peak_memory():
     # ru_maxrss over fork and exec: a child started straight from this process reports >= 400 MB)
     assert 50 < peak_mb < 150, peak_mb
     del held
+
+
+def test_every_benchmarked_config_is_valid_for_both_tools(tmp_path):
+    """The YAML each method's bench row runs is accepted by expertkit and by mergekit, with the same
+    models, weights and densities (a typo would only show after a long run)."""
+    import pytest
+    import yaml
+
+    from expertkit.merge.config import load_merge_config
+
+    mergekit_config = pytest.importorskip("mergekit.config")
+    bench = _bench()
+    base, experts = tmp_path / "base", [tmp_path / f"expert{i}" for i in range(3)]
+    for method in bench.SETTINGS:
+        for dtype in ("float32", None):
+            text = bench.config(method, base, experts, dtype)
+            cfg = tmp_path / f"{method}.yaml"
+            cfg.write_text(text)
+            ours = load_merge_config(cfg)
+            theirs = mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(text))
+            assert ours.merge_method == theirs.merge_method == method
+            assert [m.model for m in ours.models] == [str(e) for e in experts]
+            assert (ours.base_model is None) == (method == "linear") == (theirs.base_model is None)
+            assert ours.dtype == theirs.dtype == dtype
+            shared, per_model, weighted = bench.SETTINGS[method]
+            for m in ours.models:
+                assert dict(m.parameters or {}) == {**({"weight": 1.0} if weighted else {}), **per_model}
+            assert dict(ours.parameters or {}) == shared
