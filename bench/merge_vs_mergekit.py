@@ -1,7 +1,7 @@
 """Merge benchmark: expertkit's streaming executor vs mergekit, same configs, same run, beside the I/O floor.
 
     .venv/bin/python bench/merge_vs_mergekit.py [--zoo bundled|tinyllama|tiny] [--methods ties linear della sce]
-        [--repeats 1] [--tools expertkit mergekit floor] [--json out.json]
+        [--repeats 1] [--tools expertkit mergekit floor] [--profile 25] [--json out.json]
 
 Zoos (written once, in a child process):
 
@@ -23,6 +23,10 @@ interpreter (see :data:`LAUNCHER`); wall time is the child's, peak memory its ``
 reads every input file of the merge once and writes and fsyncs as many bytes as one model. This
 script never imports torch: the zoos are written and the outputs compared (max abs difference)
 in child processes too. The load average is recorded before and after each method.
+``--profile N`` then runs expertkit once more per method under cProfile (untimed, in a child) and
+prints its N most expensive calls by cumulative time: where the time goes. The worker threads of
+the block-wise methods are not profiled; their time shows as the main thread's wait in
+``map_blocks``.
 
 Goals: issue 4, at least 1.5x faster than mergekit at at most 0.5x its peak memory; issue 21, at
 1.1B parameters linear within 1.5x of the I/O floor and TIES within 3x.
@@ -217,8 +221,30 @@ def command(tool: str, cfg: Path, out: Path, inputs: list[Path]) -> list[str]:
     return [sys.executable, "-c", FLOOR, str(out), str(size), *files]
 
 
+PROFILE = """
+import cProfile, pstats, runpy, sys
+n, argv = int(sys.argv[1]), sys.argv[2:]
+sys.argv = argv
+prof = cProfile.Profile()
+try:
+    prof.runcall(runpy.run_path, argv[0], run_name='__main__')
+except SystemExit as exc:
+    if exc.code not in (0, None):
+        raise
+pstats.Stats(prof, stream=sys.stdout).sort_stats('cumulative').print_stats(n)
+"""
+
+
+def profile(cmd: list[str], top: int) -> str:
+    """cProfile's ``top`` calls by cumulative time of ``cmd`` (an expertkit command line), run in a child."""
+    res = subprocess.run([sys.executable, "-c", PROFILE, str(top), *cmd], capture_output=True, text=True, check=True)
+    lines = res.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if "function calls" in line), 0)
+    return "\n".join(lines[start:])
+
+
 def run_method(method: str, base: Path, experts: list[Path], dtype: str | None, tools: list[str], repeats: int,
-               tmp: Path) -> dict:
+               tmp: Path, top: int = 0) -> dict:
     """Every tool on one method, ``repeats`` times in alternating order; medians and worst peaks."""
     cfg = tmp / f"{method}.yaml"
     cfg.write_text(config(method, base, experts, dtype))
@@ -237,6 +263,10 @@ def run_method(method: str, base: Path, experts: list[Path], dtype: str | None, 
         row[f"{tool}_mb"] = max(m for _, m in rs)
     if "expertkit" in tools and "mergekit" in tools:
         row["max_abs_diff"] = compare(tmp / f"{method}-expertkit", tmp / f"{method}-mergekit")
+    if top:
+        out = tmp / f"{method}-profiled"
+        row["profile"] = profile(command("expertkit", cfg, out, inputs), top)
+        shutil.rmtree(out, ignore_errors=True)
     for tool in tools:
         out = tmp / f"{method}-{tool}"
         shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
@@ -270,14 +300,20 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ties", "linear"], choices=sorted(SETTINGS))
     ap.add_argument("--tools", nargs="+", default=["expertkit", "mergekit"], choices=["expertkit", "mergekit", "floor"])
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one expertkit run per method (untimed) and print its N top calls")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if "mergekit" in args.tools and shutil.which("mergekit-yaml", path=str(BIN)) is None:
         raise SystemExit("mergekit is not installed (pip install mergekit==0.1.5); nothing to compare.")
     base, experts, dtype = make_zoo(args.zoo)
     with tempfile.TemporaryDirectory(prefix="merge-bench-") as tmp:
-        rows = [run_method(m, base, experts, dtype, args.tools, args.repeats, Path(tmp)) for m in args.methods]
+        rows = [run_method(m, base, experts, dtype, args.tools, args.repeats, Path(tmp), args.profile)
+                for m in args.methods]
     print(table(rows, args.tools))
+    for r in rows:
+        if "profile" in r:
+            print(f"\n### expertkit {r['method']}: cProfile, top {args.profile} by cumulative time\n\n{r['profile']}")
     if args.json:
         args.json.write_text(json.dumps({"zoo": args.zoo, "rows": rows}, indent=2) + "\n")
 

@@ -9,9 +9,11 @@ memory-mapped views), the result is written in its output dtype, and the top-k t
 found from a sample plus one counting pass over a narrow band (:func:`kth_largest_magnitude`).
 
 Blocks run on a pool of ``torch.get_num_threads()`` Python threads, each op single-threaded (torch
-releases the GIL): measured on 2 cores, the mean of three 65M-element bfloat16 tensors took 1.25 s
-as whole-tensor ops, 0.99 s in blocks of 2^17 with torch's own threads (a fork/join per small
-op) and 0.32 s with blocks spread over threads (``bench/merge_vs_mergekit.py`` has the merges).
+releases the GIL): measured on 2 cores by an earlier session, the mean of three 65M-element
+bfloat16 tensors took 1.25 s as whole-tensor ops, 0.99 s in blocks of 2^17 with torch's own
+threads (a fork/join per small op) and 0.32 s with blocks spread over threads. The command that
+measures these variants (and the threshold and TIES ones) is ``bench/merge_blocks.py``; the
+figures are to be remeasured with it (docs/benchmarks.md).
 
 Element by element the arithmetic is the whole-tensor one, in the same order, so the results do
 not depend on the block size or on the threads.
