@@ -158,8 +158,8 @@ def test_every_method_has_a_comparison_with_mergekit():
     from expertkit.merge import METHODS
 
     compared = {"linear", "task_arithmetic", "ties", "breadcrumbs", "model_stock", "slerp", "dare_linear",
-                "dare_ties", "della", "della_linear", "arcee_fusion"} | {m for m, *_ in NEW_METHODS}
-    mergekit_too = {e.name for e in METHODS if e.extra["vs_mergekit"] != "not in mergekit"} - {"passthrough"}
+                "dare_ties", "della", "della_linear", "arcee_fusion", "passthrough"} | {m for m, *_ in NEW_METHODS}
+    mergekit_too = {e.name for e in METHODS if e.extra["vs_mergekit"] != "not in mergekit"}
     assert mergekit_too <= compared
 
 
@@ -204,3 +204,19 @@ def test_arcee_fusion_matches_mergekit_except_at_the_threshold(tmp_path, zoo):
             assert torch.all((out[bad] == base[name][bad]) | (out[bad] == (base[name] + d)[bad]))
     assert fused > total // 50  # Tukey's fence fuses a few percent of the elements
     assert differ <= 5 and differ <= total * 1e-4, differ  # measured: 3 of 90,112
+
+
+def test_passthrough_slices_with_a_per_model_scale_match_mergekit(tmp_path, zoo):
+    """Layer stacking as mergekit users write it: the repeated layer's o_proj and down_proj scaled to 0
+    by a per-model ``scale`` with filters (the output then equals mergekit's, bit for bit)."""
+    a, b, _ = zoo
+    zero_out = {"scale": [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0},
+                          {"value": 1.0}]}
+    data = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(b), "layer_range": [1, 2], "parameters": zero_out}]}]}
+    ours, theirs = _both(tmp_path, data, "passthrough")
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.all(ours["model.layers.2.self_attn.o_proj.weight"] == 0)
+    assert torch.equal(ours["model.layers.2.self_attn.q_proj.weight"], _sd(b)["model.layers.1.self_attn.q_proj.weight"])
