@@ -118,3 +118,22 @@ def test_mergekits_tokenizer_section_is_refused_with_what_is_supported(tmp_path)
                    "tokenizer:\n  source: union\n  tokens:\n    <|im_start|>: {source: a}\n")
     with pytest.raises(Exception, match="token surgery.*tokenizer_source.*added tokens"):
         load_merge_config(cfg)
+
+
+def test_validate_reports_every_parameter_key_a_method_does_not_take_without_weights(tmp_path, capsys):
+    cfg = tmp_path / "m.yaml"  # the models do not exist: nothing is loaded
+    cfg.write_text("merge_method: task_arithmetic\nbase_model: nowhere/base\nparameters: {rescale: true, lambda: 0.5}\n"
+                   "models:\n  - model: nowhere/a\n    parameters: {weight: 1.0, density: 0.5}\n"
+                   "  - model: nowhere/b\n    parameters: {weight: 1.0, scaling: 2}\n")
+    code, _, err = run_cli(["validate", str(cfg)], capsys)
+    assert code == 2 and "unknown key 'rescale'" in err and "lambda, normalize, weight" in err
+    assert "model 1: unknown per-model parameter 'density'" in err
+    assert "model 2: 'scaling' of merge method 'task_arithmetic' cannot differ per model" in err  # an alias of lambda
+    cfg.write_text("merge_method: passthrough\nslices:\n  - sources:\n      - model: nowhere/a\n        layer_range: [0, 2]\n"
+                   "        parameters: {scale: 0.5, int8_mask: true}\n    parameters: {scael: 1}\n")
+    code, _, err = run_cli(["validate", str(cfg)], capsys)
+    assert code == 2 and "slice 1 parameters: unknown key 'scael'. Did you mean 'scale'?" in err
+    cfg.write_text("merge_method: passthrough\nslices:\n  - sources:\n      - model: nowhere/a\n        layer_range: [0, 2]\n"
+                   "        parameters: {scale: 0.5, int8_mask: true}\n")
+    code, out, err = run_cli(["validate", str(cfg)], capsys)
+    assert code == 0 and "valid as a merge config" in out, err

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from expertkit.errors import ConfigError, suggest
-from expertkit.merge.config import MergeConfig
+from expertkit.errors import ConfigError
+from expertkit.merge.config import IGNORED_PARAMS, MergeConfig, model_key_problems
 from expertkit.merge.core import as_weights, check_weights, get_method, merge_tensor, resolve_params
 from expertkit.merge.methods.base import check_method_inputs
 from expertkit.merge.plan import MergePlan, TensorJob, VocabPlan, build_plan, check_compatible
@@ -57,23 +57,9 @@ def prepare(config: MergeConfig, sources: SourceSet) -> MergePlan:
     return plan
 
 
-#: mergekit options that change nothing in expertkit's arithmetic (accepted and ignored).
-IGNORED_PARAMS = frozenset({"int8_mask"})
-
-
 def _check_model_keys(method: Any, keys: set[str], i: int, where: str) -> None:
     """Refuse parameters set on model ``i`` that the method would not use (a typo, or a global one)."""
-    fields = set(method.params.model_fields) | {f.alias for f in method.params.model_fields.values() if f.alias}
-    allowed = {"weight"} | set(method.per_model) | IGNORED_PARAMS
-    problems = []
-    for k in sorted(keys - allowed):
-        if k in fields:
-            problems.append(f"'{k}' of merge method '{method.name}' cannot differ per model; set it under the "
-                            "top-level (or slice) parameters.")
-        else:
-            per = sorted(allowed - IGNORED_PARAMS)
-            problems.append(f"unknown per-model parameter '{k}'.{suggest(k, per)} Per-model parameters of "
-                            f"'{method.name}': {', '.join(per)}.")
+    problems = model_key_problems(method, keys)
     if problems:
         raise ConfigError(f"{where}, model {i + 1}: " + " ".join(problems))
 
