@@ -34,7 +34,7 @@ def _scores(model, task: str, split: str, n: int, seed: int) -> list[float]:
     from expertkit.models.bundled import cache_root
     from expertkit.tasks.evaluate import evaluate
 
-    res = evaluate(model, None, task, split=split, n=n, seed=seed, batch_size=16, cache_dir=cache_root() / "eval")
+    res = evaluate(model, None, task, split=split, n=n, seed=seed, batch_size=64, cache_dir=cache_root() / "eval")
     return res.scores
 
 

@@ -35,21 +35,74 @@ def zoo(tiny_checkpoint):
     return [tiny_checkpoint("llama", s) for s in range(3)]
 
 
-@pytest.mark.parametrize(("method", "params"), [
-    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.3}),
-    ("dare_linear", {"density": 0.4}), ("dare_ties", {"density": 0.6}), ("breadcrumbs", {"density": 0.8}),
-    ("model_stock", {}),
-])
-def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method, params):
+#: every registered method: (parameters, number of models, merge with a base). A new method must be
+#: added here: the test below refuses a registry this table does not cover.
+STREAMED: dict[str, tuple[dict, int, bool]] = {
+    "linear": ({}, 2, False), "task_arithmetic": ({"lambda": 0.7}, 2, True), "ties": ({"density": 0.3}, 2, True),
+    "dare_linear": ({"density": 0.4}, 2, True), "dare_ties": ({"density": 0.6}, 2, True),
+    "breadcrumbs": ({"density": 0.8}, 2, True), "model_stock": ({}, 2, True), "slerp": ({"t": 0.3}, 1, True),
+    "passthrough": ({"scale": 0.5}, 1, False), "fisher": ({}, 2, False), "regmean": ({"alpha": 0.8}, 2, False),
+    "breadcrumbs_ties": ({"density": 0.8, "gamma": 0.05}, 2, True),
+    "della": ({"density": 0.6, "epsilon": 0.2}, 2, True), "della_linear": ({"density": 0.5, "epsilon": 0.1}, 2, True),
+    "sce": ({"select_topk": 0.5}, 2, True), "ram": ({"epsilon": 0.01}, 2, True),
+    "ramplus_tl": ({"epsilon": 0.01, "r": 0.5, "alpha": 0.5}, 2, True),
+    "nuslerp": ({"nuslerp_flatten": False}, 2, True), "multislerp": ({}, 2, True), "karcher": ({}, 2, False),
+    "nearswap": ({"t": 0.01}, 1, True), "arcee_fusion": ({}, 1, True),
+}
+
+
+def test_the_streamed_test_covers_every_registered_method():
+    from expertkit.merge import METHODS
+
+    assert set(STREAMED) == set(METHODS.names())
+
+
+def _stats(kind: str, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random Fisher diagonals (one per tensor) or Gram matrices (one per 2-D weight)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "fisher":
+        return {k: torch.rand(v.shape, generator=g) for k, v in sd.items()}
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 2:
+            x = torch.randn(3 * v.shape[1], v.shape[1], generator=g)  # (tokens, in)
+            out[k] = x.T @ x  # (in, in)
+    return out
+
+
+def _streamed_case(tmp_path: Path, zoo: list[Path], method: str) -> tuple[dict, list[Path], list[float], list | None]:
+    """The config of ``method``'s row of :data:`STREAMED` (statistics files written when it needs them),
+    its input models, weights and statistics."""
+    from expertkit.merge import METHODS
+
+    params, n, with_base = STREAMED[method]
     base, *models = zoo
-    weights = [0.6, 0.4] if method != "model_stock" else [1.0, 1.0]
-    data = {"merge_method": method, "base_model": str(base), "parameters": params, "seed": 11,
-            "max_shard_size": 60_000,  # several shards
-            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights, strict=True)]}
+    models = models[:n]
+    weights = [0.6, 0.4][:n] if n > 1 and method != "model_stock" else [1.0] * n
+    stats_kind = METHODS.get(method).stats
+    stats = [_stats(stats_kind, _sd(m), i) for i, m in enumerate(models)] if stats_kind else None
+    entries = []
+    for i, (m, w) in enumerate(zip(models, weights, strict=True)):
+        entry = {"model": str(m), "parameters": {"weight": w}}
+        if stats is not None:
+            entry["stats"] = str(save_state_dict(stats[i], tmp_path / f"stats{i}"))
+        entries.append(entry)
+    data = {"merge_method": method, "parameters": params, "seed": 11, "max_shard_size": 60_000,  # several shards
+            "models": entries, **({"base_model": str(base)} if with_base else {})}
+    return data, models, weights, stats
+
+
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_streamed_merge_equals_in_memory_merge_bit_for_bit(tmp_path, zoo, method):
+    params, _, with_base = STREAMED[method]
+    data, models, weights, stats = _streamed_case(tmp_path, zoo, method)
     got = _run(tmp_path, data)
-    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(base), weights=weights, params=params, seed=11)
+    ref = merge_state_dicts(method, [_sd(m) for m in models], _sd(zoo[0]) if with_base else None, weights=weights,
+                            params=params, seed=11, stats=stats)
     assert set(got) == set(ref)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+    changed = [k for k in ref if not torch.equal(ref[k], _sd(models[0])[k])]
+    assert len(changed) >= len(ref) // 2  # the merge did something: not a copy of the first model
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert _leftovers(tmp_path) == []
 
@@ -66,23 +119,28 @@ def test_output_loads_with_transformers_and_records_the_config(tmp_path, zoo):
         assert json.loads(ck.metadata["expertkit.merge"])["merge_method"] == "linear"
 
 
-def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch):
+@pytest.mark.parametrize("method", sorted(STREAMED))
+def test_peak_memory_is_one_tensor_per_input(tmp_path, zoo, monkeypatch, method):
+    """Every method streams: at most one tensor of each input (and the base) is alive at a time,
+    and each is read exactly once (methods with whole-model statistics read those separately)."""
     alive: list[weakref.ref] = []
     peak = [0]
-    original = FolderSource.read
 
-    def tracking(self, name):
-        t = original(self, name)
-        alive.append(weakref.ref(t))
-        peak[0] = max(peak[0], sum(r() is not None for r in alive))
-        return t
+    def tracking(original):
+        def read(self, name):
+            t = original(self, name)
+            alive.append(weakref.ref(t))
+            peak[0] = max(peak[0], sum(r() is not None for r in alive))
+            return t
+        return read
 
-    monkeypatch.setattr(FolderSource, "read", tracking)
-    base, *models = zoo
-    data = {"merge_method": "ties", "base_model": str(base), "models": [{"model": str(m)} for m in models]}
+    data, models, _, _ = _streamed_case(tmp_path, zoo, method)
+    inputs = len(models) + ("base_model" in data)
+    monkeypatch.setattr(FolderSource, "read", tracking(FolderSource.read))
+    monkeypatch.setattr(FolderSource, "view", tracking(FolderSource.view))  # zero-copy methods map their inputs
     _run(tmp_path, data)
-    assert len(alive) == 21 * 3  # every tensor of every input read exactly once
-    assert peak[0] == 3  # inputs + base, one tensor each: never a whole model
+    assert len(alive) == 21 * inputs  # every tensor of every input read exactly once
+    assert peak[0] == inputs  # one tensor each: never a whole model
 
 
 def test_depth_gradients_and_group_filters(tmp_path, zoo):

@@ -46,7 +46,7 @@ def test_linear_maps_its_inputs_instead_of_reading_them(tmp_path, tiny_checkpoin
     def no_read(self, name):
         raise AssertionError("a zero-copy method must not read tensors into fresh memory")
 
-    assert get_method("linear").zero_copy and not get_method("ties").zero_copy
+    assert get_method("linear").zero_copy and get_method("ties").zero_copy and not get_method("task_arithmetic").zero_copy
     monkeypatch.setattr(FolderSource, "read", no_read)
     files = {p: p.read_bytes() for m in models for p in m.glob("*.safetensors")}
     weights = [0.5, 0.3, 1.7]
@@ -60,9 +60,9 @@ def test_linear_maps_its_inputs_instead_of_reading_them(tmp_path, tiny_checkpoin
     monkeypatch.undo()
     with pytest.raises(AssertionError, match="zero-copy"):  # a method that owns its inputs still reads
         monkeypatch.setattr(FolderSource, "read", no_read)
-        data = {"merge_method": "ties", "base_model": str(models[0]), "models": [{"model": str(models[1])}]}
-        run_merge(MergeConfig.model_validate(data), tmp_path / "ties", progress=False)
-    assert not (tmp_path / "ties").exists()
+        data = {"merge_method": "task_arithmetic", "base_model": str(models[0]), "models": [{"model": str(models[1])}]}
+        run_merge(MergeConfig.model_validate(data), tmp_path / "ta", progress=False)
+    assert not (tmp_path / "ta").exists()
 
 
 def test_linear_over_a_lora_input_with_mapped_base_tensors(tmp_path, tiny_checkpoint):

@@ -28,7 +28,8 @@ def _print_methods() -> None:
         for pname, field in entry.params.model_fields.items():
             key = field.serialization_alias or pname
             per = " \\[per model]" if pname in m.per_model else ""
-            out.print(f"    {key} (default {field.default!r}){per}: {field.description or ''}", highlight=False)
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            out.print(f"    {key} ({default}){per}: {field.description or ''}", highlight=False)
 
 
 def merge(

@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from expertkit.config import REFUSED, Config, load_config
 
@@ -50,6 +50,45 @@ def known_method(name: str) -> str:
     except UnknownNameError as exc:
         raise ValueError(str(exc)) from None
     return name
+
+#: mergekit options that change nothing in expertkit's arithmetic (accepted and ignored).
+IGNORED_PARAMS = frozenset({"int8_mask"})
+
+
+def param_names(method: Any) -> set[str]:
+    """Every key that names one of ``method``'s parameters: field names and their aliases."""
+    names: set[str] = set()
+    for name, f in method.params.model_fields.items():
+        names |= {name, *(a for a in (f.alias, f.serialization_alias) if a)}
+        choices = f.validation_alias.choices if isinstance(f.validation_alias, AliasChoices) else [f.validation_alias]
+        names |= {c for c in choices if isinstance(c, str)}
+    return names
+
+
+def shared_key_problems(method: Any, keys: set[str]) -> list[str]:
+    """Problems with top-level or slice ``parameters`` keys: names ``method`` does not have."""
+    allowed = param_names(method) | {"weight"} | IGNORED_PARAMS
+    shown = sorted({f.serialization_alias or f.alias or n for n, f in method.params.model_fields.items()} | {"weight"})
+    return [f"unknown key '{k}'.{_suggest(k, shown)} Parameters of merge method '{method.name}': {', '.join(shown)}."
+            for k in sorted(keys - allowed)]
+
+
+def model_key_problems(method: Any, keys: set[str]) -> list[str]:
+    """Problems with keys set on one model: ones the method would not use per model (a typo, or a
+    parameter that must be set for all models at once)."""
+    allowed = {"weight"} | set(method.per_model) | IGNORED_PARAMS
+    fields, per = param_names(method), sorted(allowed - IGNORED_PARAMS)
+    return [f"'{k}' of merge method '{method.name}' cannot differ per model; set it under the top-level "
+            "(or slice) parameters." if k in fields else
+            f"unknown per-model parameter '{k}'.{_suggest(k, per)} Per-model parameters of '{method.name}': "
+            f"{', '.join(per)}." for k in sorted(keys - allowed)]
+
+
+def _suggest(key: str, names: Any) -> str:
+    from expertkit.errors import suggest
+
+    return suggest(key, sorted(names))
+
 
 class ConditionalSetting(Config):
     """A value that applies to tensors matching ``filter``."""
@@ -142,10 +181,32 @@ class MergeConfig(Config):
                              "use 'models' or 'slices'")
         if self.tokenizer is not None:
             raise ValueError("'tokenizer:' (mergekit's token surgery) is not supported; use tokenizer_source "
-                             "(base, union or a model); tokenizers that differ only by added tokens are aligned")
+                             "(base, union or a model): vocabularies that differ only by added tokens are aligned "
+                             "(docs/merge.md, 'Tokenizers: what is supported and why')")
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
+        problems = self.parameter_problems()
+        if problems:
+            raise ValueError(" ".join(problems))
         return self
+
+    def parameter_problems(self) -> list[str]:
+        """Every parameter key the method does not take, where it is set (checked without weights;
+        the executor checks the values per tensor)."""
+        from expertkit.merge.methods import METHODS
+
+        method = METHODS.get(self.merge_method)
+        top = set(self.parameters or {})
+        out = [f"parameters: {p}" for p in shared_key_problems(method, top)]
+        for i, m in enumerate(self.models or []):
+            out += [f"model {i + 1}: {p}" for p in model_key_problems(method, set(m.parameters or {}) - top)]
+        for j, sl in enumerate(self.slices or []):
+            mine = set(sl.parameters or {})
+            out += [f"slice {j + 1} parameters: {p}" for p in shared_key_problems(method, mine)]
+            for i, src in enumerate(sl.sources):
+                keys = set(src.parameters or {}) - mine - top
+                out += [f"slice {j + 1}, model {i + 1}: {p}" for p in model_key_problems(method, keys)]
+        return out
 
     def input_refs(self) -> list[str]:
         """Every model reference in the config (base first), without duplicates."""

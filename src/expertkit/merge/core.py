@@ -7,7 +7,10 @@ generator per tensor name, so a streamed merge equals the in-memory merge bit fo
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -30,6 +33,77 @@ def resolve_params(method: MergeMethod, params: Mapping[str, Any] | None, *, whe
         return method.params.model_validate(dict(params or {}))
     except ValidationError as exc:
         raise config_error(f"{where} of merge method '{method.name}'", error_lines(exc, method.params)) from None
+
+
+#: A normalising method refuses weights whose sum is below this fraction of their absolute sum:
+#: dividing by it would multiply the merge by more than 1000 (weights that nearly cancel).
+NORMALISER_MIN = 1e-3
+#: Up to this many weights of mixed signs every subset is checked (TIES-style disjoint means divide
+#: by the weights of the models that agree at an element, any subset); beyond it, the total only.
+MAX_SUBSET_CHECK = 16
+
+
+def as_weights(values: Sequence[Any], *, where: str) -> list[float]:
+    """The weights as floats; a string, bool or other non-number is a :class:`ConfigError`."""
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (str, bool, bytes)) or v is None:
+            raise ConfigError(f"{where}: the weight of model {i + 1} is {v!r}; weights must be numbers.")
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: the weight of model {i + 1} is {v!r}; weights must be numbers.") from None
+    return out
+
+
+def check_weights(method: MergeMethod, weights: Sequence[float], params: MethodParams, *, where: str) -> None:
+    """Refuse non-finite weights, and weights that (nearly) cancel where the method divides by them.
+
+    With ``normaliser`` ``"total"`` the divisor is ``sum_i w_i``; with ``"subsets"`` it is, at each
+    element, the sum of the agreeing models' weights (any subset of the non-zero weights). A
+    divisor below :data:`NORMALISER_MIN` times the same weights' absolute sum is refused with the
+    numbers (mergekit returns NaN/inf for a zero sum and a blown-up model for a near-zero one).
+    """
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ConfigError(f"{where}: the weight of model {i + 1} is {w!r}; weights must be finite numbers.")
+    kind = method.normaliser(params) if method.normaliser is not None else None
+    if kind is not None:
+        problem = _cancelling(kind, tuple(float(w) for w in weights))
+        if problem:
+            raise ConfigError(f"{where}: {problem} Give weights that do not cancel, or set normalize: false.")
+
+
+@lru_cache(maxsize=256)
+def _cancelling(kind: str, weights: tuple[float, ...]) -> str | None:
+    """A description of the worst near-zero divisor the weights allow, or None."""
+    if kind == "total":
+        groups: Any = [tuple(range(len(weights)))]
+    else:
+        nonzero = [i for i, w in enumerate(weights) if w != 0]
+        if len({w > 0 for w in (weights[i] for i in nonzero)}) < 2:
+            return None  # one sign: no subset cancels (zero weights never take part)
+        if len(nonzero) > MAX_SUBSET_CHECK:
+            groups = [tuple(nonzero)]
+        else:
+            groups = (g for r in range(2, len(nonzero) + 1) for g in itertools.combinations(nonzero, r))
+    worst = None
+    for g in groups:
+        total = sum(weights[i] for i in g)
+        mass = sum(abs(weights[i]) for i in g)
+        if mass == 0 or abs(total) < NORMALISER_MIN * mass:
+            ratio = math.inf if total == 0 else mass / abs(total)
+            if worst is None or ratio > worst[0]:
+                worst = (ratio, g, total, mass)
+    if worst is None:
+        return None
+    ratio, g, total, mass = worst
+    ws = ", ".join(f"{weights[i]:.9g}" for i in g)
+    which = "the weights" if kind == "total" else f"the weights of models {', '.join(str(i + 1) for i in g)}"
+    effect = ("the division is by zero" if total == 0 else
+              f"dividing by it would multiply the merge by {ratio:.3g}")
+    where = "" if kind == "total" else " (the disjoint mean divides by the weights of the models that agree at an element)"
+    return f"{which} [{ws}] sum to {total:.3g} against an absolute sum of {mass:.3g}{where}; {effect}."
 
 
 def merge_tensor(
@@ -57,7 +131,7 @@ def merge_tensor(
     x = TensorInputs(name, list(tensors), base, list(weights), params,
                      list(per_model) if per_model is not None else [params] * len(tensors),
                      generator_for(seed, name), list(stats) if stats is not None else None,
-                     owned and len({id(t) for t in everything}) == len(everything))
+                     owned and len({id(t) for t in everything}) == len(everything), out_dtype=dtype)
     return method(x).to(dtype)
 
 
@@ -76,9 +150,10 @@ def merge_state_dicts(
     Args:
         method: a name registered in :data:`~expertkit.merge.METHODS` (``expertkit merge methods``).
         models: the input state dicts; every one must hold the same tensor names and shapes.
-        base: the base state dict, needed by task-vector methods (task_arithmetic, ties, dare_*,
-            breadcrumbs, model_stock); optional for slerp (first endpoint), ignored by linear,
-            fisher and regmean.
+        base: the base state dict, needed by task-vector methods (``METHODS.get(name).needs_base``:
+            task_arithmetic, ties, dare_*, della*, breadcrumbs*, sce, ram*, model_stock, nearswap,
+            arcee_fusion); optional for slerp (first endpoint), nuslerp and multislerp (task
+            vectors); ignored by linear, karcher, fisher and regmean.
         weights: one weight per model (default 1 each).
         params: the method's parameters (e.g. ``density``, ``lambda``, ``t``); unknown keys are errors.
         seed: seed of random methods (DARE); each tensor's generator is seeded from it and its name.
@@ -104,6 +179,8 @@ def merge_state_dicts(
     if stats is not None and len(stats) != len(models):
         raise ConfigError(f"got {len(stats)} statistics for {len(models)} models; give one per model.")
     p = resolve_params(m, params)
+    weights = as_weights(weights, where=f"merge method '{m.name}'")
+    check_weights(m, weights, p, where=f"merge method '{m.name}'")
     names = list(models[0])
     _check_names(names, models, base)
     out: dict[str, torch.Tensor] = {}

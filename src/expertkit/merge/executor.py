@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from expertkit.errors import ConfigError, suggest
-from expertkit.merge.config import MergeConfig
-from expertkit.merge.core import get_method, merge_tensor, resolve_params
+from expertkit.errors import ConfigError
+from expertkit.merge.config import IGNORED_PARAMS, MergeConfig, model_key_problems
+from expertkit.merge.core import as_weights, check_weights, get_method, merge_tensor, resolve_params
 from expertkit.merge.methods.base import check_method_inputs
 from expertkit.merge.plan import MergePlan, TensorJob, VocabPlan, build_plan, check_compatible
 from expertkit.merge.sources import FolderSource, LoraSource, SourceSet
@@ -57,23 +57,9 @@ def prepare(config: MergeConfig, sources: SourceSet) -> MergePlan:
     return plan
 
 
-#: mergekit options that change nothing in expertkit's arithmetic (accepted and ignored).
-IGNORED_PARAMS = frozenset({"int8_mask"})
-
-
 def _check_model_keys(method: Any, keys: set[str], i: int, where: str) -> None:
     """Refuse parameters set on model ``i`` that the method would not use (a typo, or a global one)."""
-    fields = set(method.params.model_fields) | {f.alias for f in method.params.model_fields.values() if f.alias}
-    allowed = {"weight"} | set(method.per_model) | IGNORED_PARAMS
-    problems = []
-    for k in sorted(keys - allowed):
-        if k in fields:
-            problems.append(f"'{k}' of merge method '{method.name}' cannot differ per model; set it under the "
-                            "top-level (or slice) parameters.")
-        else:
-            per = sorted(allowed - IGNORED_PARAMS)
-            problems.append(f"unknown per-model parameter '{k}'.{suggest(k, per)} Per-model parameters of "
-                            f"'{method.name}': {', '.join(per)}.")
+    problems = model_key_problems(method, keys)
     if problems:
         raise ConfigError(f"{where}, model {i + 1}: " + " ".join(problems))
 
@@ -90,14 +76,16 @@ def _params(method: Any, job: TensorJob) -> tuple[list[float], Any, list[Any]]:
     shared = {k: v for k, v in shared_all.items() if k != "weight" and k not in IGNORED_PARAMS}
     where = f"parameters for '{job.out_name}'"
     p = resolve_params(method, shared, where=where)
-    weights: list[float] = []
+    raw: list[Any] = []
     per_model = []
     for i, sources in enumerate(job.model_params):
         mine = resolve_settings(sources, job.out_name, t=job.t, group=job.group)
         _check_model_keys(method, set(mine) - set(shared_all), i, where)
-        weights.append(float(mine.get("weight", 1.0)))
+        raw.append(mine.get("weight", 1.0))
         own = {k: v for k, v in mine.items() if k in method.per_model and shared.get(k) != v}
         per_model.append(resolve_params(method, {**shared, **own}, where=where) if own else p)
+    weights = as_weights(raw, where=where)
+    check_weights(method, weights, p, where=where)
     return weights, p, per_model
 
 

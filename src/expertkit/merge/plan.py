@@ -89,14 +89,15 @@ def build_plan(config: MergeConfig, sources: SourceSet, method: MergeMethod) -> 
     """Open every input and lay out the per-tensor jobs (no tensor data is read)."""
     base_ref = config.base_model
     if config.models is not None:
-        models = [m for m in config.models if not (method.needs_base and m.model == base_ref)]
+        takes_base = method.needs_base or method.optional_base
+        models = [m for m in config.models if not (takes_base and m.model == base_ref)]
         if not models:
             raise ConfigError("no input models besides the base; list the models to merge under 'models'.")
         refs = [m.model for m in models]
         stats = [m.stats for m in models]
         srcs = [sources.get(r) for r in refs]
         base_idx = None
-        if base_ref and (method.needs_base or method.name == "slerp"):
+        if base_ref and takes_base:
             srcs.append(sources.get(base_ref))
             stats.append(None)
             base_idx = len(srcs) - 1
@@ -132,7 +133,7 @@ def _slice_plan(config: MergeConfig, sources: SourceSet, method: MergeMethod) ->
 
     def split(sl: Any) -> tuple[list[Any], Any | None]:
         base = sl.base_model or config.base_model
-        if base is None or not (method.needs_base or method.name == "slerp"):
+        if base is None or not (method.needs_base or method.optional_base):
             return list(sl.sources), None
         found = [s for s in sl.sources if s.model == base]
         if not found:

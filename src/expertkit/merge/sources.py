@@ -134,7 +134,13 @@ def resolve_folder(ref: str) -> Path:
     """A local folder for a bundled name or a path; hub ids are refused (merges read local files)."""
     from expertkit.models.loader import resolve
 
-    kind, folder = resolve(ref)
+    try:
+        kind, folder = resolve(ref)
+    except CheckpointError as exc:
+        if "quickstart" in Path(ref).parts and not Path(ref).exists():
+            raise CheckpointError(f"{exc} The quickstart's experts are written by `make run` (the quickstart "
+                                  "run); run it first.") from None
+        raise
     if folder is None:
         raise CheckpointError(f"'{ref}' looks like a hub id; merging reads local folders only. "
                               "Download the model first and pass its folder.")

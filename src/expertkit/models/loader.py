@@ -99,9 +99,13 @@ def load_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if compressed:  # transformers 5.24 mis-reads mixed-precision MoE checkpoints: see docs/quant.md
-                from expertkit.quant.storage import load_compressed
+                from expertkit.quant.storage import load_compressed as load_quantized
 
-                model = load_compressed(folder, dtype=dtype)
+                model = load_quantized(folder, dtype=dtype)
+            elif getattr(config, "expertkit_compressed_moe", None):  # fewer experts per layer: expertkit.moe.compressed
+                from expertkit.moe.compressed import load_compressed
+
+                model = load_compressed(target, config, dtype=dtype)
             else:
                 model = _model_class(config).from_pretrained(
                     target, dtype=dtype, use_safetensors=not allow_pickle or None

@@ -212,8 +212,6 @@ def _scheme_for(qc: Any, module: str) -> Any:
 
 def load_compressed(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:
     """A transformers model (CPU, ``dtype``) from a compressed-tensors folder, decompressed by compressed-tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     from expertkit.weights.writer import TEMPLATE_FILES, save_state_dict
 
     folder = Path(folder)
@@ -228,8 +226,9 @@ def load_compressed(folder: str | Path, *, dtype: torch.dtype = torch.float32) -
         for name in TEMPLATE_FILES:
             if name != "config.json" and (folder / name).exists():
                 shutil.copy2(folder / name, dense / name)
-        cfg = AutoConfig.from_pretrained(dense)
-        auto = AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = auto.from_pretrained(dense, dtype=dtype)
+        from expertkit.models import load_model  # the dense folder: every model kind load_model reads (e.g. an
+                                                 # MC-SMoE-compressed MoE with fewer experts per layer)
+
+        model = load_model(str(dense), dtype=dtype, with_tokenizer=False).model
     model.eval()
     return model

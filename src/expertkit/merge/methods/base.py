@@ -30,9 +30,10 @@ from expertkit.registry import Registry
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter model: frozen, unknown keys refused, ``lambda`` alias allowed."""
+    """Base of every method's parameter model: frozen, unknown keys refused, ``lambda`` alias allowed,
+    NaN and infinities refused in every float parameter."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class MergeMethod:
     per_model: frozenset[str] = frozenset()  # parameters that may take a value per input model
     stats: str | None = None  # "fisher" or "gram": per-model statistics the method needs
     zero_copy: bool = False  # only reads its inputs: the executor may hand it memory-mapped views
+    # params -> "total" (divides by sum_i w_i), "subsets" (divides by the weights of the models that
+    # agree at an element, as TIES' disjoint mean) or None (no division by weights); see check_weights
+    normaliser: Callable[[Any], str | None] | None = None
+    uses_weights: bool = True  # False: per-model ``weight`` plays no part (slerp's t, model stock's angle)
+    optional_base: bool = False  # uses a base when the config gives one (slerp, nuslerp, multislerp)
 
     def __call__(self, x: TensorInputs) -> torch.Tensor:
         return self.fn(x)
@@ -59,19 +65,25 @@ METHODS: Registry[MergeMethod] = Registry("merge method")
 def merge_method(
     name: str, *, params: type[MethodParams], paper: str, summary: str, needs_base: bool = False,
     min_models: int = 1, max_models: int | None = None, per_model: Sequence[str] = (), stats: str | None = None,
-    zero_copy: bool = False,
+    zero_copy: bool = False, normaliser: Callable[[Any], str | None] | None = None, uses_weights: bool = True,
+    optional_base: bool = False, vs_mergekit: str = "not in mergekit",
 ) -> Callable[[Callable[[TensorInputs], torch.Tensor]], Callable[[TensorInputs], torch.Tensor]]:
     """Decorator registering ``fn(TensorInputs) -> Tensor`` in :data:`METHODS` as ``name``.
 
     ``zero_copy``: the method gains nothing from owning (overwriting) its inputs, so the executor
     maps input tensors copy-on-write instead of reading them into fresh memory (no copy for
     tensors that are only read) and never hands them over as ``owned``.
+
+    ``normaliser``: ``params -> "total" | "subsets" | None``, how the method divides by the weights
+    (:func:`expertkit.merge.core.check_weights` refuses weights that nearly cancel there).
+    ``vs_mergekit``: how the output compares with mergekit 0.1.5's (docs/merge.md's table; the
+    comparison tests check it).
     """
 
     def deco(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
         method = MergeMethod(name, fn, params, needs_base, min_models, max_models, frozenset(per_model), stats,
-                             zero_copy)
-        METHODS.add(name, method, params=params, paper=paper, summary=summary)
+                             zero_copy, normaliser, uses_weights, optional_base)
+        METHODS.add(name, method, params=params, paper=paper, summary=summary, vs_mergekit=vs_mergekit)
         return fn
 
     return deco
@@ -99,6 +111,7 @@ class TensorInputs:
     stats: list[torch.Tensor | None] | None = None
     owned: bool = False  # the caller hands over ``tensors``: a method may overwrite them (saves memory)
     extra: dict[str, Any] = field(default_factory=dict)
+    out_dtype: torch.dtype | None = None  # the caller casts the result to this; a method may write it directly
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -165,6 +178,13 @@ def trim_(t: torch.Tensor, density: float) -> torch.Tensor:
     return t.masked_fill_(mag < _kth_largest(mag, density), 0)
 
 
+def l1_rescale_(kept: torch.Tensor, l1_before: float) -> torch.Tensor:
+    """Multiply ``kept`` in place so its L1 norm is ``l1_before`` (mergekit's ``rescale`` of a
+    sparsified task vector); an all-zero ``kept`` stays 0. Returns ``kept``."""
+    after = float(kept.abs().sum())
+    return kept.mul_(l1_before / after) if after > 0 else kept
+
+
 def bernoulli_keep(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """Bool mask keeping each element independently with probability ``density`` (seeded)."""
     if density >= 1:
@@ -175,18 +195,19 @@ def bernoulli_keep(t: torch.Tensor, density: float, generator: torch.Generator) 
     return u < density
 
 
-def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normalize: bool,
+                   votes: Sequence[float] | None = None) -> torch.Tensor:
     """TIES sign election and disjoint (weighted) mean of already-trimmed deltas.
 
-    With ``s = sum_i w_i d_i`` the elected sign is ``+1`` where ``s >= 0`` else ``-1``. Model *i*
+    With ``s = sum_i v_i d_i`` (votes ``v`` default to the weights ``w``) the elected sign is ``+1`` where ``s >= 0`` else ``-1``. Model *i*
     takes part at an element when the sign of ``w_i d_i`` equals the elected sign (a zero delta
     never does; a negative weight flips the sign). The result is ``sum_i w_i d_i [agree_i]``,
     divided by ``sum_i w_i [agree_i]`` when ``normalize`` (a zero divisor counts as 1). Deltas are
     consumed (modified in place).
     """
     sign = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weights, strict=True):
-        sign.add_(d, alpha=w)
+    for d, v in zip(deltas, weights if votes is None else votes, strict=True):
+        sign.add_(d, alpha=v)
     sign.ge_(0).mul_(2).sub_(1)  # (*shape): the elected sign, +1 / -1, in place of the sum
     acc = torch.zeros_like(sign)
     divisor = torch.zeros_like(sign) if normalize else None
@@ -209,7 +230,8 @@ def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normali
 def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
                  dtype: torch.dtype | None = None, *, inplace: bool = False) -> torch.Tensor:
     """``sum_i w_i t_i`` in ``dtype`` (default the first tensor's), divided by ``sum_i w_i`` when
-    ``normalize`` (a sum below 1e-8 counts as 1). A new tensor, unless ``inplace`` (then the
+    ``normalize`` (callers refuse weights that cancel first: :func:`expertkit.merge.core.check_weights`;
+    a zero sum divides by zero, as in mergekit). A new tensor, unless ``inplace`` (then the
     first tensor, when of ``dtype``, is overwritten and returned); other inputs are only read.
 
     Element by element the operations are always ``w_0 t_0`` (skipped when ``w_0 = 1``), then
@@ -217,7 +239,7 @@ def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize
     weights is bit-identical to mergekit's)."""
     dtype = dtype or ts[0].dtype
     s = float(sum(weights))
-    divisor = (s if abs(s) >= 1e-8 else 1.0) if normalize else None
+    divisor = s if normalize else None
     first = ts[0]
     if inplace and first.dtype == dtype:
         _weighted_into(first, [first, *(t.to(dtype) for t in ts[1:])], weights, True, divisor)
@@ -243,6 +265,11 @@ def _weighted_into(out: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
         out.add_(x, alpha=w)
     if divisor is not None:
         out.div_(divisor)
+
+
+def if_normalize(kind: str) -> Callable[[Any], str | None]:
+    """A ``normaliser`` for :func:`merge_method`: ``kind`` when the method's ``normalize`` is on."""
+    return lambda p: kind if p.normalize else None
 
 
 def check_method_inputs(method: MergeMethod, n_models: int, has_base: bool) -> None:

@@ -13,8 +13,8 @@ name (any tensor order gives the same masks).
 Differences from mergekit 0.1.5: mergekit rescales the survivors so that the tensor's **L1
 norm** matches the undropped one (``|d|_1 / |d'|_1``, a data-dependent factor close to
 ``1/density``) instead of the paper's ``1/(1-p)``; it draws the mask with the global torch RNG;
-its ``dare_ties`` does not normalize by default (expertkit's does, as TIES does); its default
-density is 1.0 (no drop) where expertkit's is 0.5.
+the defaults are mergekit's (``density`` 1.0: nothing dropped; ``rescale`` on; ``normalize`` off
+for both variants).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from expertkit.merge.methods.base import (
     TensorInputs,
     bernoulli_keep,
     elect_and_mean,
+    if_normalize,
     merge_method,
     weighted_sum,
 )
@@ -35,7 +36,7 @@ from expertkit.merge.methods.base import (
 class DareParams(MethodParams):
     """Parameters of ``dare_linear``."""
 
-    density: float = Field(0.5, gt=0.0, le=1.0, description="keep probability 1 - p of each task-vector element")
+    density: float = Field(1.0, gt=0.0, le=1.0, description="keep probability 1 - p of each task-vector element")
     rescale: bool = Field(True, description="multiply kept elements by 1 / density")
     lambda_: float = Field(1.0, validation_alias=AliasChoices("lambda", "scaling", "lambda_"),
                            serialization_alias="lambda", description="scale of the merged task vector")
@@ -45,7 +46,11 @@ class DareParams(MethodParams):
 class DareTiesParams(DareParams):
     """Parameters of ``dare_ties``."""
 
-    normalize: bool = Field(True, description="disjoint mean (divide by the agreeing models' weights)")
+    normalize: bool = Field(False, description="disjoint mean (divide by the agreeing models' weights)")
+
+
+DARE_VS = ("same distribution, not the same draw: other random masks; survivors scaled by 1/density "
+           "(mergekit: to the undropped L1 norm); keep rate and regression slope tested")
 
 
 def _drop(x: TensorInputs) -> list[torch.Tensor]:
@@ -59,6 +64,7 @@ def _drop(x: TensorInputs) -> list[torch.Tensor]:
 
 
 @merge_method("dare_linear", params=DareParams, needs_base=True, per_model=("density",),
+              normaliser=if_normalize("total"), vs_mergekit=DARE_VS,
               paper="Yu et al. 2024, Language models are Super Mario (DARE, arXiv:2311.03099)",
               summary="drop task-vector elements with probability p, rescale by 1/(1-p), add")
 def dare_linear(x: TensorInputs) -> torch.Tensor:
@@ -68,6 +74,7 @@ def dare_linear(x: TensorInputs) -> torch.Tensor:
 
 
 @merge_method("dare_ties", params=DareTiesParams, needs_base=True, per_model=("density",),
+              normaliser=if_normalize("subsets"), vs_mergekit=DARE_VS,
               paper="Yu et al. 2024, DARE (arXiv:2311.03099) with TIES sign election (arXiv:2306.01708)",
               summary="DARE drop and rescale, then TIES sign election and disjoint mean")
 def dare_ties(x: TensorInputs) -> torch.Tensor:

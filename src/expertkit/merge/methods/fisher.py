@@ -24,7 +24,7 @@ class FisherParams(MethodParams):
     normalize_fisher: bool = Field(False, description="divide each model's Fisher by its mean over the tensor")
 
 
-@merge_method("fisher", params=FisherParams, min_models=1, stats="fisher",
+@merge_method("fisher", params=FisherParams, min_models=1, stats="fisher", normaliser=lambda p: "total",
               paper="Matena & Raffel 2022, Merging models with Fisher-weighted averaging (arXiv:2111.09832)",
               summary="element-wise average weighted by each model's diagonal Fisher")
 def fisher(x: TensorInputs) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Linear merge: the weighted average of the input models ("model soups").
 
 Semantics, per tensor: ``out = sum_i w_i * theta_i``, divided by ``sum_i w_i`` when
-``normalize`` (default) — a weight sum below 1e-8 counts as 1. Weights default to 1, so the
+``normalize`` (default); weights whose sum is near 0 are refused before any work
+(:func:`expertkit.merge.core.check_weights`). Weights default to 1, so the
 default is the plain mean. The base model, if given, is **not** an input (list it among the
 models to include it), as in mergekit. Same semantics as mergekit's ``linear``.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from expertkit.merge.methods.base import MethodParams, TensorInputs, merge_method, weighted_sum
+from expertkit.merge.methods.base import MethodParams, TensorInputs, if_normalize, merge_method, weighted_sum
+from expertkit.merge.methods.blockwise import blockwise
 
 
 class LinearParams(MethodParams):
@@ -21,7 +23,10 @@ class LinearParams(MethodParams):
 
 
 @merge_method("linear", params=LinearParams, paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
-              summary="weighted average of the models", zero_copy=True)
+              summary="weighted average of the models", zero_copy=True, normaliser=if_normalize("total"),
+              vs_mergekit="equal, bit for bit")
 def linear(x: TensorInputs) -> torch.Tensor:
-    """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false)."""
-    return weighted_sum(x.tensors, x.weights, x.params.normalize, x.work_dtype, inplace=x.owned)
+    """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false), block by
+    block into a tensor of the output dtype (the inputs are only read)."""
+    out = torch.empty(x.tensors[0].shape, dtype=x.out_dtype or x.work_dtype)
+    return blockwise(out, x.tensors, lambda blocks: weighted_sum(blocks, x.weights, x.params.normalize, x.work_dtype))

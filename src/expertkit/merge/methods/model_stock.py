@@ -22,7 +22,8 @@ class ModelStockParams(MethodParams):
     filter_wise: bool = Field(False, description="one ratio t per output row instead of per tensor")
 
 
-@merge_method("model_stock", params=ModelStockParams, needs_base=True, min_models=2,
+@merge_method("model_stock", params=ModelStockParams, needs_base=True, min_models=2, uses_weights=False,
+              vs_mergekit="equal (1e-6)",
               paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
               summary="interpolate base and average by the angle between task vectors")
 def model_stock(x: TensorInputs) -> torch.Tensor:

@@ -24,7 +24,7 @@ class RegMeanParams(MethodParams):
     ridge: float = Field(1e-6, ge=0.0, description="added to the diagonal, relative to its mean")
 
 
-@merge_method("regmean", params=RegMeanParams, min_models=1, stats="gram",
+@merge_method("regmean", params=RegMeanParams, min_models=1, stats="gram", normaliser=lambda p: "total",
               paper="Jin et al. 2023, Dataless knowledge fusion by merging weights of language models (arXiv:2212.09849)",
               summary="linear layers from input Gram matrices; other tensors averaged")
 def regmean(x: TensorInputs) -> torch.Tensor:

@@ -45,7 +45,26 @@ def slerp_tensors(v0: torch.Tensor, v1: torch.Tensor, t: float, dot_threshold: f
     return (v0 * c0).add_(v1, alpha=c1)
 
 
-@merge_method("slerp", params=SlerpParams, min_models=1, max_models=2,
+def slerp_along(v0: torch.Tensor, v1: torch.Tensor, t: float, dim: int, dot_threshold: float = 0.9995,
+                eps: float = 1e-8) -> torch.Tensor:
+    """SLERP of every pair of vectors along ``dim`` (the same rule as :func:`slerp_tensors`, one
+    angle per vector); returns a new tensor of the inputs' shape."""
+    n0 = v0.norm(dim=dim, keepdim=True)  # (..., 1, ...)
+    n1 = v1.norm(dim=dim, keepdim=True)
+    n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
+    dot = ((v0 / n0) * (v1 / n1)).sum(dim=dim, keepdim=True).clamp(-1, 1)  # cos of each angle
+    theta = torch.acos(dot)
+    sin = torch.sin(theta)
+    linear = dot.abs() > dot_threshold
+    safe = torch.where(linear, torch.ones_like(sin), sin)
+    c0 = torch.where(linear, torch.full_like(dot, 1 - t), torch.sin((1 - t) * theta) / safe)
+    c1 = torch.where(linear, torch.full_like(dot, t), torch.sin(t * theta) / safe)
+    return c0 * v0 + c1 * v1
+
+
+@merge_method("slerp", params=SlerpParams, min_models=1, max_models=2, uses_weights=False, optional_base=True,
+              vs_mergekit="equal (1e-6); also takes two models without a base (mergekit: base + 1)",
               paper="Shoemake 1985, Animating rotation with quaternion curves (SLERP)",
               summary="spherical interpolation between two models, linear when near-parallel")
 def slerp(x: TensorInputs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import AliasChoices, Field
 
-from expertkit.merge.methods.base import MethodParams, TensorInputs, merge_method, weighted_sum
+from expertkit.merge.methods.base import MethodParams, TensorInputs, if_normalize, merge_method, weighted_sum
 
 
 class TaskArithmeticParams(MethodParams):
@@ -21,7 +21,8 @@ class TaskArithmeticParams(MethodParams):
     normalize: bool = Field(False, description="divide the sum of task vectors by the sum of the weights")
 
 
-@merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True,
+@merge_method("task_arithmetic", params=TaskArithmeticParams, needs_base=True, normaliser=if_normalize("total"),
+              vs_mergekit="equal (1e-6)",
               paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv:2212.04089)",
               summary="base + lambda * sum of weighted task vectors")
 def task_arithmetic(x: TensorInputs) -> torch.Tensor:

@@ -105,7 +105,9 @@ def discover_zoo(
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.is_dir():
-            raise CheckpointError(f"zoo path not found or not a folder: {path}.")
+            hint = (" The quickstart's experts are written by `make run` (the quickstart run); run it first."
+                    if "quickstart" in path.parts and not path.exists() else "")
+            raise CheckpointError(f"zoo path not found or not a folder: {path}.{hint}")
         if _is_adapter(path) or _is_model(path):
             found.append(_member(path, base))
             continue

@@ -1,0 +1,48 @@
+"""Permutation alignment of SwiGLU experts before merging (weight matching).
+
+Two experts compute the same function when one's intermediate neurons are a permutation of the
+other's: neuron ``j`` is row ``j`` of the gate and up projections together with column ``j`` of the
+down projection, and ``down[:, p] (act(gate[p] x) * up[p] x) = down (act(gate x) * up x)`` for any
+permutation ``p``. Averaging experts neuron by neuron is only meaningful after their neurons are
+matched, so every member of a group is permuted onto its anchor first.
+
+The matching maximises the summed inner product of matched neurons' weight vectors
+``[gate[j], up[j], down[:, j]]`` (all three matrices at once: the gate and up rows move together
+with the matching down column), a linear assignment problem solved exactly by
+``scipy.optimize.linear_sum_assignment``. For a member that is a permuted copy of the anchor the
+identity matching of equal vectors is the unique maximum (Cauchy-Schwarz) when the anchor's neuron
+vectors are distinct, so the permutation is recovered exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def neuron_features(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``(I, 3H)``: each intermediate neuron's gate row, up row and down column, side by side."""
+    return torch.cat([gate, up, down.T], dim=1)  # (I, H) + (I, H) + (I, H)
+
+
+def align_to(gate_a: torch.Tensor, up_a: torch.Tensor, down_a: torch.Tensor,
+             gate_b: torch.Tensor, up_b: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
+    """``(I,)`` permutation ``p`` such that expert B's neuron ``p[i]`` is matched to A's neuron ``i``.
+
+    Apply it as ``gate_b[p], up_b[p], down_b[:, p]``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    fa = neuron_features(gate_a, up_a, down_a).double()  # (I, 3H)
+    fb = neuron_features(gate_b, up_b, down_b).double()  # (I, 3H)
+    score = (fa @ fb.T).numpy()  # (I, I): inner product of A's neuron i with B's neuron j
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+def permute_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same expert with its intermediate neurons reordered by ``perm`` (the function is unchanged)."""
+    return gate[perm], up[perm], down[:, perm]

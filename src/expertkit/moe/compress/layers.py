@@ -1,0 +1,185 @@
+"""An MoE checkpoint on disk, one layer's experts at a time, found from the architecture descriptor.
+
+:class:`MoeCheckpoint` reads the routed experts of one MoE layer as SwiGLU matrices (gate and up
+``(E, I, H)``, down ``(E, H, I)``) plus the router's tensors (every router tensor whose first
+dimension is the expert count: the ``(E, H)`` weight, DeepSeek-V3's ``(E,)`` score bias), and names
+the tensors of a rewritten layer. Which on-disk module is the gate, the up and the down projection
+is data: the descriptor's fused in-memory entry with two ``parts`` holds ``[gate, up]`` in that order
+(transformers' ``gate_up_proj``), the entry with one part holds ``down``. Nothing here names an
+architecture.
+
+Shared experts (Qwen2-MoE, DeepSeek) and dense layers are not routed experts and pass unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from expertkit.errors import CheckpointError
+from expertkit.moe.routing import LayerKey, NotAnMoeError, layer_name
+from expertkit.weights.arch import InferredArchitectureWarning, describe, descriptor_for, list_architectures
+from expertkit.weights.reader import Checkpoint
+
+PARTS = ("gate", "up", "down")
+FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "sparse_values", "sparse_index")
+
+
+@dataclass
+class LayerWeights:
+    """One MoE layer's routed experts (float32) and its router tensors, as read from disk."""
+
+    key: LayerKey
+    gate: torch.Tensor  # (E, I, H)
+    up: torch.Tensor  # (E, I, H)
+    down: torch.Tensor  # (E, H, I)
+    router: dict[str, torch.Tensor]  # on-disk name -> (E, H) weight / (E,) bias, first dim = experts
+
+    @property
+    def name(self) -> str:
+        """``"3"`` (or ``"encoder.3"``)."""
+        return layer_name(self.key)
+
+    @property
+    def num_experts(self) -> int:
+        """E."""
+        return int(self.gate.shape[0])
+
+    def router_weight(self) -> torch.Tensor:
+        """``(E, H)``: the router's weight matrix."""
+        return next(t for t in self.router.values() if t.dim() == 2)
+
+
+@dataclass
+class LayerNames:
+    """Where one MoE layer lives on disk."""
+
+    key: LayerKey
+    experts: dict[int, dict[str, str]]  # expert -> {"gate"/"up"/"down": tensor name}
+    router: list[str]  # router tensors (first dimension = experts)
+    other: list[str] = field(default_factory=list)  # expert-group tensors we do not rewrite (none so far)
+
+
+def part_modules(desc: Any) -> dict[str, str]:
+    """``{"gate": on-disk module, "up": ..., "down": ...}`` from the descriptor's fused entries."""
+    found: dict[str, str] = {}
+    for pattern in desc.patterns:
+        parts = tuple(pattern.entry.parts)
+        if pattern.group != "expert" or not parts:
+            continue
+        if len(parts) == 2:
+            found.setdefault("gate", parts[0])
+            found.setdefault("up", parts[1])
+        elif len(parts) == 1:
+            found.setdefault("down", parts[0])
+    if set(found) != set(PARTS):
+        raise NotAnMoeError(
+            f"{desc.name}: the descriptor does not say which expert modules are the SwiGLU gate, up and down "
+            "projections (fused 'gate_up_proj' with parts [gate, up] and 'down_proj' with parts [down]); "
+            "expert compression needs SwiGLU experts.")
+    return found
+
+
+class MoeCheckpoint:
+    """The MoE layers of a checkpoint folder, read lazily layer by layer."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.config: dict[str, Any] = ckpt.config or {}
+        self.descriptor = desc = descriptor_for(self.config)
+        model_type = self.config.get("model_type")
+        if desc is None:
+            raise NotAnMoeError(f"{ckpt.path}: no architecture descriptor for model_type {model_type!r} "
+                                f"(known: {', '.join(list_architectures())}); add weights/arch/<name>.yaml.")
+        if desc.routing is None:
+            raise NotAnMoeError(f"{ckpt.path}: model_type {model_type!r} ({desc.name}) is a dense architecture: "
+                                "it has no experts to merge or compress. Give a mixture-of-experts model.")
+        modules = part_modules(desc)
+        by_module = {m: p for p, m in modules.items()}
+        shapes = {i.name: tuple(i.shape) for i in ckpt.infos()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InferredArchitectureWarning)
+            summary = describe(list(shapes), self.config)
+        self.num_experts = int(desc.num_experts(self.config) or 0)
+        self.top_k = int(desc.top_k(self.config) or 1)
+        self.layers: dict[LayerKey, LayerNames] = {}
+        for key, names in summary.by_layer("expert").items():
+            experts: dict[int, dict[str, str]] = {}
+            for name in names:
+                role = summary.roles[name]
+                if role.fused:
+                    raise CheckpointError(
+                        f"{ckpt.path}: expert tensor {name} holds all experts stacked (the in-memory layout); "
+                        "save the model with save_pretrained (one tensor per expert) and compress that folder.")
+                part = by_module.get(role.module)
+                if part is None:
+                    raise CheckpointError(f"{ckpt.path}: expert tensor {name} is none of the SwiGLU parts "
+                                          f"{sorted(by_module)}; its experts cannot be merged.")
+                experts.setdefault(int(role.expert), {})[part] = name  # type: ignore[arg-type]
+            router = [n for n in summary.by_layer("router").get(key, ())
+                      if shapes[n] and shapes[n][0] == len(experts)]
+            if not router:
+                raise CheckpointError(f"{ckpt.path}: MoE layer {layer_name(key)} has experts but no router tensor.")
+            incomplete = [e for e, p in experts.items() if set(p) != set(PARTS)]
+            if incomplete or sorted(experts) != list(range(len(experts))):
+                raise CheckpointError(f"{ckpt.path}: MoE layer {layer_name(key)} has incomplete or non-contiguous "
+                                      f"experts {sorted(experts)}; the checkpoint is inconsistent.")
+            self.layers[key] = LayerNames(key, experts, router)
+        if not self.layers:
+            raise NotAnMoeError(f"{ckpt.path}: a {desc.name} checkpoint without routed expert tensors.")
+        self.shapes = shapes
+
+    def moe_names(self) -> set[str]:
+        """Every tensor this module rewrites (experts and routers of MoE layers)."""
+        out: set[str] = set()
+        for layer in self.layers.values():
+            out.update(n for parts in layer.experts.values() for n in parts.values())
+            out.update(layer.router)
+        return out
+
+    def read_layer(self, key: LayerKey) -> LayerWeights:
+        """One layer's experts and router tensors, float32."""
+        names = self.layers[key]
+        read = self.ckpt.read
+        stacks = {p: torch.stack([read(names.experts[e][p], dtype=torch.float32) for e in sorted(names.experts)])
+                  for p in PARTS}  # gate/up (E, I, H), down (E, H, I)
+        router = {n: read(n, dtype=torch.float32) for n in names.router}
+        return LayerWeights(key, stacks["gate"], stacks["up"], stacks["down"], router)
+
+    def dtype(self, key: LayerKey) -> torch.dtype:
+        """The stored dtype of the layer's expert tensors."""
+        first = self.layers[key].experts[0]["gate"]
+        return self.ckpt.info(first).dtype
+
+    def templates(self) -> dict[str, Any]:
+        """Name templates of the rewritten tensors: ``{"gate"|"up"|"down": "...{layer}...{expert}...{suffix}",
+        "router": [...{layer}...]}`` (see :func:`name_template`)."""
+        first = next(iter(self.layers.values()))
+        out: dict[str, Any] = {p: name_template(self.descriptor, first.experts[0][p]) for p in PARTS}
+        out["router"] = [name_template(self.descriptor, n) for n in first.router]
+        return out
+
+
+def name_template(desc: Any, name: str) -> str:
+    """``name`` with its layer and expert indices replaced by ``{layer}`` / ``{expert}`` and a trailing
+    ``.weight`` by ``.{suffix}`` (router tensors keep their last component); the positions come from
+    the descriptor's ``{layer}`` / ``{expert}`` captures."""
+    for pattern in desc.patterns:
+        match = pattern.regex.fullmatch(name)
+        if not match:
+            continue
+        spans = sorted((match.span(g), g) for g in ("layer", "expert")
+                       if g in match.groupdict() and match.group(g) is not None)
+        out, pos = "", 0
+        for (start, end), group in spans:
+            out += name[pos:start] + "{" + group + "}"
+            pos = end
+        out += name[pos:]
+        if "{expert}" in out:
+            out = re.sub(r"\.weight$", ".{suffix}", out)
+        return out
+    raise CheckpointError(f"{name} is not a tensor name of {desc.name}.")
