@@ -168,3 +168,16 @@ def test_docs_python_example_runs(capsys):
     assert by["attention"]["bits"] > by["expert"]["bits"]
     back = namespace["back"].model.state_dict()
     assert all(torch.equal(back[k], v) for k, v in result.loaded.model.state_dict().items())
+
+
+def test_an_mc_smoe_compressed_moe_quantizes_and_reads_back(tmp_path):
+    """Fewer experts per layer (expertkit.moe.compress): the quantized folder decompresses through load_model."""
+    from expertkit.moe.compress import CompressConfig, compress_moe
+
+    moe = save_tiny("mixtral", tmp_path / "moe")
+    small = compress_moe(CompressConfig(model=str(moe), method="msmoe", experts_per_layer=2, allocation="uniform",
+                                        calibration={"tasks": ["add_sub", "gcd"], "n": 4}), tmp_path / "small")
+    result, paths = quantize(_config(small.path, method="rtn", policy={"kind": "uniform", "bits": 4}), tmp_path / "q")
+    assert len([r for r in result.records.values() if r.target.group == "expert"]) == 2 * 2 * 3  # layers x experts x 3
+    back, want = load_model(str(paths["compressed"])).model.state_dict(), result.loaded.model.state_dict()
+    assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
