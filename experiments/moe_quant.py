@@ -223,7 +223,7 @@ def _accuracy(args: argparse.Namespace, loaded, *, cache: bool) -> list[float]:
     need = mcnemar_sample_size(0.05, 0.2)
     n = args.n or max(300, math.ceil(need / len(args.tasks)))
     where = cache_root() / "eval" if cache and not args.smoke else None  # quantized weights: not cached
-    return [s for t in args.tasks for s in evaluate(loaded, None, t, split="test", n=n, seed=args.seed, batch_size=16,
+    return [s for t in args.tasks for s in evaluate(loaded, None, t, split="test", n=n, seed=args.seed, batch_size=64,
                                                       cache_dir=where).scores]
 
 
