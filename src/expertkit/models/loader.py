@@ -1,7 +1,8 @@
 """One entry point for every model source: ``load_model(source)``.
 
 A source is a bundled name (``smollm2-135m``), a local Hugging Face folder
-(safetensors; pickles refused unless ``allow_pickle``), or a hub id such as
+(safetensors; pickles refused unless ``allow_pickle``; a compressed-tensors quantized folder is
+decompressed by :func:`expertkit.quant.storage.load_compressed`), or a hub id such as
 ``HuggingFaceTB/SmolLM2-135M-Instruct`` (works wherever a hub is reachable;
 here it fails with a clear message because no hub can be reached).
 """
@@ -88,11 +89,20 @@ def load_model(
         if not (folder / "config.json").exists():
             raise CheckpointError(f"{folder} has no config.json; it is not a Hugging Face model folder.")
     target = str(folder) if folder is not None else str(source)
+    compressed = False
+    if folder is not None:
+        from expertkit.quant.storage import is_compressed  # a light import: no torch work until used
+
+        compressed = is_compressed(folder)
     try:
         config = AutoConfig.from_pretrained(target)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if getattr(config, "expertkit_compressed_moe", None):  # fewer experts per layer: expertkit.moe.compressed
+            if compressed:  # transformers 5.24 mis-reads mixed-precision MoE checkpoints: see docs/quant.md
+                from expertkit.quant.storage import load_compressed as load_quantized
+
+                model = load_quantized(folder, dtype=dtype)
+            elif getattr(config, "expertkit_compressed_moe", None):  # fewer experts per layer: expertkit.moe.compressed
                 from expertkit.moe.compressed import load_compressed
 
                 model = load_compressed(target, config, dtype=dtype)
