@@ -224,3 +224,37 @@ def test_a_second_build_waits_for_the_first(tiny_checkpoint, cache, tmp_path):
         assert done.is_file()  # it could only enter once the holder had finished
     proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_trained_moe_folder_holds_one_checkpoint_with_usual_permissions(built):
+    """The router-trained model is the only checkpoint in the output (no shards of the untrained
+    mixture beside it) and its files are readable by others like every written file."""
+    from expertkit.fileio import umask
+
+    _, result = built
+    weights = {f.name for f in result.path.iterdir() if f.name.endswith((".safetensors", ".safetensors.index.json"))}
+    index = result.path / "model.safetensors.index.json"
+    expected = ({index.name, *json.loads(index.read_text())["weight_map"].values()} if index.is_file()
+                else {"model.safetensors"})
+    assert weights == expected
+    for f in result.path.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask(), f.name
+
+
+def test_copy_extras_never_copies_weights_or_indexes(tmp_path):
+    from expertkit.moe.build import copy_extras
+
+    src, dest = tmp_path / "mixed", tmp_path / "trained"
+    src.mkdir()
+    dest.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json", "chat_template.jinja",
+                 "generation_config.json", ".expertkit-mixed"):
+        (src / name).write_text(name)
+    (dest / "model.safetensors").write_text("trained")
+    (dest / "generation_config.json").write_text("mine")
+    copy_extras(src, dest)
+    assert sorted(f.name for f in dest.iterdir()) == ["chat_template.jinja", "generation_config.json",
+                                                      "model.safetensors", "tokenizer.json"]
+    assert (dest / "generation_config.json").read_text() == "mine"

@@ -211,9 +211,8 @@ def _train_and_install(config: MoeBuildConfig, mixed: Path, tokenizer: Any, data
             record = train_routers(model, tokenizer, data, config, work / "router.state.safetensors", fp)
             model.save_pretrained(staging / "moe")
             del model
-            for extra in mixed.iterdir():  # tokenizer and generation files from the mixture folder
-                if extra.is_file() and not (staging / "moe" / extra.name).exists() and not extra.name.startswith("."):
-                    shutil.copy2(extra, staging / "moe" / extra.name)
+            copy_extras(mixed, staging / "moe")
+            usual_permissions(staging / "moe")  # save_pretrained may leave its files 0600
         else:
             shutil.copytree(mixed, staging / "moe", ignore=shutil.ignore_patterns(".*"))
         install_folder(staging / "moe", final)
@@ -221,6 +220,33 @@ def _train_and_install(config: MoeBuildConfig, mixed: Path, tokenizer: Any, data
         shutil.rmtree(staging, ignore_errors=True)
     (work / "router.state.safetensors").unlink(missing_ok=True)
     return record
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether ``name`` is a checkpoint's weights file or shard index (never copied between checkpoints)."""
+    return name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"))
+
+
+def copy_extras(src: Path, dest: Path) -> None:
+    """Copy ``src``'s tokenizer, template and generation files into ``dest`` where it lacks them.
+
+    Weights files and shard indexes are never copied: the mixture's shards next to the trained
+    model's own file would leave two checkpoints in one folder (and transformers loads whichever
+    it finds first)."""
+    for extra in src.iterdir():
+        if (extra.is_file() and not extra.name.startswith(".") and not is_weights_file(extra.name)
+                and not (dest / extra.name).exists()):
+            shutil.copy2(extra, dest / extra.name)
+
+
+def usual_permissions(folder: Path) -> None:
+    """Give every file directly in ``folder`` the usual mode (``0o666`` less the umask)."""
+    from expertkit.fileio import umask
+
+    mode = 0o666 & ~umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, mode)
 
 
 def copy_folder(src: Path, dest: Path) -> Path:
