@@ -106,7 +106,7 @@ def test_changing_only_the_routers_reuses_the_experts(tiny_checkpoint, cache, mo
     base = tiny_checkpoint("llama")
     build_moe(_recipe(base))
     calls = []
-    import expertkit.moe.experts as experts
+    from expertkit.moe import experts
 
     real = experts.train_expert
 
@@ -122,7 +122,7 @@ def test_changing_only_the_routers_reuses_the_experts(tiny_checkpoint, cache, mo
 
 def test_an_interrupted_build_resumes_to_the_same_weights(built, tiny_checkpoint, cache, monkeypatch):
     base, uninterrupted = built
-    import expertkit.moe.experts as experts
+    from expertkit.moe import experts
 
     real = experts.per_example_loss
     seen = {"n": 0}
