@@ -209,6 +209,42 @@ def test_cache_fingerprint_computed_from_weights(tmp_path) -> None:
     assert EvalResult.from_dict(a.to_dict()).to_dict() == a.to_dict()
 
 
+def test_cache_tells_apart_models_that_differ_only_in_unsampled_tensors(tmp_path) -> None:
+    """The sampled fingerprint reads 8 tensors; a model changed elsewhere (routers trained alone,
+    weights edited in memory after loading) must not get the other model's cached scores."""
+    from expertkit.weights.fingerprint import fingerprint, sampled_names
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=1)
+    state = model.state_dict()
+    unsampled = next(n for n in sorted(state) if n not in sampled_names({k: tuple(v.shape) for k, v in state.items()}))
+    loaded = LoadedModel("tiny", model, tok, None, fingerprint(state))
+    first = evaluate(loaded, None, choice_task(), n=5, cache_dir=tmp_path)
+    before = fingerprint(model.state_dict())
+    with torch.no_grad():
+        model.get_parameter(unsampled).mul_(-3.0)  # edited in memory after loading
+    assert fingerprint(model.state_dict()) == before  # the sampled fingerprint cannot see it
+    second = evaluate(loaded, None, choice_task(), n=5, cache_dir=tmp_path)
+    assert not second.cached and second.model_fingerprint != first.model_fingerprint
+    assert evaluate(loaded, None, choice_task(), n=5, cache_dir=tmp_path).cached  # unchanged again: a hit
+
+
+def test_content_digest_reads_every_byte_and_shares_tied_tensors() -> None:
+    from expertkit.weights.fingerprint import content_digest
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    base = content_digest({"a": w, "b": torch.ones(2)})
+    assert base == content_digest({"b": torch.ones(2), "a": w.clone()})  # order and storage do not matter
+    changed = w.clone()
+    changed[2, 3] += 1
+    assert content_digest({"a": changed, "b": torch.ones(2)}) != base
+    assert content_digest({"a": w.to(torch.bfloat16), "b": torch.ones(2)}) != base  # dtype
+    assert content_digest({"a": w.reshape(4, 3), "b": torch.ones(2)}) != base  # shape
+    assert content_digest({"a": w, "b": torch.ones(2)}, extra="top_k=2") != base  # config
+    tied = {"emb": w, "head": w}
+    assert content_digest(tied) == content_digest({"emb": w, "head": w.clone()})
+
+
 # ------------------------------------------------------------------ inputs
 def test_loaded_model_and_bad_inputs(tiny) -> None:
     model, tok = tiny

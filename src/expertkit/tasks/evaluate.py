@@ -9,7 +9,10 @@
   text) is scored by ``task.score``.
 
 Accuracy is the mean score; its interval is the Wilson score interval. With a
-``cache_dir``, results are stored as JSON keyed by the model fingerprint, the
+``cache_dir``, results are stored as JSON keyed by a digest of every byte of the model's
+weights as they are in memory when it is evaluated, and its configuration (not the sampled
+fingerprint of the folder it came from: a model trained or edited after loading, or two models
+differing only in tensors a fingerprint does not sample, must not share scores), the
 adapter identity (resolved path and SHA-256 of its files), the task, split, n,
 seed and ``max_new_tokens``; a cache hit returns without running the model.
 """
@@ -37,7 +40,7 @@ from expertkit.tasks.infer import (
 )
 from expertkit.tasks.stats import wilson_interval
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the model key is a full content digest (was the sampled fingerprint)
 
 
 @dataclass
@@ -156,10 +159,18 @@ def _read_cache(path: Path, key: dict[str, Any]) -> EvalResult | None:
         return None  # missing or unreadable cache entries are simply recomputed
 
 
-def _model_fingerprint(model: Any) -> str:
-    from expertkit.weights.fingerprint import fingerprint
+_CONFIG_NOISE = ("_name_or_path", "transformers_version", "_commit_hash")
 
-    return fingerprint({k: v for k, v in model.state_dict().items()})
+
+def _model_fingerprint(model: Any) -> str:
+    """The cache's name for ``model`` as it is now: a digest of all its weights and its config."""
+    from expertkit.weights.fingerprint import content_digest
+
+    config = getattr(model, "config", None)
+    described = config.to_dict() if hasattr(config, "to_dict") else {}
+    described = {k: v for k, v in described.items() if k not in _CONFIG_NOISE}
+    extra = type(model).__name__ + json.dumps(described, sort_keys=True, default=str)
+    return content_digest(model.state_dict(), extra)
 
 
 def _run(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
@@ -214,8 +225,9 @@ def evaluate(
         batch_size: examples per forward pass.
         adapter: a PEFT adapter folder applied for this evaluation only and removed after.
         cache_dir: where results are cached as JSON; ``None`` disables the cache.
-        model_fingerprint: the base weights' fingerprint for the cache key; computed from
-            the model's state dict when ``None`` and a cache is used.
+        model_fingerprint: a name for the model in the cache key, which the caller vouches
+            for (e.g. a content hash of a folder); when ``None`` and a cache is used, a digest
+            of every weight in memory and of the config is computed (about 1 s per GB).
         max_prompt_tokens: prompts longer than this keep their last tokens.
 
     The model runs in eval mode under ``torch.inference_mode``; its mode is restored after.
@@ -224,8 +236,7 @@ def evaluate(
 
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model_fingerprint = model_fingerprint or model.fingerprint
-        model = model.model
+        model = model.model  # its folder's sampled fingerprint is not used: the weights may have changed
     if tokenizer is None:
         raise InputTypeError("evaluate() needs a tokenizer; pass one (the model has none).")
     if isinstance(task, str):

@@ -151,3 +151,26 @@ def fingerprint(source: Source) -> str:
 def _fingerprint_checkpoint(ckpt: Checkpoint) -> str:
     meta = {i.name: (i.shape, i.dtype) for i in ckpt.infos()}
     return _digest(meta, lambda n: _sample_from_checkpoint(ckpt, n))
+
+
+def content_digest(state: Mapping[str, torch.Tensor], extra: str = "") -> str:
+    """SHA-256 (hex, 32 characters) of every tensor's name, dtype, shape and bytes, plus ``extra``.
+
+    Unlike :func:`fingerprint`, which samples a few values to name a base cheaply, this reads every
+    byte (about 1 GB/s), so two models that differ anywhere get different digests. Evaluation caches
+    key on it: a sampled fingerprint would let a model changed only in unsampled tensors (routers
+    trained alone, a few re-quantized experts, weights edited in memory after loading) hit another
+    model's cached scores. A tensor shared under two names (tied weights) is read once.
+    """
+    h = hashlib.sha256(b"expertkit-content-v1\n")
+    h.update(extra.encode())
+    done: dict[tuple[int, int, tuple[int, ...], torch.dtype], bytes] = {}  # storage -> its bytes' digest
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"\n{name}\t{_dtype_str(t.dtype)}\t{','.join(str(s) for s in t.shape)}\n".encode())
+        ident = (t.data_ptr(), t.numel(), tuple(t.stride()), t.dtype)
+        if ident not in done:
+            flat = t.cpu().contiguous().reshape(-1).view(torch.uint8)  # (numel * itemsize,) raw bytes
+            done[ident] = hashlib.sha256(memoryview(flat.numpy())).digest()
+        h.update(done[ident])
+    return h.hexdigest()[:32]
