@@ -148,3 +148,24 @@ def test_unknown_architecture_says_what_to_add():
     model.config.model_type = "my_moe"
     with pytest.raises(NotAnMoeError, match=r"Add weights/arch/<name>.yaml with a 'routing' section"):
         collect_routing_stats(model, tiny_tokenizer(), PROMPTS)
+
+
+def test_cached_statistics_follow_the_routers_in_memory(tmp_path, monkeypatch):
+    """The cache keys the model by every weight: retraining only the routers (tensors the sampled
+    folder fingerprint may not read) must not return the old routing."""
+    from expertkit.models.loader import LoadedModel
+    from expertkit.moe.collect import routing_stats
+
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path))
+    model = tiny_model("mixtral", seed=3)
+    loaded = LoadedModel("tiny-mixtral", model, tiny_tokenizer(), None, "fingerprint-of-the-folder")
+    first = routing_stats(loaded, ["family_relation"], n=4, batch_size=2, sample_tokens=0)
+    assert routing_stats(loaded, ["family_relation"], n=4, batch_size=2, sample_tokens=0).counts.tolist() \
+        == first.counts.tolist()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.neg_()  # every router reversed: the top-k choices change
+    second = routing_stats(loaded, ["family_relation"], n=4, batch_size=2, sample_tokens=0)
+    assert second.meta["fingerprint"] != first.meta["fingerprint"]
+    assert second.counts.tolist() != first.counts.tolist()
+    assert len(list((tmp_path / "moe-stats").glob("*.npz"))) == 2

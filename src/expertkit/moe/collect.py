@@ -7,7 +7,8 @@ layer's experts module on them directly, which costs ``E * sample_tokens`` exper
 layer and batch on top of the forward pass (``bench/moe_stats.py`` measures the total).
 
 :func:`routing_stats` is the cached entry point: a model source and tasks in, statistics out,
-cached under ``<cache>/moe-stats/`` by (model fingerprint, prompts, settings, seed).
+cached under ``<cache>/moe-stats/`` by (a digest of the model's weights in memory, prompts, settings,
+seed).
 """
 
 from __future__ import annotations
@@ -152,13 +153,14 @@ def routing_stats(
     """Cached :func:`collect_routing_stats` of a model source over ``n`` prompts of each task."""
     from expertkit.models.bundled import cache_root
     from expertkit.models.loader import LoadedModel, load_model
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.weights.fingerprint import model_digest
 
     if not tasks:
         raise ConfigError("give at least one task for routing statistics (e.g. --task family_relation).")
     prompts = task_prompts(tasks, n, split, seed)
     loaded = source if isinstance(source, LoadedModel) else load_model(source)
-    fp = loaded.fingerprint or fingerprint(dict(loaded.model.state_dict()))
+    # every byte, not the folder's sampled fingerprint: MoEs differing only in their routers must differ
+    fp = model_digest(loaded.model)
     settings = {"batch_size": batch_size, "max_tokens": max_tokens, "sample_tokens": sample_tokens, "seed": seed}
     path = cache_root() / "moe-stats" / f"{stats_key(fp, prompts, **settings)}.npz"
     if cache and path.exists() and path.with_suffix(".json").exists():

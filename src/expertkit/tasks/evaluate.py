@@ -159,18 +159,11 @@ def _read_cache(path: Path, key: dict[str, Any]) -> EvalResult | None:
         return None  # missing or unreadable cache entries are simply recomputed
 
 
-_CONFIG_NOISE = ("_name_or_path", "transformers_version", "_commit_hash")
-
-
 def _model_fingerprint(model: Any) -> str:
     """The cache's name for ``model`` as it is now: a digest of all its weights and its config."""
-    from expertkit.weights.fingerprint import content_digest
+    from expertkit.weights.fingerprint import model_digest
 
-    config = getattr(model, "config", None)
-    described = config.to_dict() if hasattr(config, "to_dict") else {}
-    described = {k: v for k, v in described.items() if k not in _CONFIG_NOISE}
-    extra = type(model).__name__ + json.dumps(described, sort_keys=True, default=str)
-    return content_digest(model.state_dict(), extra)
+    return model_digest(model)
 
 
 def _run(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,

@@ -35,6 +35,7 @@ twice (``lm_head.weight`` and the embedding) differs from the folder that
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -174,3 +175,18 @@ def content_digest(state: Mapping[str, torch.Tensor], extra: str = "") -> str:
             done[ident] = hashlib.sha256(memoryview(flat.numpy())).digest()
         h.update(done[ident])
     return h.hexdigest()[:32]
+
+
+_CONFIG_NOISE = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """:func:`content_digest` of a model as it is in memory now: every weight and buffer, its class
+    and its config (less the fields that name where it was loaded from). Caches of results computed
+    from a model (evaluations, routing statistics) key on this, never on a folder's fingerprint."""
+    config = getattr(model, "config", None)
+    described = config.to_dict() if hasattr(config, "to_dict") else {}
+    described = {k: v for k, v in described.items() if k not in _CONFIG_NOISE}
+    extra = type(model).__name__ + json.dumps(described, sort_keys=True, default=str)
+    return content_digest(model.state_dict(), extra)
+
