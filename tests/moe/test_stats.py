@@ -169,3 +169,37 @@ def test_cached_statistics_follow_the_routers_in_memory(tmp_path, monkeypatch):
     assert second.meta["fingerprint"] != first.meta["fingerprint"]
     assert second.counts.tolist() != first.counts.tolist()
     assert len(list((tmp_path / "moe-stats").glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "switch_transformers"])
+def test_one_call_expert_outputs_equal_each_expert_called_alone(arch):
+    from expertkit.moe.routing import expert_outputs
+
+    model = tiny_model(arch, seed=5)
+    tap = RoutingTap(model, lambda event: None)
+    experts = next(iter(tap.layers.values()))[1]
+    hidden = torch.randn(7, model.config.hidden_size if arch != "switch_transformers" else model.config.d_model,
+                         generator=torch.Generator().manual_seed(0))
+    got = expert_outputs(experts, hidden, tap.num_experts, tap.routing.expert_call)  # (E, 7, H)
+    for e in range(tap.num_experts):  # the reference: expert e alone, on the tokens alone
+        if tap.routing.expert_call == "dispatch":
+            route = torch.zeros(7, 1, tap.num_experts, dtype=torch.long)
+            route[:, 0, e] = 1
+        else:
+            route = torch.full((7, 1), e, dtype=torch.long)
+        with torch.no_grad():
+            want = experts(hidden, route, torch.ones(7, 1)).reshape(7, -1)
+        torch.testing.assert_close(got[e], want, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_output_sampling_equals_sampling_every_batch(monkeypatch):
+    """Sampled tokens wait and go through the experts together: the same sums as one call per batch."""
+    from expertkit.moe import collect
+
+    model, tok = tiny_model("mixtral", seed=3), tiny_tokenizer()
+    late = collect_routing_stats(model, tok, PROMPTS, batch_size=2, sample_tokens=3)
+    monkeypatch.setattr(collect._Accumulator, "FLUSH_AT", 1)  # flush at every event: the old behaviour
+    every = collect_routing_stats(model, tok, PROMPTS, batch_size=2, sample_tokens=3)
+    assert late.output_tokens.tolist() == every.output_tokens.tolist() and late.output_tokens.min() > 0
+    np.testing.assert_allclose(late.output_cos, every.output_cos, rtol=1e-5, atol=1e-5)  # float32 sums
+    np.testing.assert_allclose(late.output_mean, every.output_mean, rtol=1e-5, atol=1e-6)

@@ -31,9 +31,14 @@ class _Accumulator:
 
     def __init__(self, tap: RoutingTap, stats: RoutingStats, sample_tokens: int, seed: int) -> None:
         self.tap, self.stats, self.sample = tap, stats, sample_tokens
-        self.position = {key: i for i, key in enumerate(tap.layers)}
+        self.keys = list(tap.layers)
+        self.position = {key: i for i, key in enumerate(self.keys)}
         self.task: str | None = None
         self.gen = torch.Generator().manual_seed(seed)
+        # Sampled router inputs wait here per layer and go through the experts FLUSH_AT tokens at a
+        # time: one experts call per layer and flush instead of one per expert and batch (measured on
+        # the default MoE: the per-batch calls made the statistics pass 1.75x a plain forward pass).
+        self.pending: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, event: RouterEvent) -> None:
         s, i = self.stats, self.position[event.key]
@@ -49,12 +54,25 @@ class _Accumulator:
         if self.sample and chosen.shape[0]:
             real = event.mask.nonzero().squeeze(1)  # (n,)
             pick = real[torch.randperm(real.numel(), generator=self.gen)[: self.sample]]
-            experts = self.tap.layers[event.key][1]
-            outs = expert_outputs(experts, event.hidden[pick], s.num_experts, self.tap.routing.expert_call)  # (E, s, H)
+            self.pending.setdefault(i, []).append(event.hidden[pick].clone())  # (s, H)
+            if sum(h.shape[0] for h in self.pending[i]) >= self.FLUSH_AT:
+                self.flush(i)
+
+    FLUSH_AT = 256
+
+    def flush(self, i: int | None = None) -> None:
+        """Run the waiting sampled tokens of layer ``i`` (all layers when ``None``) through its experts."""
+        for j in [i] if i is not None else list(self.pending):
+            waiting = self.pending.pop(j, [])
+            if not waiting:
+                continue
+            s, key = self.stats, self.keys[j]
+            hidden = torch.cat(waiting)  # (S, H)
+            outs = expert_outputs(self.tap.layers[key][1], hidden, s.num_experts, self.tap.routing.expert_call)  # (E, S, H)
             unit = outs / outs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            s.output_cos[i] += torch.einsum("esh,fsh->ef", unit, unit).double().numpy()
-            s.output_mean[i] += outs.sum(1).double().numpy()
-            s.output_tokens[i] += pick.numel()
+            s.output_cos[j] += torch.einsum("esh,fsh->ef", unit, unit).double().numpy()
+            s.output_mean[j] += outs.sum(1).double().numpy()
+            s.output_tokens[j] += hidden.shape[0]
 
 
 def _batches(tokenizer: Any, prompts: Sequence[str], batch_size: int, max_tokens: int):
@@ -108,6 +126,7 @@ def collect_routing_stats(
                 stats.task_tokens[task] += int(mask.sum())
                 extra = {"decoder_input_ids": torch.full((ids.shape[0], 1), start_id)} if seq2seq else {}
                 model(input_ids=ids, attention_mask=mask, **extra)
+            acc.flush()
     finally:
         model.train(was_training)
     stats.meta.update({"batch_size": batch_size, "max_tokens": max_tokens, "sample_tokens": sample_tokens,

@@ -135,15 +135,17 @@ def _chosen(selected: torch.Tensor, fmt: str, num_experts: int) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_outputs(experts: Any, hidden: torch.Tensor, num_experts: int, call: str) -> torch.Tensor:
-    """``(E, N, H)``: each expert of one layer applied alone, at weight 1, to ``hidden`` ``(N, H)``."""
+    """``(E, N, H)``: each expert of one layer applied alone, at weight 1, to ``hidden`` ``(N, H)``.
+
+    One call of the experts module: the tokens are repeated once per expert, copy ``e`` sent to
+    expert ``e`` alone (an expert's output for a token does not depend on the other tokens)."""
     n = hidden.shape[0]
-    outs = []
-    for e in range(num_experts):
-        if call == "dispatch":
-            onehot = torch.zeros(n, 1, num_experts, dtype=torch.long)
-            onehot[:, 0, e] = 1
-            out = experts(hidden, onehot, torch.ones(n, 1, dtype=hidden.dtype))
-        else:
-            out = experts(hidden, torch.full((n, 1), e, dtype=torch.long), torch.ones(n, 1, dtype=hidden.dtype))
-        outs.append(out.reshape(n, -1).float())
-    return torch.stack(outs)  # (E, N, H)
+    rep = hidden.repeat(num_experts, 1)  # (E * N, H): copy e is rows e*N .. (e+1)*N-1
+    which = torch.arange(num_experts).repeat_interleave(n)  # (E * N,)
+    weight = torch.ones(num_experts * n, 1, dtype=hidden.dtype)
+    if call == "dispatch":
+        route = torch.nn.functional.one_hot(which, num_experts).unsqueeze(1)  # (E * N, 1, E)
+    else:
+        route = which.unsqueeze(1)  # (E * N, 1)
+    out = experts(rep, route, weight)
+    return out.reshape(num_experts, n, -1).float()  # (E, N, H)
