@@ -90,16 +90,12 @@ def _moe_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[str]]:
         return save_tiny("mixtral", tmp / "tiny-moe", seed=args.seed), args.tasks
     if args.moe is not None:
         return args.moe, tasks
-    from expertkit.models import load_model
-    from expertkit.models.bundled import cache_root
-    from expertkit.moe.build import recipe_fingerprint
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.moe.build import cached_build
 
-    base = load_model(recipe.base)
-    folder = cache_root() / "moe-build" / recipe_fingerprint(recipe, base.fingerprint or fingerprint(
-        dict(base.model.state_dict()))) / "moe"
-    if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
-        raise SystemExit(f"no finished MoE at {folder}; run `expertkit moe build` first (this script never builds).")
+    folder = cached_build(recipe)
+    if folder is None:
+        raise SystemExit("no finished MoE of the default recipe in the cache; run `expertkit moe build` first "
+                         "(this script never builds).")
     return folder, tasks
 
 

@@ -102,6 +102,29 @@ def test_same_recipe_is_reused_and_seeded_builds_are_identical(built, tiny_check
     assert build_moe(_recipe(base)).reused
 
 
+def test_a_base_changed_only_in_unsampled_tensors_does_not_reuse_the_build(built, tmp_path):
+    """The cache keys on every byte of the base: the sampled fingerprint alone would hand the
+    original base's experts to a base edited in tensors it does not read."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from expertkit.moe.build import build_key
+    from expertkit.weights.fingerprint import fingerprint, sampled_names
+
+    base, first = built
+    assert build_key(_recipe(base)) == first.fingerprint  # the key the build used
+    edited = tmp_path / "edited"
+    shutil.copytree(base, edited)
+    (weights,) = edited.glob("*.safetensors")
+    tensors = load_file(weights)
+    name = next(n for n in sorted(tensors) if n not in sampled_names({k: tuple(v.shape) for k, v in tensors.items()}))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert fingerprint(edited) == fingerprint(base)  # the sampled fingerprint cannot tell them apart
+    assert build_key(_recipe(edited)) != first.fingerprint
+
+
 def test_changing_only_the_routers_reuses_the_experts(tiny_checkpoint, cache, monkeypatch):
     base = tiny_checkpoint("llama")
     build_moe(_recipe(base))

@@ -203,3 +203,19 @@ def test_deferred_output_sampling_equals_sampling_every_batch(monkeypatch):
     assert late.output_tokens.tolist() == every.output_tokens.tolist() and late.output_tokens.min() > 0
     np.testing.assert_allclose(late.output_cos, every.output_cos, rtol=1e-5, atol=1e-5)  # float32 sums
     np.testing.assert_allclose(late.output_mean, every.output_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_reap_scores_follow_the_routers_in_memory(tmp_path, monkeypatch):
+    from expertkit.models.loader import LoadedModel
+    from expertkit.moe.compress.api import cached_reap
+
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path))
+    model = tiny_model("mixtral", seed=3)
+    loaded = LoadedModel("tiny-mixtral", model, tiny_tokenizer(), None, "fingerprint-of-the-folder")
+    first = cached_reap(loaded, PROMPTS, batch_size=2)
+    np.testing.assert_array_equal(cached_reap(loaded, PROMPTS, batch_size=2), first)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.neg_()
+    assert not np.array_equal(cached_reap(loaded, PROMPTS, batch_size=2), first)
+    assert len(list((tmp_path / "moe-stats").glob("reap-*.npy"))) == 2

@@ -142,6 +142,21 @@ def test_finished_adapter_is_reused(loaded, tmp_path, monkeypatch) -> None:
     assert not other.reused and len(other.losses) == 3
 
 
+def test_a_finished_adapter_is_not_reused_on_a_base_changed_in_unsampled_tensors(tmp_path) -> None:
+    from expertkit.weights.fingerprint import fingerprint, sampled_names
+
+    model = tiny_model("llama", seed=0)
+    lm = LoadedModel("tiny", model, tiny_tokenizer(), None, fingerprint(model.state_dict()))
+    train_lora(lm, CLASSIFY, tmp_path / "a", steps=2, **FAST)
+    state = model.state_dict()
+    name = next(n for n in sorted(state) if n not in sampled_names({k: tuple(v.shape) for k, v in state.items()}))
+    with torch.no_grad():
+        model.get_parameter(name).mul_(2.0)
+    edited = LoadedModel("tiny", model, tiny_tokenizer(), None, fingerprint(model.state_dict()))
+    assert edited.fingerprint == lm.fingerprint  # the sampled fingerprint cannot tell them apart
+    assert not train_lora(edited, CLASSIFY, tmp_path / "a", steps=2, **FAST).reused
+
+
 def test_resume_with_other_config_is_refused(tmp_path, interrupt_at) -> None:
     lm = LoadedModel("tiny", tiny_model("llama", seed=0), tiny_tokenizer(), None, None)
     cfg = LoraTrainConfig(steps=4, save_every=2, **{k: v for k, v in FAST.items() if k != "save_every"})

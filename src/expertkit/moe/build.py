@@ -59,10 +59,30 @@ class BuildResult:
 
 
 def recipe_fingerprint(config: MoeBuildConfig, base_fingerprint: str) -> str:
-    """Hash of the recipe and the base weights: the build cache key."""
+    """Hash of the recipe and the base weights (``model_digest`` of the loaded base): the build cache key."""
     text = json.dumps({"format": FORMAT, "recipe": config.fingerprint_fields(), "base": base_fingerprint},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_key(config: MoeBuildConfig, base: Any = None) -> str:
+    """The build cache key of ``config``: the recipe and every byte of the base's weights (not its
+    sampled fingerprint: two bases differing only in tensors the fingerprint does not read, a merged
+    LoRA on q/v say, must not share experts). ``base``: the loaded base, when already loaded."""
+    from expertkit.models.loader import load_model
+    from expertkit.weights.fingerprint import model_digest
+
+    base = base if base is not None else load_model(config.base)
+    return recipe_fingerprint(config, model_digest(base.model))
+
+
+def cached_build(config: MoeBuildConfig) -> Path | None:
+    """The finished MoE folder of ``config`` in the cache, or ``None``; never builds."""
+    from expertkit.models.bundled import cache_root
+
+    fp = build_key(config)
+    final = cache_root() / "moe-build" / fp / "moe"
+    return final if _finished(final, fp) is not None else None
 
 
 def _finished(folder: Path, fp: str) -> dict[str, Any] | None:
@@ -79,7 +99,7 @@ def build_moe(config: MoeBuildConfig, out: str | os.PathLike[str] | None = None,
     """Build (or reuse) the MoE of ``config``; with ``out``, also copy it there (see the module docstring)."""
     from expertkit.models.bundled import cache_root
     from expertkit.models.loader import load_model
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.weights.fingerprint import model_digest
 
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and not overwrite:
@@ -87,7 +107,7 @@ def build_moe(config: MoeBuildConfig, out: str | os.PathLike[str] | None = None,
     base = load_model(config.base)
     if base.path is None or base.tokenizer is None:
         raise ConfigError(f"base '{config.base}' must be a local model folder with a tokenizer.")
-    base_fp = base.fingerprint or fingerprint(dict(base.model.state_dict()))
+    base_fp = model_digest(base.model)  # every byte: see build_key
     fp = recipe_fingerprint(config, base_fp)
     work = cache_root() / "moe-build" / fp
     final = work / "moe"
@@ -157,7 +177,8 @@ def _build(config: MoeBuildConfig, base: Any, base_fp: str, fp: str, work: Path,
     mixed = _mix(config, list(dense.values()), routers, base.path, work)
     router_record = _train_and_install(config, mixed, base.tokenizer, data, work, final, fp)
     ranks = difference_ranks(experts, base.path)
-    meta = {"format": FORMAT, "fingerprint": fp, "base": config.base, "base_fingerprint": base_fp,
+    meta = {"format": FORMAT, "fingerprint": fp, "base": config.base, "base_digest": base_fp,
+            "base_fingerprint": base.fingerprint,
             "recipe": config.fingerprint_fields(), "experts": records, "dense_experts": dense,
             "router_training": router_record, "difference_ranks": ranks,
             "seconds": time.perf_counter() - began}

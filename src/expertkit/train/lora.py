@@ -116,8 +116,11 @@ def config_scheme(meta: dict[str, Any]) -> str:
     return (meta.get("config") or {}).get("scheme", "lora")
 
 
-def _identity(config: LoraTrainConfig, task: Task, base_fp: str) -> dict[str, Any]:
-    return {"task": task.name, "base_fingerprint": base_fp, "config": config.training_fields()}
+def _identity(config: LoraTrainConfig, task: Task, base_fp: str, base_digest: str) -> dict[str, Any]:
+    # base_fingerprint names the base in the adapter (cheap, sampled); base_digest reads every byte, so
+    # a finished adapter is reused only on the very same base weights
+    return {"task": task.name, "base_fingerprint": base_fp, "base_digest": base_digest,
+            "config": config.training_fields()}
 
 
 def _finished(out_dir: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
@@ -186,7 +189,7 @@ def train_lora(
             last checkpoint.
     """
     from expertkit.models.loader import LoadedModel, load_model
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.weights.fingerprint import fingerprint, model_digest
 
     config = _resolve(config, overrides)
     if isinstance(task, str):
@@ -201,7 +204,7 @@ def train_lora(
         raise ConfigError(f"model '{loaded.name}' has no tokenizer; training needs one.")
     tok = loaded.tokenizer
     base_fp = loaded.fingerprint or fingerprint(dict(loaded.model.state_dict()))
-    ident = _identity(config, task, base_fp)
+    ident = _identity(config, task, base_fp, model_digest(loaded.model))
     if config.resume and (meta := _finished(out_dir, ident)) is not None:
         return _reuse(meta, out_dir, loaded, task, config)
     train = task.examples("train", config.pool_size(), config.seed)

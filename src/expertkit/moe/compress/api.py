@@ -71,9 +71,9 @@ def cached_reap(loaded: Any, prompts: dict[str, list[str]], batch_size: int) -> 
     from expertkit.models.bundled import cache_root
     from expertkit.moe.collect import stats_key
     from expertkit.moe.compress.reap import reap_scores
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.weights.fingerprint import model_digest
 
-    fp = loaded.fingerprint or fingerprint(dict(loaded.model.state_dict()))
+    fp = model_digest(loaded.model)  # every byte, as the routing statistics beside it
     path = cache_root() / "moe-stats" / f"reap-{stats_key(fp, prompts, batch_size=batch_size)}.npy"
     if path.is_file():
         return np.load(path)
