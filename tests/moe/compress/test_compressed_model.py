@@ -133,4 +133,11 @@ def test_statistics_of_another_shape_or_counts_per_layer_that_do_not_fit_are_ref
         _compress(src, tmp_path / "b", stats=other)
     with pytest.raises(ExpertkitError, match="layer 0 is asked to keep 5 experts; each layer keeps 1 to 4"):
         _compress(src, tmp_path / "c", keep=(5, 2))
-    assert not any(p.name in {"a", "b", "c"} for p in tmp_path.iterdir())
+    # pruning below top-k (2) leaves a router that cannot pick two experts: refused, nothing written
+    # (merging to one group is fine: test_adaptive_counts_per_layer_load_with_their_own_sizes)
+    for method in ("prune_frequency", "reap"):
+        with pytest.raises(ExpertkitError, match=f"{method} keeps 1 experts in layer 1, fewer than the model's top-k"):
+            _compress(src, tmp_path / "d", method=method, keep=(2, 1))
+    assert not any(p.name in {"a", "b", "c", "d"} for p in tmp_path.iterdir())
+    assert not any(p.name.startswith(".d.tmp") for p in tmp_path.iterdir())
+

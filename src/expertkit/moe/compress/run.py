@@ -177,6 +177,10 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
                                    None if stats.output_mean is None else stats.output_mean[i],
                                    None if stats.reap is None else stats.reap[i], keep[i], rng)
                 plan = fn(layer, params)
+                if plan.routing == "prune" and len(plan.groups) < moe.top_k:  # the router could not pick top-k
+                    raise ConfigError(f"{method} keeps {len(plan.groups)} experts in layer {key[1]}, fewer than the "
+                                      f"model's top-k ({moe.top_k}): a pruned router cannot route a token to "
+                                      f"{moe.top_k} experts; keep at least {moe.top_k} per layer (min_experts).")
                 tensors, entry, stock_tensors = layer_outputs(moe, weights, plan, lowrank, moe.dtype(key),
                                                               stats.frequencies[i])
                 for n, t in tensors.items():
