@@ -150,3 +150,18 @@ def test_numpy_matvec_follows_the_operator() -> None:
     op = operator("ggn", Problem(model, torch.nn.MSELoss(), X, y), list(model.parameters()))
     v = np.arange(10, dtype=np.float64)
     assert np.allclose(numpy_matvec(op)(v), dense_matrix(op).numpy() @ v)
+
+
+def test_lanczos_without_any_eigenvalue_is_a_clear_error_not_a_nan(monkeypatch):
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    from expertkit.errors import ConfigError
+    from expertkit.optim.newton import spectrum
+
+    def nothing(*args, **kwargs):
+        raise ArpackNoConvergence("no convergence", np.array([]), np.zeros((5, 0)))
+
+    monkeypatch.setattr(spectrum, "eigsh", nothing)
+    with pytest.raises(ConfigError, match="Lanczos found no largest eigenvalue of a 5 x 5 curvature block in 7 "
+                                          "iterations.*lanczos_maxiter.*exact_max >= 5"):
+        spectrum.lanczos_extremes(lambda v: 2.0 * v, 5, maxiter=7)

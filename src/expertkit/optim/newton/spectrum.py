@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from expertkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Spectrum:
@@ -69,7 +71,12 @@ def lanczos_extremes(
             vals = eigsh(op, k=1, which=which, tol=tol, maxiter=maxiter or 20 * n, v0=v0,
                          return_eigenvectors=False)
         except ArpackNoConvergence as exc:
-            vals = exc.eigenvalues if len(exc.eigenvalues) else np.array([np.nan])
+            if not len(exc.eigenvalues):  # a NaN here would only fail later, far from the cause
+                raise ConfigError(
+                    f"Lanczos found no {'largest' if which == 'LA' else 'smallest'} eigenvalue of a {n} x {n} "
+                    f"curvature block in {maxiter or 20 * n} iterations; give it more (lanczos_maxiter) or solve "
+                    f"blocks this size exactly (exact_max >= {n}).") from None
+            vals = exc.eigenvalues
         out.append(float(vals[0]))
     lmax, lmin = out
     return Spectrum(min(lmin, lmax), max(lmin, lmax), "lanczos", count[0])
