@@ -145,3 +145,9 @@ def test_allocation_of_a_fixed_assignment_is_counted_exactly():
     alloc = allocation(units, {"a": 4, "b": 16}, Format(32, True))
     assert alloc.total_bits == 8 * 64 * 4 + 8 * 2 * 16 + 8 * 64 * 16
     assert alloc.achieved == alloc.total_bits / 1024 and alloc.target is None
+
+
+def test_a_budget_whose_only_choice_keeps_16_bits_keeps_every_matrix():
+    units = [Unit("a", 32, 64), Unit("b", 64, 64)]
+    alloc = solve_budget(units, (16,), 16.0, Format(32, True))
+    assert alloc.bits == {"a": 16, "b": 16}

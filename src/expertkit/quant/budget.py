@@ -115,9 +115,10 @@ def solve_budget(units: Sequence[Unit], choices: Sequence[int], target: float, f
                           f"(at most {high / weights:.4f}); lower target_bits or add a larger bit width.")
     noise = np.array([[u.rows * u.cols * u.priority * (0.0 if b == KEEP_BITS else 4.0 ** -b) for b in choices]
                       for u in units])  # (U, K)
-    res = _milp(cost, noise / noise.max(), budget, exact=True, time_limit=time_limit, node_limit=EXACT_NODES)
+    noise = noise / (noise.max() or 1.0)  # all zero when every choice keeps 16 bits
+    res = _milp(cost, noise, budget, exact=True, time_limit=time_limit, node_limit=EXACT_NODES)
     if res.x is None:  # no assignment lands on the budget exactly (or none was found quickly): the best below it
-        res = _milp(cost, noise / noise.max(), budget, exact=False, time_limit=time_limit)
+        res = _milp(cost, noise, budget, exact=False, time_limit=time_limit)
     if res.x is None:
         raise ConfigError(f"the budget solver found no assignment ({res.message}).")
     pick = res.x.reshape(cost.shape).argmax(1)

@@ -74,6 +74,8 @@ class Calibration:
         """Write the Hessians (safetensors) and the token counts (in its metadata), atomically."""
         from safetensors.torch import save_file
 
+        from expertkit.fileio import fsync_path
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -81,7 +83,9 @@ class Calibration:
         try:
             save_file({k: v.contiguous() for k, v in self.hessians.items()}, str(tmp),
                       metadata={"expertkit": json.dumps(meta)})
+            fsync_path(tmp)  # on disk before it takes the name (convention: temp, fsync, rename)
             os.replace(tmp, path)
+            fsync_path(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return path
