@@ -67,11 +67,12 @@ def test_global_router_retrieves_the_expert_whose_description_is_the_query_instr
 
 
 def test_instructions_are_written_per_query_and_cached_by_query_hash(loaded, tmp_path) -> None:
-    writer = InstructionWriter(loaded, cache_dir=tmp_path, max_new_tokens=4)
+    short = "Input: {query}\nTask:"  # the default few-shot template alone fills the tiny model's 256 positions
+    writer = InstructionWriter(loaded, cache_dir=tmp_path, max_new_tokens=4, template=short)
     first = writer(["ab:", "cd:", "ab:"])
     assert writer.generated == 2 and len(list(tmp_path.glob("*.json"))) == 2  # the repeated query once
     assert first[0] == first[2]
-    again = InstructionWriter(loaded, cache_dir=tmp_path, max_new_tokens=4)
+    again = InstructionWriter(loaded, cache_dir=tmp_path, max_new_tokens=4, template=short)
     assert again(["cd:", "ab:"]) == [first[1], first[0]] and again.generated == 0  # from the cache
     assert again(["ef:"]) and again.generated == 1
     with pytest.raises(ConfigError, match="context"):
@@ -116,3 +117,20 @@ def test_build_library_trains_each_expert_and_its_gates_and_a_second_build_reuse
     assert ExpertLibrary.load(tmp_path / "lib").names == again.names
     with pytest.raises(ValueError, match="evaluation only"):
         LibraryConfig(tasks=["gsm8k"])
+
+
+def test_expert_vectors_from_written_instructions_of_their_inputs_retrieve_by_the_writers_style() -> None:
+    # the descriptions alone point the wrong way; the instructions written for each expert's inputs fix it
+    descriptions = ["melon pears", "cars trucks"]
+    style = {"in-a1": "count bits", "in-a2": "count bits", "in-b1": "sort words", "in-b2": "sort words",
+             "q1": "sort words", "q2": "count bits"}
+    writer = lambda qs: [style[q] for q in qs]  # noqa: E731
+    plain = GlobalRouter(descriptions, writer, FakeEmbedder())
+    assert torch.equal(plain.scores(["q1", "q2"])[0], torch.zeros(2, 2))  # no word in common: no signal
+    router = GlobalRouter(descriptions, writer, FakeEmbedder(), expert_queries=[["in-a1", "in-a2"], ["in-b1", "in-b2"]])
+    scores, _ = router.scores(["q1", "q2"])
+    assert scores.argmax(1).tolist() == [1, 0]
+    # vector of expert 0 = normalised mean of its description's and its two written instructions' embeddings
+    emb = FakeEmbedder().encode(["melon pears", "count bits", "count bits"])
+    want = torch.nn.functional.normalize(torch.nn.functional.normalize(torch.tensor(emb), dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(router.expert_vectors[0], want)

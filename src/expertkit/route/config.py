@@ -41,6 +41,8 @@ class RouteConfig(Config):
     lorahub_examples: int = Field(5, ge=1, description="LoraHub: training examples of the target task")
     lorahub_budget: int = Field(40, ge=2, description="LoraHub: loss evaluations of the gradient-free search")
     lorahub_l1: float = Field(0.05, ge=0, description="LoraHub: L1 penalty on the expert weights")
+    expert_instructions: int = Field(5, ge=0, description="GLIDER: training inputs per expert whose written "
+                                     "instructions join its description in the expert's global vector (0: description only)")
     retrieval_examples: int = Field(10, ge=1, description="retrieval: training inputs embedded per expert")
     max_prompt_tokens: int = Field(1024, ge=1, description="prompts longer than this keep their last tokens")
     seed: int = Field(0, description="seed of LoraHub's search and of the examples it uses")

@@ -25,9 +25,12 @@ import torch
 
 from expertkit.errors import ConfigError
 
-TEMPLATE = ("Read the input below and write one sentence that states the task it asks for, as an "
-            "instruction (for example: 'Sort the given words alphabetically.'). Do not solve it.\n\n"
-            "Input:\n{query}")
+# Few-shot, with tasks outside the suite: SmolLM2-135M follows the pattern far better than a bare request
+# (probe on 20 held-in queries: 10 right top-1 with this template, 5 of 10 with a zero-shot one).
+TEMPLATE = ("Input: What is the capital of France?\nTask: Name the capital city of a country.\n\n"
+            "Input: I loved this movie, it was great!\nTask: Classify the sentiment of a movie review.\n\n"
+            "Input: Translate 'cat' to Spanish.\nTask: Translate an English word into Spanish.\n\n"
+            "Input: {query}\nTask:")
 
 
 class Embedder(Protocol):
@@ -66,22 +69,26 @@ class InstructionWriter:
     """The LLM that writes one instruction per query (cached by query hash under ``cache_dir``)."""
 
     def __init__(self, loaded: Any, *, cache_dir: str | os.PathLike[str] | None = None,
-                 max_new_tokens: int = 40, template: str = TEMPLATE, batch_size: int = 8) -> None:
+                 max_new_tokens: int = 32, template: str = TEMPLATE, batch_size: int = 8,
+                 max_query_chars: int = 600, chat: bool = False) -> None:
         self.loaded = loaded
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.max_new_tokens = max_new_tokens
         self.template = template
         self.batch_size = batch_size
+        self.max_query_chars = max_query_chars  # a long query (a news article) is cut: its start names the task
+        self.chat = chat  # wrap the prompt in the tokenizer's chat template
         self.generated = 0  # queries written by the model (cache misses) in this writer's life
 
     def _key(self, query: str) -> str:
-        ident = json.dumps([self.loaded.fingerprint, self.template, self.max_new_tokens, query])
+        ident = json.dumps([self.loaded.fingerprint, self.template, self.max_new_tokens, self.max_query_chars,
+                            self.chat, query])
         return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def _prompt_ids(self, query: str) -> list[int]:
         tok = self.loaded.tokenizer
-        text = self.template.format(query=query)
-        if getattr(tok, "chat_template", None):
+        text = self.template.format(query=query[: self.max_query_chars])
+        if self.chat and getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
             ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
@@ -125,12 +132,24 @@ class GlobalRouter:
     """Global scores ``(Q, E)``: cosine of each query's written instruction with each expert's description."""
 
     def __init__(self, descriptions: Sequence[str], writer: Callable[[list[str]], list[str]],
-                 embedder: Embedder) -> None:
+                 embedder: Embedder, expert_queries: Sequence[Sequence[str]] | None = None) -> None:
+        """``expert_queries[e]``: a few training inputs of expert ``e``; when given, the writer writes their
+        instructions too and the expert's vector is the normalised mean of its description's and their
+        embeddings (as GLIDER makes an expert's global vector from instructions written for its data)."""
         if not descriptions:
             raise ConfigError("the global router needs at least one expert description.")
         self.writer = writer
         self.embedder = embedder
-        self.expert_vectors = embed(embedder, descriptions)  # (E, d)
+        vectors = embed(embedder, descriptions)  # (E, d)
+        if expert_queries is not None:
+            if len(expert_queries) != len(descriptions):
+                raise ConfigError("expert_queries needs one list of inputs per expert.")
+            rows = []
+            for vec, queries in zip(vectors, expert_queries, strict=True):
+                written = embed(embedder, writer(list(queries))) if queries else vec[None]  # (m, d)
+                rows.append(torch.cat([vec[None], written]).mean(0))
+            vectors = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+        self.expert_vectors = vectors
 
     def instructions(self, queries: Sequence[str]) -> list[str]:
         """The written instruction of each query."""

@@ -92,13 +92,9 @@ class Router:
         return torch.zeros(len(prompts), n)
 
     def _expert_inputs(self) -> list[list[str]]:
-        from expertkit.tasks.base import get_task
+        from expertkit.route.api import expert_inputs
 
-        out = []
-        for e in self.library.experts:
-            task = get_task(e.task)
-            out.append([task.format_prompt(x) for x in task.examples("train", self.config.retrieval_examples, 10_000 + self.config.seed)])
-        return out
+        return expert_inputs(self.library, self.config.retrieval_examples, self.config.seed) or []
 
     def prepare(self, prompts: Sequence[str], *, task: Any = None) -> list[list[int]]:
         """Register ``prompts`` for routing (and fit LoraHub's weights on ``task``, a Task or a registered
