@@ -25,8 +25,9 @@ import torch
 
 from expertkit.errors import ConfigError
 
-# Few-shot, with tasks outside the suite: SmolLM2-135M follows the pattern far better than a bare request
-# (probe on 20 held-in queries: 10 right top-1 with this template, 5 of 10 with a zero-shot one).
+# Few-shot, with tasks outside the suite: SmolLM2-135M follows this pattern where a bare request mostly
+# gets the query answered or echoed (a development probe, not a recorded result: experiments/glider.py
+# measures the retrieval accuracy).
 TEMPLATE = ("Input: What is the capital of France?\nTask: Name the capital city of a country.\n\n"
             "Input: I loved this movie, it was great!\nTask: Classify the sentiment of a movie review.\n\n"
             "Input: Translate 'cat' to Spanish.\nTask: Translate an English word into Spanish.\n\n"
