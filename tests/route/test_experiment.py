@@ -25,3 +25,9 @@ def test_experiment_smoke_run_scores_every_method_on_the_same_examples(tmp_path,
     assert (tmp_path / "run" / "glider.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "| glider |" in out and "Global router top-1 retrieval" in out
+    # a second run finds every (method, task) cell and recomputes none of them
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "cells").glob("*.json")}
+    assert len(stamps) == 3 * 3 + 2  # glider, arrow, base on 3 tasks; oracle on the 2 held-in ones
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["scores"] == res["scores"]

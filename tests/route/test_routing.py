@@ -174,3 +174,12 @@ def test_modes_without_what_they_need_are_refused(loaded, library) -> None:
     router = Router(loaded, library, RouteConfig(method="oracle"))
     with pytest.raises(ConfigError, match="held-in task"):
         router.prepare(["ab:"], task="unknown-task")
+
+
+def test_alpha_presets_and_auto_follow_the_best_global_score() -> None:
+    from expertkit.route import ALPHA_PRESETS
+
+    assert RouteConfig(alpha=0.3).alpha_for(0.9) == 0.3
+    assert RouteConfig(alpha="held_out").alpha_for(0.9) == ALPHA_PRESETS["held_out"]
+    auto = RouteConfig(alpha="auto", held_in_threshold=0.6)
+    assert auto.alpha_for(0.61) == ALPHA_PRESETS["held_in"] and auto.alpha_for(0.59) == ALPHA_PRESETS["held_out"]

@@ -87,7 +87,6 @@ class RoutedLinear(nn.Module):
         # (out, E * r): B of every expert side by side, so one matmul sums the weighted experts
         b_cat = stack.b.to(base.weight.dtype).permute(1, 0, 2).reshape(stack.b.shape[1], e * r)
         self.register_buffer("b_cat", b_cat, persistent=False)
-        self.register_buffer("b", stack.b.to(base.weight.dtype), persistent=False)  # (E, out, r)
         g = None if stack.gates is None else standardise(stack.gates.to(base.weight.dtype))  # (E, in)
         self.register_buffer("gates", g, persistent=False)
         self.n_experts, self.rank, self.d_in = e, r, d_in
@@ -125,7 +124,8 @@ class RoutedLinear(nn.Module):
         if self.state.mode == "lorahub":
             w = self.state.weights.to(x.dtype)  # (E,)
             a_m = torch.einsum("e,eri->ri", w, self.a)  # (r, in)
-            b_m = torch.einsum("e,eor->or", w, self.b)  # (out, r)
+            b_all = self.b_cat.view(self.b_cat.shape[0], self.n_experts, self.rank)  # (out, E, r)
+            b_m = torch.einsum("e,oer->or", w, b_all)  # (out, r)
             delta = (x3 @ a_m.T) @ b_m.T  # (B, T, out)
         else:
             w = self.route(x3)  # (B, T, E)
