@@ -80,3 +80,13 @@ def test_route_stage_compares_methods_on_the_same_examples(tiny_checkpoint, tmp_
     assert [e["task"] for e in saved["experts"]] == ["reverse_words", "leap_year"]
     oracle = next(line for line in report.splitlines() if line.startswith("| oracle |"))
     assert oracle.endswith("| - |")  # held-out syllogism has no oracle expert
+
+
+def test_route_stage_config_errors_are_reported_together(cli, tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"name": "r", "model": "smollm2-135m", "stages": [
+        {"kind": "route", "tasks": ["gcdd"], "held_out": ["gsm8k", "sylogism"], "methods": ["glidr"]}]}))
+    code, _, err = cli(["validate", str(config)])
+    assert code == 2 and "3 problems" in err
+    assert "Did you mean 'gcd'" in err and "Did you mean 'syllogism'" in err and "Did you mean 'glider'" in err
+    assert "evaluation only" not in err  # gsm8k (no train split) may be held out

@@ -46,6 +46,11 @@ class LibraryConfig(Config):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
+        return cls.check_tasks(v)
+
+    @staticmethod
+    def check_tasks(v: list[str]) -> list[str]:
+        """Known task names, each with a train split, none twice (a ``ValueError`` names the problem)."""
         from expertkit.errors import UnknownNameError
         from expertkit.tasks.base import get_task
 

@@ -35,6 +35,20 @@ class RouteParams(Config):
     gates: GateConfig = Field(default_factory=GateConfig, description="gate training of each expert")
     batch_size: int = Field(16, ge=1, description="examples per forward pass")
 
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str] | None) -> list[str] | None:
+        from expertkit.route import LibraryConfig
+
+        return v if not v else LibraryConfig.check_tasks(v)
+
+    @field_validator("held_out")
+    @classmethod
+    def _held_out(cls, v: list[str]) -> list[str]:
+        from expertkit.pipeline.stages.experts import _known_tasks  # evaluation-only tasks may be held out
+
+        return _known_tasks(v)
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
