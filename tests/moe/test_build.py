@@ -77,12 +77,19 @@ def test_output_is_a_mixtral_with_the_base_trunk_and_the_trained_experts(built):
 
 
 def test_routers_were_initialised_and_trained(built, tmp_path):
-    _, result = built
+    from expertkit.moe.build import _init_routers
+
+    base, result = built
+    # the known starting point: the centroid rows computed again from the same dense experts
+    init = _init_routers(_recipe(base), list(result.meta["dense_experts"].values()))
     with Checkpoint(result.path) as moe:
-        router = moe.read("model.layers.0.block_sparse_moe.gate.weight")  # (E, H)
-    assert router.shape == (3, 64) and float(router.abs().sum()) > 0
-    # centroid rows are centred: before training their sum over experts is 0; training moves them
-    assert float(router.sum(0).abs().max()) > 0
+        for layer in (0, 1):
+            router = moe.read(f"model.layers.{layer}.block_sparse_moe.gate.weight")  # (E, H)
+            start = torch.as_tensor(init[layer], dtype=router.dtype)
+            assert router.shape == start.shape == (3, 64)
+            # two AdamW steps at lr 1e-3 move every row, by about lr per coordinate, no more
+            moved = (router - start).abs()
+            assert float(moved.amax(1).min()) > 1e-4 and float(moved.max()) < 0.05
 
 
 def test_same_recipe_is_reused_and_seeded_builds_are_identical(built, tiny_checkpoint, cache, monkeypatch):

@@ -5,7 +5,7 @@
 then its gate vectors (:mod:`expertkit.route.gates`, reused when finished with the same identity),
 and writes ``library.json`` last. An interrupted build therefore loses at most the current step
 range; running it again continues. Without ``out`` the library goes to
-``<expertkit cache>/route/<base fingerprint>-<config hash>``, so the same recipe on the same base is
+``<expertkit cache>/route/<base digest>-<config hash>`` (the digest reads every byte of the base), so the same recipe on the same base is
 found again by any caller.
 """
 
@@ -72,7 +72,7 @@ class LibraryConfig(Config):
 
 
 def default_library_dir(base_fingerprint: str, config: LibraryConfig) -> Path:
-    """Where the library of ``config`` on base ``base_fingerprint`` is cached."""
+    """Where the library of ``config`` on the base whose ``model_digest`` is ``base_fingerprint`` is cached."""
     from expertkit.models.bundled import cache_root
 
     return cache_root() / "route" / f"{base_fingerprint[:16]}-{config.fingerprint()}"
@@ -90,13 +90,15 @@ def build_library(base: Any, config: LibraryConfig | None = None, out: str | os.
     from expertkit.route.gates import train_gates
     from expertkit.tasks.base import get_task
     from expertkit.train import train_lora
-    from expertkit.weights.fingerprint import fingerprint
+    from expertkit.weights.fingerprint import fingerprint, model_digest
 
     config = config or LibraryConfig()
     loaded = base if isinstance(base, LoadedModel) else load_model(base if base is not None else config.model)
     if loaded.fingerprint is None:
         loaded.fingerprint = fingerprint(dict(loaded.model.state_dict()))
-    root = Path(out) if out is not None else default_library_dir(loaded.fingerprint, config)
+    # the cache folder names the base by every byte (the sampled fingerprint could not tell apart two
+    # bases that differ only in tensors it does not read)
+    root = Path(out) if out is not None else default_library_dir(model_digest(loaded.model), config)
     experts = []
     for i, name in enumerate(config.tasks, 1):
         task = get_task(name)
