@@ -5,7 +5,8 @@ data; the DP student trains on the **private** part. :func:`privacy_split` draws
 ``n_public + n_private`` training examples once (``task.examples("train", ..., seed)``) and cuts
 them into two disjoint lists, offered as two derived tasks (``<task>@public``,
 ``<task>@private``) whose train split is that list and whose validation and test splits are the
-task's own. Members for membership inference are the private list; non-members come from the test
+task's own (asking the train split for more examples than the part has gives the whole part, as
+with any finite task). Members for membership inference are the private list; non-members come from the test
 split, which neither part touches.
 """
 
@@ -32,10 +33,7 @@ def _part(task: Task, part: str, examples: tuple[Example, ...]) -> Task:
     def build(split: str, n: int, seed: int) -> list[Example]:
         if split != "train":
             return task.examples(split, n, seed)
-        if n > len(examples):
-            raise ConfigError(f"task '{task.name}@{part}' has {len(examples)} training examples; {n} were asked for "
-                              "(set train_examples to at most that).")
-        return list(examples[:n])
+        return list(examples[:n])  # all of them when more are asked for, like any finite task
 
     return dataclasses.replace(task, name=f"{task.name}@{part}", build=build,
                                size={**task.size, "train": len(examples)},
