@@ -9,11 +9,17 @@ import pytest
 from expertkit.privacy.accounting import epsilon_spent
 
 
-def test_train_dp_on_a_tiny_model_reports_the_privacy_spent(cli, tiny_checkpoint, tmp_path):
+def test_train_dp_on_a_tiny_model_reports_the_privacy_spent(cli, tiny_checkpoint, tmp_path, monkeypatch):
+    import expertkit.tasks  # noqa: F401 - registers built-ins first
+    from expertkit.registry import Entry
+    from expertkit.tasks.base import TASKS
+    from expertkit.tasks.toy import copy_task
+
+    monkeypatch.setitem(TASKS._entries, "copy-char", Entry("copy-char", copy_task(), summary="toy"))
     args = ["train", "copy-char", str(tmp_path / "a"), "--model", str(tiny_checkpoint("llama")), "--steps", "2",
             "--batch-size", "4", "--train-examples", "40", "--rank", "2", "--dp", "--noise-multiplier", "0.9",
             "--delta", "1e-3", "--max-grad-norm", "0.5", "--param", "rho=0.01"]
-    code, out, err = _run(cli, args)
+    code, out, err = cli(args)
     assert code == 0, err
     meta = json.loads((tmp_path / "a" / "expertkit.json").read_text())
     rep = meta["optimizer_report"]
@@ -21,15 +27,6 @@ def test_train_dp_on_a_tiny_model_reports_the_privacy_spent(cli, tiny_checkpoint
     assert rep["max_grad_norm"] == 0.5 and rep["sample_rate"] == 0.1
     assert rep["epsilon"] == epsilon_spent(0.9, 0.1, 2, 1e-3)
     assert f"privacy spent: epsilon {rep['epsilon']:.3g} at delta 0.001 (noise multiplier 0.9, rdp)" in out
-
-
-def _run(cli, args):
-    import expertkit.tasks.toy as toy
-    from expertkit.tasks.base import TASKS, register_task
-
-    if "copy-char" not in TASKS:
-        register_task(toy.copy_task())
-    return cli(args)
 
 
 def test_dp_options_without_dp_and_dp_with_a_zeroth_order_optimizer_are_refused(cli, tmp_path):
