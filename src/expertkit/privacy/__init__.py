@@ -8,6 +8,8 @@
   (:mod:`~expertkit.privacy.wrappers`, :mod:`~expertkit.privacy.prefix`).
 * :func:`epsilon_spent`, :func:`calibrate` (accounting), :func:`top_eigenvalue` (sharpness),
   :func:`privacy_split` (public / private data), :func:`loss_threshold_mia` (membership inference).
+* :func:`expertkit.privacy.recipe.train_private`: a whole DP-Flat run (behind the ``dp_train``
+  pipeline stage and ``experiments/dp_flat.py``).
 
 See docs/privacy.md.
 """
