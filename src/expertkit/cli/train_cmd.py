@@ -4,7 +4,11 @@
     expertkit optimizers          # registered optimizers and their parameters
 
 Zeroth-order methods (``zo-*``, ``forward-grad``) get the MeZO/ZO-Bench learning rate and ε of
-the scheme unless ``--lr`` / ``--eps`` are given (see ``docs/zo.md``). Wired in by :func:`register`.
+the scheme unless ``--lr`` / ``--eps`` are given (see ``docs/zo.md``). ``--dp`` trains with
+differential privacy: ``adamw`` becomes ``dp-adamw`` and ``sgd`` ``dp-sgd``, with ``--epsilon``,
+``--delta``, ``--max-grad-norm``, ``--accountant`` (or ``--noise-multiplier``); DP-Flat's parts
+go in ``--param`` (``rho=0.05``, ``prefix_layers=[3,7]``, ``teacher=DIR``, ``distill_weight=0.1``;
+see ``docs/privacy.md``). Wired in by :func:`register`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,24 @@ def resolve_settings(
     return lr, params
 
 
+def dp_settings(optimizer: str, dp: bool, params: dict[str, Any], **options: Any) -> tuple[str, dict[str, Any]]:
+    """``(optimizer, params)`` after ``--dp``: the DP variant of a first-order optimizer and the DP options."""
+    from expertkit.errors import ConfigError
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if not dp:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags} only apply with --dp (differentially private training).")
+        return optimizer, params
+    private = {"adamw": "dp-adamw", "sgd": "dp-sgd", "dp-adamw": "dp-adamw", "dp-sgd": "dp-sgd"}
+    if optimizer not in private:
+        raise ConfigError(f"--dp needs a first-order optimizer (adamw or sgd); '{optimizer}' has no DP variant.")
+    if "noise_multiplier" in given and "epsilon" not in given:
+        params.setdefault("epsilon", None)
+    return private[optimizer], {**params, **given}
+
+
 def train_cmd(
     task: Annotated[str, typer.Argument(help="Task name (see `expertkit tasks list`).")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (PEFT adapter, or a full model for --scheme full).")],
@@ -71,12 +93,23 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed of init, data and directions.")] = 0,
     eval_n: Annotated[int, typer.Option(min=0, help="Evaluate on this many test examples after training.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT_DIR.")] = True,
+    train_examples: Annotated[int | None, typer.Option(min=1, help="Training pool size (default steps * batch size); "
+                                                       "with --dp, the number of private examples n.")] = None,
+    dp: Annotated[bool, typer.Option("--dp", help="Differentially private training (DP-SGD on Opacus).")] = False,
+    epsilon: Annotated[float | None, typer.Option(help="--dp: target epsilon of the whole run (inf = no noise).")] = None,
+    delta: Annotated[float | None, typer.Option(help="--dp: delta, below 1/n (default 1e-5).")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="--dp: per-example clipping norm (default 1.0).")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="--dp: noise multiplier instead of a target epsilon.")] = None,
+    accountant: Annotated[str | None, typer.Option(help="--dp: rdp (default) or prv.")] = None,
 ) -> None:
     """Train one expert on TASK and write it to OUT_DIR (resumable; written atomically)."""
     from expertkit.models import load_model
     from expertkit.train import train_lora
 
-    lr, params = resolve_settings(optimizer, scheme, lr, eps, _parse_params(param or []))
+    optimizer, params = dp_settings(optimizer, dp, _parse_params(param or []), epsilon=epsilon, delta=delta,
+                                    max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                                    accountant=accountant)
+    lr, params = resolve_settings(optimizer, scheme, lr, eps, params)
     overrides: dict[str, Any] = {
         "optimizer": optimizer, "optimizer_params": params, "scheme": scheme, "steps": steps,
         "batch_size": batch_size, "rank": rank, "num_virtual_tokens": virtual_tokens, "seed": seed,
@@ -84,12 +117,21 @@ def train_cmd(
     }
     if lr is not None:
         overrides["lr"] = lr
-    res = train_lora(load_model(model), task, out_dir, **overrides)
+    if train_examples is not None:
+        overrides["train_examples"] = train_examples
+    from expertkit.config import validate
+    from expertkit.train import LoraTrainConfig
+
+    config = validate(LoraTrainConfig, overrides, source="training options")  # before the (slow) model load
+    res = train_lora(load_model(model), task, out_dir, config)
     what = "reused" if res.reused else f"trained {res.steps} steps in {res.seconds:.0f} s"
     line = f"{what}: loss {res.losses[0]:.4f} -> {res.train_loss:.4f}"
     if res.metrics:
         m = res.metrics
         line += f"; {m['split']} accuracy {m['accuracy']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] (n={m['n']})"
+    if (spent := res.meta.get("optimizer_report")) and "epsilon" in spent:
+        line += (f"; privacy spent: epsilon {spent['epsilon']:.3g} at delta {spent['delta']:g} "
+                 f"(noise multiplier {spent['noise_multiplier']:.3g}, {spent['accountant']})")
     out.print(f"[green]done[/green]: {line}; wrote {res.out_dir}", highlight=False)
 
 

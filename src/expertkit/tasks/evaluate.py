@@ -19,11 +19,13 @@ seed and ``max_new_tokens``; a cache hit returns without running the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,31 @@ def _run(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_
     raise ConfigError(f"task '{task.name}' has unknown kind '{task.kind}'; expected 'generate' or 'choice'.")
 
 
+@contextlib.contextmanager
+def with_adapter(model: Any, adapter: str | os.PathLike[str] | None) -> Iterator[Any]:
+    """``model`` in eval mode with the PEFT ``adapter`` folder applied (``None``: as it is); on exit
+    the adapter is taken out again (the base weights are never changed) and the mode restored."""
+    was_training = model.training
+    runner, peft_model = model, None
+    if adapter is not None:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
+            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        runner = peft_model
+    try:
+        runner.eval()
+        yield runner
+    finally:
+        if peft_model is not None and not peft_model.active_peft_config.is_prompt_learning:
+            peft_model.unload()  # take the LoRA layers out again; the base weights were never changed
+        # (prompt/prefix tuning only wrapped the model: nothing was put into it)
+        model.train(was_training)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -251,25 +278,8 @@ def evaluate(
     examples = task.examples(split, n, seed)
     if not examples:
         raise ConfigError(f"task '{task.name}' gave no examples for split '{split}'.")
-    was_training = model.training
-    runner, peft_model = model, None
-    if adapter is not None:
-        import warnings
-
-        from peft import PeftModel
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft calls a deprecated transformers helper
-            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        runner = peft_model
-    try:
-        runner.eval()
+    with with_adapter(model, adapter) as runner:
         results = _run(runner, tokenizer, task, examples, batch_size, max_prompt_tokens)
-    finally:
-        if peft_model is not None and not peft_model.active_peft_config.is_prompt_learning:
-            peft_model.unload()  # take the LoRA layers out again; the base weights were never changed
-        # (prompt/prefix tuning only wrapped the model: nothing was put into it)
-        model.train(was_training)
     total = sum(r.score for r in results)
     lo, hi = wilson_interval(total, len(results))
     result = EvalResult(

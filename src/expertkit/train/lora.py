@@ -231,7 +231,21 @@ def _train(
     opt = build_optimizer(
         config.optimizer, [p for _, p in named], lr=config.lr, steps=config.steps, seed=config.seed,
         hparams=config.optimizer_params, names=[n for n, _ in named], model=model,
+        pool_size=len(rows), batch_size=config.batch_size,
     )
+    try:
+        return _run(opt, model, named, tok, task, config, rows, out_dir, ckpt_path, ident, loaded, callbacks)
+    finally:
+        close = getattr(opt, "close", None)
+        if close is not None:
+            close()  # e.g. DP-SGD removes its per-example-gradient hooks
+
+
+def _run(
+    opt: Any, model: Any, named: list[tuple[str, Any]], tok: Any, task: Task, config: LoraTrainConfig,
+    rows: list[Any], out_dir: Path, ckpt_path: Path, ident: dict[str, Any], loaded: Any,
+    callbacks: Sequence[Callable[[StepInfo], None]],
+) -> TrainResult:
     start, losses, prior_seconds, resumed_from = 0, [], 0.0, None
     if ckpt_path.exists() and config.resume:
         trainable, opt_state, rng, record = load_checkpoint(ckpt_path)
@@ -248,12 +262,14 @@ def _train(
         start, losses, prior_seconds = record["step"], list(record["losses"]), record["seconds"]
         resumed_from = start
     started = time.perf_counter()
+    pick = getattr(opt, "batch_indices", None)  # an optimizer that samples its own batches (DP-SGD)
     model.train()
     with loss_bar(f"Training {task.name}", config.steps, start) as advance:
         for step in range(start, config.steps):
-            batch = [rows[i] for i in batch_indices(step, config.batch_size, len(rows), config.seed)]
+            picked = pick(step, len(rows)) if pick else batch_indices(step, config.batch_size, len(rows), config.seed)
+            batch = [rows[i] for i in picked]
             lr = config.lr_at(step)
-            loss = opt.step(make_loss_fn(model, tok, batch), lr)
+            loss = opt.step(make_loss_fn(model, tok, batch) if batch else _no_examples, lr)
             losses.append(loss)
             advance(loss)
             seconds = prior_seconds + time.perf_counter() - started
@@ -276,8 +292,15 @@ def _train(
         "final_loss": losses[-1], "train_loss": sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10),
         "losses": losses, "metrics": metrics, "seconds": seconds, "trainable_params": sum(p.numel() for _, p in named),
     }
+    if (report := getattr(opt, "report", None)) is not None:
+        meta["optimizer_report"] = report()  # e.g. the privacy spent
     _write_adapter(model, out_dir, meta, peft_base_path(loaded))
     return TrainResult(out_dir, task.name, config.steps, losses, seconds, metrics, resumed_from, meta=meta)
+
+
+def _no_examples() -> torch.Tensor:
+    """The per-example losses of an empty batch: ``(0,)``."""
+    return torch.zeros(0)
 
 
 def _reuse(meta: dict[str, Any], out_dir: Path, loaded: Any, task: Task, config: LoraTrainConfig) -> TrainResult:

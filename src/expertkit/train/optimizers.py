@@ -22,6 +22,11 @@ with it:
 * differentially private methods: per-example gradients from the per-example losses,
   clipped and noised.
 
+Optional hooks the loop calls when an optimizer defines them: ``batch_indices(step, pool)``
+picks the pool indices of a step's batch (DP-SGD's Poisson sampling; it may be empty, and then
+``loss_fn()`` returns an empty tensor), ``report()`` returns a JSON-able dict recorded in the
+output's metadata (e.g. the privacy spent) and ``close()`` is called when training ends.
+
 ``step`` returns the batch loss (a float, for the progress bar and the log). Its
 ``state_dict()`` / ``load_state_dict()`` must round-trip everything needed to make a
 resumed run identical to an uninterrupted one; values may be tensors, numbers,
@@ -83,6 +88,8 @@ class OptimizerSetup:
     hparams: BaseModel  # validated instance of the entry's params model
     names: tuple[str, ...] | None = None  # parameter names, aligned with params (block-wise, hybrid)
     model: Any = None  # the module the parameters belong to (forward-mode methods need it)
+    pool_size: int | None = None  # training examples the batches are drawn from (DP: the private set's n)
+    batch_size: int | None = None  # examples per step (DP: the expected batch size)
 
 
 OptimizerFactory = Callable[[list[torch.nn.Parameter], OptimizerSetup], TrainOptimizer]
@@ -207,15 +214,19 @@ def build_optimizer(
     hparams: Mapping[str, Any] | None = None,
     names: Sequence[str] | None = None,
     model: Any = None,
+    pool_size: int | None = None,
+    batch_size: int | None = None,
 ) -> TrainOptimizer:
     """Build optimizer ``name`` over ``params``; ``hparams`` are validated against its params model.
 
     ``names`` (aligned with ``params``) and ``model`` are passed on for methods that need them
-    (block-wise and hybrid zeroth-order training, forward-mode gradients).
+    (block-wise and hybrid zeroth-order training, forward-mode gradients); ``pool_size`` and
+    ``batch_size`` for methods that sample their own batches (DP-SGD).
     """
     entry = optimizer_entry(name)
     params_model = entry.params or Config
     checked = validate(params_model, dict(hparams or {}), source=f"optimizer '{name}' parameters")
     setup = OptimizerSetup(lr=lr, steps=steps, seed=seed, hparams=checked,
-                           names=tuple(names) if names is not None else None, model=model)
+                           names=tuple(names) if names is not None else None, model=model,
+                           pool_size=pool_size, batch_size=batch_size)
     return entry.obj(list(params), setup)
