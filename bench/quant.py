@@ -1,12 +1,14 @@
 """Post-training quantization: expertkit's GPTQ and RTN against auto-round and optimum-quanto, in one run.
 
     flock /tmp/expertkit-bench.lock .venv/bin/python bench/quant.py [--model smollm2-135m | --tiny] \\
-        [--bits 4 3] [--tools gptq rtn auto-round quanto] [--calib-blocks 32] [--seq-len 128] \\
-        [--ppl-blocks 32] [--ar-iters 200] [--json OUT]
+        [--bits 4 3] [--tools gptq rtn auto-round quanto] [--group-size 64] [--calib-blocks 32] \\
+        [--seq-len 128] [--ppl-blocks 32] [--ar-iters 200] [--json OUT]
 
 Same model (``--model``: a bundled name or folder; ``--tiny``: a tiny random Llama with the
-character tokenizer, for smoke tests), same bits, group size 128 and symmetric grids wherever the
-tool lets one say so, same calibration data: ``--calib-blocks`` blocks of ``--seq-len`` tokens of
+character tokenizer, for smoke tests), same bits, group size (``--group-size``, default 64: it
+divides SmolLM2-135M's widths 576 and 1536, which 128 does not) and symmetric grids wherever the
+tool lets one say so (optimum-quanto's int4/int2 groups are its own 128), same calibration data:
+``--calib-blocks`` blocks of ``--seq-len`` tokens of
 BBC News validation text (:func:`expertkit.quant.data.calibration_batches`; auto-round gets the
 same blocks decoded to text, and tokenizes them itself), and the quality check on other text: the
 perplexity of every result on ``--ppl-blocks`` blocks of BBC News *test* text
@@ -16,7 +18,7 @@ leave ``lm_head`` alone).
 
 * ``gptq`` / ``rtn``: :func:`expertkit.quant.quantize_model` (uniform policy); the time includes
   GPTQ's calibration pass (the Hessians).
-* ``auto-round`` (0.16.1): ``AutoRound(model, tokenizer, bits, group_size=128, sym=True, dataset=texts,
+* ``auto-round`` (0.16.1): ``AutoRound(model, tokenizer, bits, group_size, sym=True, dataset=texts,
   nsamples, seqlen, iters=--ar-iters, device_map="cpu").quantize()`` (SignRound; its default 200
   iterations per block; ``--ar-iters 0`` is its RTN mode).
 * ``quanto`` (optimum-quanto 0.2.7): ``quantize(model, weights=qint<bits>, exclude="lm_head")`` then
@@ -66,7 +68,7 @@ def _quantize(tool: str, bits: int, loaded, args: argparse.Namespace) -> None:
         from expertkit.quant.run import quantize_model
 
         config = QuantizeConfig.model_validate({
-            "model": args.model, "method": tool, "group_size": 128, "symmetric": True,
+            "model": args.model, "method": tool, "group_size": args.group_size, "symmetric": True,
             "policy": {"kind": "uniform", "bits": bits},
             "calibration": {"text_blocks": args.calib_blocks, "seq_len": args.seq_len, "min_tokens_per_expert": 0}})
         quantize_model(config, loaded, batches=batches)
@@ -74,8 +76,8 @@ def _quantize(tool: str, bits: int, loaded, args: argparse.Namespace) -> None:
         from auto_round import AutoRound
 
         texts = [loaded.tokenizer.decode(row) for ids, _ in batches for row in ids]
-        ar = AutoRound(loaded.model, tokenizer=loaded.tokenizer, bits=bits, group_size=128, sym=True, dataset=texts,
-                       nsamples=len(texts), seqlen=args.seq_len, iters=args.ar_iters, device_map="cpu",
+        ar = AutoRound(loaded.model, tokenizer=loaded.tokenizer, bits=bits, group_size=args.group_size, sym=True,
+                       dataset=texts, nsamples=len(texts), seqlen=args.seq_len, iters=args.ar_iters, device_map="cpu",
                        layer_config={"lm_head": {"bits": 16}})
         ar.quantize()
     elif tool == "quanto":
@@ -124,7 +126,8 @@ def _child(args: argparse.Namespace) -> dict:
 # -------------------------------------------------------------------------------------------- parent
 def _run(args: argparse.Namespace, tool: str, bits: int) -> dict:
     cmd = [sys.executable, __file__, "--child", tool, "--child-bits", str(bits), "--model", args.model,
-           "--calib-blocks", str(args.calib_blocks), "--seq-len", str(args.seq_len),
+           "--group-size", str(args.group_size), "--calib-blocks", str(args.calib_blocks),
+           "--seq-len", str(args.seq_len),
            "--ppl-blocks", str(args.ppl_blocks), "--ar-iters", str(args.ar_iters)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -141,6 +144,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama (smoke test)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--tools", nargs="+", default=TOOLS)
+    ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calib-blocks", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ppl-blocks", type=int, default=32)

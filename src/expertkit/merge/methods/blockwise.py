@@ -168,7 +168,8 @@ def _brackets(models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[i
         below = max(0.0, (nf - k) / nf)  # about the fraction of them strictly below the k-th largest
         margin = 5.0 * (mf * below * (1 - below)) ** 0.5 + 8
         # the i-th smallest (0-based) is kthvalue(i + 1)
-        lo = float(torch.kthvalue(sample, int(below * mf - margin) + 1).values) if below * mf - margin > 0 else -math.inf
+        lo = (float(torch.kthvalue(sample, int(below * mf - margin) + 1).values) if below * mf - margin > 0
+              else -math.inf)
         hi = (float(torch.kthvalue(sample, int(below * mf + margin) + 1).values) if below * mf + margin < mf - 1
               else math.inf)
         brackets.append((lo, hi, float(((sample >= lo) & (sample < hi)).sum()) / m))
