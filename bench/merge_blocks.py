@@ -12,7 +12,10 @@ On three bfloat16 tensors of ``--numel`` elements (default: 65M, a 1.1B model's 
   ``torch.kthvalue`` over each whole task vector against
   :func:`~expertkit.merge.methods.blockwise.kth_largest_magnitudes` (sample + one counting pass);
 * ``ties``: a whole TIES merge of that tensor, whole-tensor maths (``kthvalue``, masks, election
-  over full float32 tensors) against the block-wise method.
+  over full float32 tensors) against the block-wise method in two passes (thresholds, then the
+  merge, each reading every input: :func:`~expertkit.merge.methods.ties.ties_two_pass`, the
+  structure before the one-pass rewrite, with today's kernels) and as shipped (one pass plus a
+  fix-up near the thresholds: :func:`~expertkit.merge.methods.blockwise.trimmed_merge`).
 
 Each variant runs ``--repeats`` times in alternating order; the table shows the median and checks
 that the variants give equal results. The load average is printed before and after.
@@ -21,6 +24,7 @@ that the variants give equal results. The load average is printed before and aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -31,6 +35,7 @@ import torch
 from expertkit.merge.core import get_method, merge_tensor
 from expertkit.merge.methods import blockwise as bw
 from expertkit.merge.methods.base import elect_and_mean, weighted_sum
+from expertkit.merge.methods.ties import ties_two_pass
 
 
 def _blocks_torch_threads(out: torch.Tensor, xs: list[torch.Tensor], fn: Callable) -> torch.Tensor:
@@ -65,6 +70,7 @@ def main() -> None:
     mean = lambda blocks: weighted_sum(blocks, w, True, torch.float32)  # noqa: E731
     k = max(1, int(0.2 * args.numel))
     ties = get_method("ties")
+    two_pass = dataclasses.replace(ties, fn=ties_two_pass)
     tp = ties.params.model_validate({"density": 0.2})
     variants: dict[str, dict[str, Callable[[], object]]] = {
         "linear": {
@@ -80,7 +86,8 @@ def main() -> None:
         },
         "ties": {
             "whole tensors": lambda: _whole_ties(models, base, 0.2),
-            "blocks on a thread pool": lambda: merge_tensor(ties, "w", models, base, weights=w, params=tp),
+            "blocks, two passes": lambda: merge_tensor(two_pass, "w", models, base, weights=w, params=tp),
+            "blocks, one pass + fix-up": lambda: merge_tensor(ties, "w", models, base, weights=w, params=tp),
         },
     }
     print(f"load average before: {os.getloadavg()}, torch threads: {torch.get_num_threads()}")

@@ -205,8 +205,10 @@ def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normali
     divided by ``sum_i w_i [agree_i]`` when ``normalize`` (a zero divisor counts as 1). Deltas are
     consumed (modified in place).
     """
-    sign = torch.zeros_like(deltas[0])
-    for d, v in zip(deltas, weights if votes is None else votes, strict=True):
+    votes = weights if votes is None else votes
+    # the summed mass: v_0 d_0 (as 0 + v_0 d_0, whose sign of 0 ge_(0) ignores), then + v_i d_i
+    sign = torch.mul(deltas[0], votes[0]) if votes[0] != 1 else deltas[0].clone()
+    for d, v in zip(deltas[1:], votes[1:], strict=True):
         sign.add_(d, alpha=v)
     sign.ge_(0).mul_(2).sub_(1)  # (*shape): the elected sign, +1 / -1, in place of the sum
     acc = torch.zeros_like(sign)
@@ -221,18 +223,28 @@ def elect_and_mean(deltas: list[torch.Tensor], weights: Sequence[float], normali
         d.clamp_(min=0)
         acc.add_(d, alpha=abs(w))
         if divisor is not None:
-            divisor.add_(d > 0, alpha=w)
+            # [d_i > 0] as 1.0 / 0.0 (d_i >= 0 here; where d_i is NaN so is acc): sign_() is one
+            # vectorised op, where ``d > 0`` builds a bool tensor that add_ must promote (10x slower)
+            divisor.add_(d.sign_(), alpha=w)
     if divisor is not None:
-        acc.div_(divisor.masked_fill_(divisor == 0, 1))
+        used = [w for w in weights if w != 0]
+        if used and min(used) > 0:
+            # positive weights: a nonzero divisor is at least the smallest weight, and where it is 0
+            # so is acc, so raising 0 to that weight divides 0 by it as the masked 1 would
+            acc.div_(divisor.clamp_(min=min(used)))
+        else:
+            acc.div_(divisor.masked_fill_(divisor == 0, 1))
     return acc.mul_(sign)  # sum_i w_i d_i [agree_i] (/ divisor), the same numbers as summing signed terms
 
 
 def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
-                 dtype: torch.dtype | None = None, *, inplace: bool = False) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, *, inplace: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i w_i t_i`` in ``dtype`` (default the first tensor's), divided by ``sum_i w_i`` when
     ``normalize`` (callers refuse weights that cancel first: :func:`expertkit.merge.core.check_weights`;
     a zero sum divides by zero, as in mergekit). A new tensor, unless ``inplace`` (then the
-    first tensor, when of ``dtype``, is overwritten and returned); other inputs are only read.
+    first tensor, when of ``dtype``, is overwritten and returned) or ``out`` is given (a tensor of
+    ``dtype`` and the inputs' shape, none of them: written and returned); inputs are only read.
 
     Element by element the operations are always ``w_0 t_0`` (skipped when ``w_0 = 1``), then
     ``+ w_i t_i`` in order, then ``/ sum_i w_i`` (mergekit's order, so a linear merge with unit
@@ -244,7 +256,7 @@ def weighted_sum(ts: Sequence[torch.Tensor], weights: Sequence[float], normalize
     if inplace and first.dtype == dtype:
         _weighted_into(first, [first, *(t.to(dtype) for t in ts[1:])], weights, True, divisor)
         return first
-    out = torch.empty(first.shape, dtype=dtype)
+    out = torch.empty(first.shape, dtype=dtype) if out is None else out
     _weighted_into(out, [t.to(dtype) for t in ts], weights, False, divisor)
     return out
 

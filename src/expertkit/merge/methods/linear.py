@@ -27,6 +27,9 @@ class LinearParams(MethodParams):
               vs_mergekit="equal, bit for bit")
 def linear(x: TensorInputs) -> torch.Tensor:
     """``sum_i w_i theta_i / sum_i w_i`` (without the division when ``normalize`` is false), block by
-    block into a tensor of the output dtype (the inputs are only read)."""
-    out = torch.empty(x.tensors[0].shape, dtype=x.out_dtype or x.work_dtype)
-    return blockwise(out, x.tensors, lambda blocks: weighted_sum(blocks, x.weights, x.params.normalize, x.work_dtype))
+    block into a tensor of the output dtype (the inputs are only read; with a float32 output each
+    block is summed straight into it)."""
+    wd, normalize = x.work_dtype, x.params.normalize
+    out = torch.empty(x.tensors[0].shape, dtype=x.out_dtype or wd)
+    into = (lambda blocks, dst: weighted_sum(blocks, x.weights, normalize, wd, out=dst)) if out.dtype == wd else None
+    return blockwise(out, x.tensors, lambda blocks: weighted_sum(blocks, x.weights, normalize, wd), into)

@@ -25,7 +25,7 @@ import torch
 from pydantic import AliasChoices, Field
 
 from expertkit.merge.methods.base import MethodParams, TensorInputs, elect_and_mean, if_normalize, merge_method
-from expertkit.merge.methods.blockwise import blockwise, delta_block, flat, kth_largest_magnitudes
+from expertkit.merge.methods.blockwise import blockwise, delta_block, flat, kth_largest_magnitudes, trim, trimmed_merge
 
 
 class TiesParams(MethodParams):
@@ -45,9 +45,33 @@ class TiesParams(MethodParams):
 def ties(x: TensorInputs) -> torch.Tensor:
     """Trim each task vector to its per-tensor top-k, elect signs, average the agreeing entries.
 
-    The thresholds come first (:func:`~expertkit.merge.methods.blockwise.kth_largest_magnitudes`,
-    one counting pass over all the models), then everything else runs block by block, reading the inputs
-    only and writing the result in the output dtype."""
+    Without ``rescale``: one block-wise pass over the inputs that finds the thresholds and merges
+    at once, then a fix-up of the few elements near a threshold
+    (:func:`~expertkit.merge.methods.blockwise.trimmed_merge`). With ``rescale`` (the factors need
+    the thresholds' L1 sums first): :func:`ties_two_pass`. Both read the inputs only and write the
+    result in the output dtype, with the same bits."""
+    p, wd = x.params, x.work_dtype
+    if p.rescale:
+        return ties_two_pass(x)
+    n = x.base.numel()
+    ks = [None if pm.density >= 1 else 0 if pm.density <= 0 else max(1, int(pm.density * n)) for pm in x.per_model]
+    out = torch.empty(x.base.shape, dtype=x.out_dtype or wd)
+    return trimmed_merge(out, x.tensors, x.base, ks, wd,
+                         lambda deltas, b: _elect(deltas, b, x.weights, p.normalize, p.lambda_))
+
+
+def _elect(deltas: list[torch.Tensor], b: torch.Tensor, weights: list[float], normalize: bool,
+           lam: float) -> torch.Tensor:
+    """One block of the TIES result from its trimmed task vectors (consumed) and base ``b``."""
+    mixed = elect_and_mean(deltas, weights, normalize)
+    return (mixed if lam == 1 else mixed.mul_(lam)).add_(b)
+
+
+def ties_two_pass(x: TensorInputs) -> torch.Tensor:
+    """TIES in two block-wise passes: the thresholds (and L1 sums for ``rescale``) by
+    :func:`~expertkit.merge.methods.blockwise.kth_largest_magnitudes`, then the trimmed, elected
+    merge (reading every input a second time). The ``rescale`` path, and the reference the
+    one-pass path is measured against (bench/merge_blocks.py)."""
     p, wd = x.params, x.work_dtype
     base = flat(x.base)
     n = base.numel()
@@ -67,13 +91,11 @@ def ties(x: TensorInputs) -> torch.Tensor:
         b = blocks[-1].to(wd)  # (block,)
         deltas = []
         for blk, (thr, factor) in zip(blocks[:-1], cuts, strict=True):
-            d = delta_block(blk, b, wd)
-            if thr is not None:
-                d.masked_fill_(d.abs() < thr, 0)
+            d = trim(delta_block(blk, b, wd), thr)
             if factor != 1.0:
                 d.mul_(factor)
             deltas.append(d)
-        return elect_and_mean(deltas, x.weights, p.normalize).mul_(p.lambda_).add_(b)
+        return _elect(deltas, b, x.weights, p.normalize, p.lambda_)
 
     out = torch.empty(x.base.shape, dtype=x.out_dtype or wd)
     return blockwise(out, [*x.tensors, x.base], merge)
