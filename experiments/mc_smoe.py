@@ -122,13 +122,11 @@ class Runner:
         """Per-task scores of the original (``path`` None) or a compressed folder on ``n`` examples each."""
         from expertkit.models import load_model
         from expertkit.models.bundled import cache_root
-        from expertkit.moe.compressed import compressed_fingerprint
         from expertkit.tasks.evaluate import evaluate
 
         model = self.original if path is None else load_model(path)
-        fp = self.original.fingerprint if path is None else compressed_fingerprint(path)
         return {t: evaluate(model, None, t, split=split, n=n, seed=self.args.seed, batch_size=64,
-                            cache_dir=cache_root() / "eval", model_fingerprint=fp).scores for t in self.tasks}
+                            cache_dir=cache_root() / "eval").scores for t in self.tasks}
 
 
 def _pool(rows: dict[str, list[float]]) -> list[float]:

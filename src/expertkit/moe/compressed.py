@@ -224,23 +224,3 @@ def load_compressed(folder: Any, config: Any, *, dtype: torch.dtype = torch.floa
 def _module_names(model: nn.Module, mods: tuple[Any, ...]) -> list[str]:
     wanted = {id(m) for m in mods[:2]}
     return [n for n, m in model.named_modules() if id(m) in wanted]
-
-
-def compressed_fingerprint(folder: Any) -> str:
-    """A content hash of a compressed folder: the weights fingerprint, the layout and every weight file's
-    SHA-256. The weights fingerprint samples a few tensors only, so two compressions of one MoE could
-    share it; evaluation caches key compressed models by this instead."""
-    import hashlib
-    import json
-    from pathlib import Path
-
-    from expertkit.fileio import sha256_file
-    from expertkit.weights.fingerprint import fingerprint
-
-    folder = Path(folder)
-    layout = json.loads((folder / "config.json").read_text()).get(LAYOUT_KEY)
-    h = hashlib.sha256(fingerprint(folder).encode())
-    h.update(json.dumps(layout, sort_keys=True).encode())
-    for shard in sorted(folder.glob("*.safetensors")):
-        h.update(f"{shard.name}:{sha256_file(shard)}".encode())
-    return h.hexdigest()[:16]

@@ -167,7 +167,7 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
         seconds["quantize"] += time.perf_counter() - t0
         if calib is not None and calib is not calibration and len(chunks) > 1:
             calib.hessians.clear()  # this chunk is done: free its Hessians
-    loaded.fingerprint = None  # the weights changed: caches keyed by the source's fingerprint must not match
+    loaded.fingerprint = None  # the weights changed: the source folder's fingerprint no longer names them
     seconds["total"] = time.perf_counter() - started
     return QuantResult(config, loaded, targets, records, alloc, kept, ctx,
                        {k: round(v, 2) for k, v in seconds.items()})

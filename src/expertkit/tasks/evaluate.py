@@ -161,13 +161,6 @@ def _read_cache(path: Path, key: dict[str, Any]) -> EvalResult | None:
         return None  # missing or unreadable cache entries are simply recomputed
 
 
-def _model_fingerprint(model: Any) -> str:
-    """The cache's name for ``model`` as it is now: a digest of all its weights and its config."""
-    from expertkit.weights.fingerprint import model_digest
-
-    return model_digest(model)
-
-
 def _run(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
          max_prompt_tokens: int | None) -> list[ExampleResult]:
     prompts = encode_prompts(tokenizer, [task.format_prompt(e) for e in examples], max_prompt_tokens)
@@ -269,7 +262,9 @@ def evaluate(
     ident = adapter_identity(adapter) if adapter is not None else None
     path = key = None
     if cache_dir is not None:
-        model_fingerprint = model_fingerprint or _model_fingerprint(model)
+        from expertkit.weights.fingerprint import model_digest
+
+        model_fingerprint = model_fingerprint or model_digest(model)
         key = cache_key(model_fingerprint=model_fingerprint, adapter=ident, task=task, split=split, n=n, seed=seed)
         path = cache_path(cache_dir, key)
         hit = _read_cache(path, key)

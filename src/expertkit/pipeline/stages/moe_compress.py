@@ -35,7 +35,7 @@ class MoeCompressStage:
         from expertkit.models.bundled import cache_root
         from expertkit.moe.compress import compress_moe
         from expertkit.moe.compress.api import calibration_tasks, model_folder
-        from expertkit.moe.compressed import compressed_fingerprint, expert_parameters
+        from expertkit.moe.compressed import expert_parameters
         from expertkit.tasks.evaluate import evaluate
         from expertkit.tasks.paired import compare
 
@@ -56,12 +56,10 @@ class MoeCompressStage:
             tasks = calibration_tasks(recipe, model_folder(source))
             original = load_model(source)
             pooled: dict[str, list[float]] = {"original": [], "compressed": []}
-            fps = {"original": original.fingerprint, "compressed": compressed_fingerprint(out)}
             for task in tasks:
                 for name, model in (("original", original), ("compressed", compressed)):
                     r = evaluate(model, None, task, split="test", n=params.n, seed=ctx.seed,
-                                 batch_size=params.eval_batch_size, cache_dir=cache_root() / "eval",
-                                 model_fingerprint=fps[name])
+                                 batch_size=params.eval_batch_size, cache_dir=cache_root() / "eval")
                     row["scores"].setdefault(task, {})[name] = r.accuracy
                     pooled[name] += r.scores
             row["paired"] = compare(pooled["compressed"], pooled["original"], seed=ctx.seed).as_dict()
