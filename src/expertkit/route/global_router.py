@@ -80,9 +80,14 @@ class InstructionWriter:
         self.max_query_chars = max_query_chars  # a long query (a news article) is cut: its start names the task
         self.chat = chat  # wrap the prompt in the tokenizer's chat template
         self.generated = 0  # queries written by the model (cache misses) in this writer's life
+        self._model_key: str | None = None  # model_digest of the writer, computed at the first cache lookup
 
     def _key(self, query: str) -> str:
-        ident = json.dumps([self.loaded.fingerprint, self.template, self.max_new_tokens, self.max_query_chars,
+        if self._model_key is None:  # every byte of the writer, not its folder's sampled fingerprint
+            from expertkit.weights.fingerprint import model_digest
+
+            self._model_key = model_digest(self.loaded.model)
+        ident = json.dumps([self._model_key, self.template, self.max_new_tokens, self.max_query_chars,
                             self.chat, query])
         return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
