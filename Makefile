@@ -35,11 +35,12 @@ $(PY):
 
 # torch goes through pip, which honours the machine's pip configuration (local wheels, constraints);
 # the rest through uv when it installs (measured on 2 cores, warm pip cache, cold uv cache: 18 s
-# instead of about 190 s with pip, the same resolved versions), else through pip.
+# instead of about 190 s with pip, the same resolved versions; --compile-bytecode as pip does, so
+# that first imports neither compile nor print old packages' SyntaxWarnings), else through pip.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
 	@if $(PY) -m pip install --quiet --disable-pip-version-check $(UV); then \
-		inst="$(VENV)/bin/uv pip install --quiet --python $(PY)"; \
+		inst="$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)"; \
 	else \
 		echo "expertkit: uv did not install; installing with pip (slower)"; \
 		inst="$(PY) -m pip install --quiet --disable-pip-version-check"; \
