@@ -66,12 +66,14 @@ def test_one_pass_equals_whole_tensor_ties_and_reads_the_inputs_once(monkeypatch
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("fallback", ["wide bracket", "missed bracket"])
+@pytest.mark.parametrize("fallback", ["wide bracket", "missed bracket", "full band store"])
 def test_fallbacks_merge_again_with_the_same_bits(monkeypatch, fallback):
     base, models = _zoo("continuous")
     weights, densities = [1.0, 0.5, 2.0], [0.2, 0.6, 0.01]
     if fallback == "wide bracket":
         monkeypatch.setattr(bw, "MAX_BAND", 0.0)
+    elif fallback == "full band store":  # more elements in a bracket than the sample promised
+        monkeypatch.setattr(bw._Band, "for_bracket", classmethod(lambda cls, n, f, dtype: cls(3, dtype)))
     else:  # a sample that misled: brackets far above every threshold, holding nothing
         real = bw._brackets
         monkeypatch.setattr(bw, "_brackets", lambda *a: [(hi * 10 + 1, hi * 20 + 2, 0.0) for _, hi, _ in real(*a)])
@@ -79,7 +81,7 @@ def test_fallbacks_merge_again_with_the_same_bits(monkeypatch, fallback):
     got = _ties(models, base, weights, densities)
     assert torch.equal(got, _whole_ties(models, base, weights, densities, False, True, 1.0, base.dtype))
     assert passes[-2:] == ["count", "exact"]  # thresholds first, then every block merged with them
-    assert (passes[0] == "one_pass") == (fallback == "missed bracket")
+    assert (passes[0] == "one_pass") == (fallback != "wide bracket")
 
 
 def test_nan_is_kept_and_not_counted_on_every_path(monkeypatch):

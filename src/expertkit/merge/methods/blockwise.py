@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -146,6 +147,58 @@ def _sample(n: int, m: int, g: torch.Generator) -> torch.Tensor | slice:
     return slice(start, start + step * (m - 1) + 1, step)
 
 
+class _Band:
+    """One model's magnitudes in its bracket ``[lo, hi)`` and their block-relative positions, gathered
+    from every block into two buffers allocated before the pass.
+
+    Why (measured, issue 21): keeping each block's result as its own small tensors (even empty ones)
+    until the pass ends fragments glibc's heap: the next blocks' freed temporaries cannot be reused
+    around them and the heap grows by about a block's working set per block. On a 65M-element
+    bfloat16 tensor of three models that was 1.2-1.5 GB of resident memory for empty brackets, the
+    whole of TIES' peak-memory regression. So a block keeps only Python integers (``(start,
+    count)`` in these buffers), and its bracket is copied in at a reserved offset.
+
+    ``capacity`` is an upper bound from the sample; a pass that finds more (``overflow``) cannot
+    use the buffers and its caller falls back to the exact path."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype) -> None:
+        self.mags = torch.empty(capacity, dtype=dtype)
+        self.pos = torch.empty(capacity, dtype=torch.int32)  # positions within a block (< BLOCK)
+        self.used, self.overflow = 0, False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_bracket(cls, n: int, fraction: float, dtype: torch.dtype) -> _Band:
+        """A store for a tensor of ``n`` elements whose sample had ``fraction`` of its elements in
+        the bracket: room for the sample's count plus six standard deviations, and a floor."""
+        m = min(n, SAMPLE)
+        c = fraction * m
+        return cls(min(n, math.ceil(n * (c + 6 * math.sqrt(c) + 8) / m)), dtype)
+
+    def put(self, mags: torch.Tensor, pos: torch.Tensor) -> tuple[int, int]:
+        """Store one block's bracket; ``(start, count)`` in the buffers (``count`` -1 on overflow)."""
+        k = mags.numel()
+        if k == 0:
+            return 0, 0
+        with self._lock:
+            start = self.used
+            if start + k > self.mags.numel():
+                self.overflow = True
+                return 0, -1
+            self.used = start + k
+        self.mags[start:start + k] = mags
+        self.pos[start:start + k] = pos
+        return start, k
+
+    def all_mags(self) -> torch.Tensor:
+        """Every stored magnitude (a view; the blocks' order, which no caller depends on)."""
+        return self.mags[:self.used]
+
+    def block(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's ``(magnitudes, positions)`` (views)."""
+        return self.mags[start:start + count], self.pos[start:start + count]
+
+
 def _brackets(models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], wd: torch.dtype,
               seed: int) -> list[tuple[float, float, float]]:
     """Per model ``(lo, hi, fraction)``: ranks around ``k`` bracketed from a sample of :data:`SAMPLE`
@@ -176,13 +229,12 @@ def _brackets(models: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[i
     return brackets
 
 
-def _threshold_in(k: int, hi: float, tallies: Sequence[tuple[int, int, torch.Tensor]]) -> float | None:
-    """The ``k``-th largest magnitude from one model's per-block tallies ``(count above hi, count
-    equal to hi, magnitudes in [lo, hi))``, or None where it is not in ``[lo, hi]``."""
-    above, at_hi = sum(t[0] for t in tallies), sum(t[1] for t in tallies)
+def _threshold_in(k: int, hi: float, counts: Sequence[tuple[int, int]], inside: torch.Tensor) -> float | None:
+    """The ``k``-th largest magnitude from one model's per-block counts ``(above hi, equal to hi)``
+    and all its magnitudes in ``[lo, hi)`` (``inside``), or None where it is not in ``[lo, hi]``."""
+    above, at_hi = sum(c[0] for c in counts), sum(c[1] for c in counts)
     if above < k <= above + at_hi:
         return hi
-    inside = torch.cat([t[2] for t in tallies])  # (few,) magnitudes in [lo, hi)
     rank = k - above - at_hi  # the threshold is the rank-th largest of ``inside``
     if not 0 < rank <= inside.numel():
         return None
@@ -206,28 +258,32 @@ def kth_largest_magnitudes(models: Sequence[torch.Tensor], base: torch.Tensor, k
     ``torch.kthvalue`` instead.
     """
     brackets = _brackets(models, base, ks, wd, seed)
+    n = base.numel()
+    bands = [_Band.for_bracket(n, f, wd) for _, _, f in brackets]
 
-    def count(s: int, e: int) -> list[tuple[int, int, torch.Tensor, float, float]]:
+    def count(s: int, e: int) -> list[tuple[int, int, int, float, float]]:
         b = base[s:e].to(wd)
         out = []
-        for model, (lo, hi, _) in zip(models, brackets, strict=True):
+        for model, (lo, hi, _), band in zip(models, brackets, bands, strict=True):
             d = torch.sub(model[s:e].to(wd), b)  # (block,)
-            kept, over, at_hi, mags, _ = _tally(d, lo, hi)
+            kept, over, at_hi, mags, pos = _tally(d, lo, hi)
+            _, stored = band.put(mags, pos)
             sums = ((float(d.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64)))
                     if l1 else (0.0, 0.0))
-            out.append((over, at_hi, mags, *sums))
+            out.append((over, at_hi, stored, *sums))
         return out
 
-    parts = map_blocks(base.numel(), count)
+    parts = map_blocks(n, count)
     results = []
     for i, (model, k) in enumerate(zip(models, ks, strict=True)):
         tallies = [p[i] for p in parts]
-        thr = _threshold_in(k, brackets[i][1], tallies)
+        band = bands[i]
+        thr = None if band.overflow else _threshold_in(k, brackets[i][1], tallies, band.all_mags())
         l1_all = sum(t[3] for t in tallies)
         if thr is not None:
-            inside = torch.cat([t[2] for t in tallies])
+            inside = band.all_mags()
             kept = sum(t[4] for t in tallies) + float(inside[inside >= thr].sum(dtype=torch.float64)) if l1 else 0.0
-        else:  # the bracket missed: select over everything (but NaN)
+        else:  # the bracket missed (or held more than the sample promised): select over everything (but NaN)
             mag = delta_block(model, base, wd).abs_()
             mag = mag[~mag.isnan()] if bool(mag.isnan().any()) else mag
             thr = float(torch.kthvalue(mag, max(1, mag.numel() - k + 1)).values) if mag.numel() else 0.0
@@ -322,14 +378,18 @@ def trimmed_merge(out: torch.Tensor, models: Sequence[torch.Tensor], base: torch
     if not find or sum(f for _, _, f in brackets.values()) > MAX_BAND:  # thresholds first, then merge
         return two_passes()
 
-    def one_pass(s: int, e: int) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    bands = {i: _Band.for_bracket(n, brackets[i][2], wd) for i in find}
+
+    def one_pass(s: int, e: int) -> list[tuple[int, int, int, int]]:
+        """Merge block ``[s, e)`` with ``|d| >= hi`` as the rule; per bracketed model only integers are
+        kept (above ``hi``, at ``hi``, and where the bracket's elements went in its store)."""
         b = bview[s:e].to(wd)  # (block,)
         deltas, tallies = [], []
         for i, v in enumerate(views):
             d = torch.sub(v[s:e].to(wd), b)  # (block,)
             if i in brackets:
-                kept, *tally = _tally(d, *brackets[i][:2])
-                tallies.append(tally)  # (over, at_hi, magnitudes in [lo, hi), their positions)
+                kept, over, at_hi, mags, pos = _tally(d, *brackets[i][:2])
+                tallies.append((over, at_hi, *bands[i].put(mags, pos)))
                 deltas.append(kept)  # |d| >= hi kept; [lo, hi) merged again below if the threshold is lower
             else:
                 deltas.append(trim(d, thresholds[i]))
@@ -337,19 +397,22 @@ def trimmed_merge(out: torch.Tensor, models: Sequence[torch.Tensor], base: torch
         return tallies
 
     parts = dict(zip(spans(n), map_blocks(n, one_pass), strict=True))  # (s, e) -> per bracketed model
+    if any(bands[i].overflow for i in find):  # more in a bracket than the sample promised
+        return two_passes()
     for j, i in enumerate(find):
-        thresholds[i] = _threshold_in(ks[i], brackets[i][1], [p[j] for p in parts.values()])
+        thresholds[i] = _threshold_in(ks[i], brackets[i][1], [p[j] for p in parts.values()], bands[i].all_mags())
     if any(thresholds[i] is None for i in find):  # a bracket missed: the first pass trimmed wrongly
         return two_passes()
-    redo = [(j, thresholds[i]) for j, i in enumerate(find) if thresholds[i] < brackets[i][1]]
+    redo = [(j, i, thresholds[i]) for j, i in enumerate(find) if thresholds[i] < brackets[i][1]]
 
     def fix(s: int, e: int) -> None:
         """Merge again the elements of block ``[s, e)`` that the first pass trimmed although they
         are at or above their model's threshold."""
         wrong = torch.zeros(e - s, dtype=torch.bool)
-        for j, thr in redo:
-            _, _, mags, pos = parts[(s, e)][j]
-            wrong[pos[mags >= thr]] = True
+        for j, i, thr in redo:
+            _, _, start, count = parts[(s, e)][j]
+            mags, pos = bands[i].block(start, count)
+            wrong[pos[mags >= thr].long()] = True
         pos = torch.nonzero(wrong).view(-1)
         if pos.numel():
             exact(s, e, pos)
