@@ -155,8 +155,11 @@ def test_ctrl_c_exits_130_with_one_line():
     import subprocess
     import sys
 
+    # a terminal's default SIGINT disposition for the child: a shell's background job (``make test &``)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all
     proc = subprocess.Popen([sys.executable, "-c", WAITING_COMMAND], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline() == "waiting\n"  # the command is running
         proc.send_signal(signal.SIGINT)
