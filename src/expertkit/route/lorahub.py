@@ -3,8 +3,9 @@
 The composed module is ``(sum_e w_e B_e)(sum_e w_e A_e)`` (LoraHub composes A and B apart); the
 weights minimise the mean training loss on ``lorahub_examples`` examples plus ``lorahub_l1`` times
 the mean ``|w_e|``, from ``w = 0`` in the box ``[-1.5, 1.5]``, with at most ``lorahub_budget`` loss
-evaluations. The search is expertkit's CMA-ES (:mod:`expertkit.merge.zoo.cmaes`, already used by the
-zoo planner; ``cma`` would be one more dependency for the same algorithm).
+evaluations. The search is CMA-ES from the ``cma`` package through the zoo planner's adapter
+(:func:`expertkit.merge.zoo.cmaes.cmaes_minimize`: a hard evaluation cap, the best point evaluated,
+seeded by the router's ``seed``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The CMA-ES coefficient search: a known quadratic minimum, the budget as a hard cap, and its use
-in per-cluster strategy selection and `expertkit zoo plan --search cmaes`."""
+"""The CMA-ES coefficient search (an adapter over `cma`): known minima (free and on the bounds), the
+budget as a hard cap, seeding, and its use in per-cluster strategy selection and `expertkit zoo plan --search cmaes`."""
 
 from __future__ import annotations
 
@@ -46,17 +46,57 @@ def test_cmaes_never_exceeds_its_budget(budget):
     calls = []
     res = cmaes_minimize(ellipsoid(calls), [5.0] * 4, 0.1, budget=budget, seed=0)  # far away: no early stop
     assert len(calls) == res.evaluations == len(res.history) == budget
+    assert res.stop == "budget"
+    assert res.generations == -(-budget // 8)  # lambda = 4 + floor(3 ln 4) = 8; the last one cut short
+    best = min(range(budget), key=lambda i: res.history[i][1])
+    assert res.fx == res.history[best][1] and res.x.tolist() == res.history[best][0]  # best so far
+
+
+def test_cmaes_spends_the_whole_budget_on_flat_values():
+    # accuracy-like plateaus: cma's default tolfun / tolflatfitness stops would end this after a few
+    # generations; the adapter turns them off, so every evaluation the caller allowed is made
+    calls = []
+
+    def plateau(x):
+        calls.append(1)
+        return float(np.round(np.abs(np.asarray(x) - 0.6).mean(), 1))
+
+    res = cmaes_minimize(plateau, [0.5] * 3, 0.3, budget=150, bounds=(0.0, 1.5), seed=1)
+    assert len(calls) == res.evaluations == 150 and res.stop == "budget"
+    assert res.fx == 0.0
+
+
+def test_cmaes_finds_a_minimum_on_the_bounds_and_stops_at_a_target():
+    c = np.array([-0.5, 0.3, 2.0])  # box optimum (0, 0.3, 1): two coordinates on a bound
+    res = cmaes_minimize(lambda x: float(((x - c) ** 2).sum()), [0.5] * 3, 0.2, budget=400, bounds=(0.0, 1.0),
+                         seed=0)
+    np.testing.assert_allclose(res.x, [0.0, 0.3, 1.0], atol=1e-3)
+    assert all(0.0 <= v <= 1.0 for x, _ in res.history for v in x)
+    opt = 0.25 + 1.0  # f at the box optimum
+    res = cmaes_minimize(lambda x: float(((x - c) ** 2).sum()), [0.5] * 3, 0.2, budget=400, bounds=(0.0, 1.0),
+                         seed=0, ftarget=opt + 1e-2)
+    assert res.stop == "ftarget" and res.fx <= opt + 1e-2 and res.evaluations < 400
+    assert res.evaluations % 7 == 0  # stopped at the end of a generation (lambda = 4 + floor(3 ln 3) = 7)
 
 
 def test_cmaes_is_seeded_and_checks_its_arguments():
     a = cmaes_minimize(ellipsoid([]), [0.0] * 4, 0.5, budget=50, seed=3)
     b = cmaes_minimize(ellipsoid([]), [0.0] * 4, 0.5, budget=50, seed=3)
     assert a.history == b.history
+    assert cmaes_minimize(ellipsoid([]), [0.0] * 4, 0.5, budget=50, seed=4).history != a.history
+    np.random.seed(11)
+    expected = np.random.rand(3)
+    np.random.seed(11)
+    z0 = cmaes_minimize(ellipsoid([]), [0.0] * 4, 0.5, budget=20, seed=0)  # cma itself reads seed 0 as "clock"
+    np.testing.assert_array_equal(np.random.rand(3), expected)  # the caller's global generator is untouched
+    assert z0.history == cmaes_minimize(ellipsoid([]), [0.0] * 4, 0.5, budget=20, seed=0).history  # nor steers it
     for kwargs in ({"budget": 0}, {"budget": 5, "bounds": (1.0, 1.0)}):
         with pytest.raises(ConfigError):
             cmaes_minimize(ellipsoid([]), [0.0], 0.5, **kwargs)
     with pytest.raises(ConfigError, match="sigma0"):
         cmaes_minimize(ellipsoid([]), [0.0], 0.0, budget=5)
+    with pytest.raises(ConfigError, match="one coordinate"):
+        cmaes_minimize(ellipsoid([]), [], 0.5, budget=5)
 
 
 W = "w"
