@@ -134,3 +134,24 @@ def test_expert_vectors_from_written_instructions_of_their_inputs_retrieve_by_th
     emb = FakeEmbedder().encode(["melon pears", "count bits", "count bits"])
     want = torch.nn.functional.normalize(torch.nn.functional.normalize(torch.tensor(emb), dim=-1).mean(0), dim=0)
     torch.testing.assert_close(router.expert_vectors[0], want)
+
+
+def test_gates_of_two_bases_differing_only_in_an_unsampled_tensor_are_not_shared(loaded, adapters, tmp_path) -> None:
+    from expertkit.route.gates import GateConfig, gate_identity
+    from expertkit.tasks.toy import copy_task
+    from expertkit.weights.fingerprint import fingerprint, model_digest, sampled_names
+
+    state = loaded.model.state_dict()
+    unsampled = sorted(set(state) - set(sampled_names({k: tuple(v.shape) for k, v in state.items()})))[0]
+    cfg = GateConfig(steps=1, batch_size=2)
+    fp_before, digest_before = fingerprint(dict(state)), model_digest(loaded.model)
+    assert not train_gates(loaded, adapters[0], copy_task(), tmp_path / "g.safetensors", cfg)["reused"]
+    with torch.no_grad():
+        state[unsampled].add_(0.5)  # the other base: one tensor the sampled fingerprint never reads
+    assert fingerprint(dict(loaded.model.state_dict())) == fp_before  # the old key could not tell them apart
+    digest_after = model_digest(loaded.model)
+    assert digest_after != digest_before
+    assert gate_identity(adapters[0], "copy", cfg, digest_before) != gate_identity(adapters[0], "copy", cfg, digest_after)
+    # the gates trained on the first base are not reused for the second
+    assert not train_gates(loaded, adapters[0], copy_task(), tmp_path / "g.safetensors", cfg)["reused"]
+    assert train_gates(loaded, adapters[0], copy_task(), tmp_path / "g.safetensors", cfg)["reused"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from expertkit.errors import ConfigError
-from expertkit.moe.routing import RouterEvent, RoutingTap, expert_outputs, layer_name
+from expertkit.moe.routing import RouterEvent, RoutingTap, expert_outputs, forward_batches, layer_name
 from expertkit.moe.stats import FORMAT, RoutingStats
 
 
@@ -42,15 +42,16 @@ class _Accumulator:
 
     def __call__(self, event: RouterEvent) -> None:
         s, i = self.stats, self.position[event.key]
-        chosen = event.chosen[event.mask].double()  # (n, E)
-        logits = event.logits[event.mask].double()  # (n, E)
-        s.counts[i] += chosen.sum(0).numpy()
-        s.coactivation[i] += (chosen.T @ chosen).numpy()
-        s.logit_gram[i] += (logits.T @ logits).numpy()
-        s.logit_sum[i] += logits.sum(0).numpy()
+        chosen = event.chosen[event.mask].double()  # (n, e): e = this layer's experts (<= E when compressed)
+        logits = event.logits[event.mask].double()  # (n, e)
+        e = chosen.shape[1]
+        s.counts[i, :e] += chosen.sum(0).numpy()
+        s.coactivation[i, :e, :e] += (chosen.T @ chosen).numpy()
+        s.logit_gram[i, :e, :e] += (logits.T @ logits).numpy()
+        s.logit_sum[i, :e] += logits.sum(0).numpy()
         s.tokens[i] += chosen.shape[0]
         if self.task is not None:
-            s.task_counts[self.task][i] += chosen.sum(0).numpy()
+            s.task_counts[self.task][i, :e] += chosen.sum(0).numpy()
         if self.sample and chosen.shape[0]:
             real = event.mask.nonzero().squeeze(1)  # (n,)
             pick = real[torch.randperm(real.numel(), generator=self.gen)[: self.sample]]
@@ -68,10 +69,11 @@ class _Accumulator:
                 continue
             s, key = self.stats, self.keys[j]
             hidden = torch.cat(waiting)  # (S, H)
-            outs = expert_outputs(self.tap.layers[key][1], hidden, s.num_experts, self.tap.routing.expert_call)  # (E, S, H)
+            e = self.tap.layer_experts[key]
+            outs = expert_outputs(self.tap.layers[key][1], hidden, e, self.tap.routing.expert_call)  # (e, S, H)
             unit = outs / outs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            s.output_cos[j] += torch.einsum("esh,fsh->ef", unit, unit).double().numpy()
-            s.output_mean[j] += outs.sum(1).double().numpy()
+            s.output_cos[j, :e, :e] += torch.einsum("esh,fsh->ef", unit, unit).double().numpy()
+            s.output_mean[j, :e] += outs.sum(1).double().numpy()
             s.output_tokens[j] += hidden.shape[0]
 
 
@@ -100,35 +102,25 @@ def collect_routing_stats(
     Raises :class:`~expertkit.moe.routing.NotAnMoeError` for a dense model or an architecture
     without a routing description.
     """
-    from expertkit.progress import track
-
     if not any(prompts.values()):
         raise ConfigError("routing statistics need at least one prompt.")
-    holder: list[_Accumulator] = []
-    tap = RoutingTap(model, lambda event: holder[0](event))
+    tap = RoutingTap(model)
     hidden = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "d_model", 0))
     stats = RoutingStats.empty([layer_name(k) for k in tap.layers], tap.num_experts, tap.top_k, hidden,
-                               sample_tokens > 0)
+                               sample_tokens > 0, [tap.layer_experts[k] for k in tap.layers])
     stats.task_counts = {t: np.zeros((len(tap.layers), tap.num_experts)) for t in prompts if prompts[t]}
     stats.task_tokens = dict.fromkeys(stats.task_counts, 0)
-    acc = _Accumulator(tap, stats, sample_tokens, seed)
-    holder.append(acc)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    start_id = getattr(model.config, "decoder_start_token_id", 0) or 0
-    was_training = model.training
-    model.eval()
+    acc = tap.sink = _Accumulator(tap, stats, sample_tokens, seed)
     work = [(task, batch) for task, group in prompts.items() if group
             for batch in _batches(tokenizer, group, batch_size, max_tokens)]
-    try:
-        with tap:
-            for task, (ids, mask) in track(work, "Routing statistics"):
-                acc.task, tap.mask = task, mask
-                stats.task_tokens[task] += int(mask.sum())
-                extra = {"decoder_input_ids": torch.full((ids.shape[0], 1), start_id)} if seq2seq else {}
-                model(input_ids=ids, attention_mask=mask, **extra)
-            acc.flush()
-    finally:
-        model.train(was_training)
+
+    def before(i: int) -> None:
+        acc.task = work[i][0]
+        stats.task_tokens[acc.task] += int(work[i][1][1].sum())
+
+    with tap:
+        forward_batches(model, [batch for _task, batch in work], "Routing statistics", watchers=[tap], before=before)
+        acc.flush()
     stats.meta.update({"batch_size": batch_size, "max_tokens": max_tokens, "sample_tokens": sample_tokens,
                        "seed": seed, "prompts": {t: len(p) for t, p in prompts.items()},
                        "architecture": tap.descriptor.name})

@@ -11,11 +11,20 @@ tokens.
 :func:`expert_outputs` evaluates every expert of one layer alone on chosen tokens through the
 experts module's own forward (the descriptor says how it is called), which is how output
 similarity between experts is measured on the same tokens without any extra forward pass.
+
+:func:`forward_batches` is the one loop every router consumer runs (routing statistics, REAP
+scores, quantization calibration): the model in eval mode, one forward pass per ``(ids, mask)``
+batch, the mask handed to every watcher (a tap, an observer) before each pass, training mode put
+back afterwards.
+
+A compressed MoE (``expertkit moe compress``) may keep a different number of experts in each
+layer; :attr:`RoutingTap.layer_experts` holds each layer's count, and every event's ``logits`` and
+``chosen`` have that many columns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,10 +79,12 @@ class RoutingTap:
 
     Set :attr:`mask` to the ``(batch, seq)`` attention mask before each forward pass so that padding
     tokens are marked; a router that sees a different number of tokens (e.g. a decoder stack)
-    treats all of its tokens as real.
+    treats all of its tokens as real. ``sink`` may be set after construction (a sink that needs the
+    tap's layers); :attr:`num_experts` is the config's (largest) count, :attr:`layer_experts` each
+    layer's own.
     """
 
-    def __init__(self, model: Any, sink: Callable[[RouterEvent], None]) -> None:
+    def __init__(self, model: Any, sink: Callable[[RouterEvent], None] | None = None) -> None:
         self.model = model
         self.descriptor, self.routing = routing_of(model)
         self.layers = self.routing.modules(model)  # {(stack, layer): (router, experts, name)}
@@ -87,11 +98,14 @@ class RoutingTap:
             raise ConfigError(f"{self.descriptor.name}: the config gives no expert count "
                               f"(looked for {', '.join(self.descriptor.counts.experts)}).")
         self.top_k = int(self.descriptor.top_k(config) or 1)
+        self.layer_experts = layer_expert_counts(model, list(self.layers), self.num_experts)
         self.sink = sink
         self.mask: torch.Tensor | None = None
         self._handles: list[Any] = []
 
     def __enter__(self) -> RoutingTap:
+        if self.sink is None:
+            raise ConfigError("RoutingTap: set a sink before attaching the tap.")
         for key, (router, _experts, _name) in self.layers.items():
             self._handles.append(router.register_forward_hook(self._hook(key)))
         return self
@@ -102,12 +116,17 @@ class RoutingTap:
         self._handles.clear()
 
     def _hook(self, key: LayerKey) -> Callable[..., None]:
-        r, n_exp = self.routing, self.num_experts
+        r, n_exp = self.routing, self.layer_experts[key]
 
         def hook(_module: Any, inputs: tuple[Any, ...], output: Any) -> None:
             hidden = inputs[0].detach()
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-            logits = output[r.logits].detach().reshape(-1, n_exp).float()  # (N, E)
+            raw = output[r.logits].detach()
+            if raw.shape[-1] != n_exp:
+                raise ConfigError(f"router of layer {layer_name(key)} gives {raw.shape[-1]} logits per token, but "
+                                  f"the layer holds {n_exp} experts; the model's config or compression layout "
+                                  "does not describe this model.")
+            logits = raw.reshape(-1, n_exp).float()  # (N, E)
             chosen = _chosen(output[r.selected].detach(), r.selected_format, n_exp)  # (N, E)
             if logits.shape[0] != hidden.shape[0] or chosen.shape[0] != hidden.shape[0]:
                 raise ConfigError(f"router of layer {layer_name(key)}: {hidden.shape[0]} tokens in, "
@@ -121,6 +140,45 @@ class RoutingTap:
             self.sink(RouterEvent(key, hidden, logits, chosen, real))
 
         return hook
+
+
+def layer_expert_counts(model: Any, keys: Sequence[LayerKey], default: int) -> dict[LayerKey, int]:
+    """``{(stack, layer): experts}``: ``default`` (the config's count) for every layer, except the layers
+    a compressed MoE's layout (:data:`~expertkit.moe.compressed.LAYOUT_KEY`) gives a count of their own."""
+    from expertkit.moe.compressed import LAYOUT_KEY
+
+    layout = getattr(model.config, LAYOUT_KEY, None) or {}
+    own = {str(k): int(v["experts"]) for k, v in (layout.get("layers") or {}).items()}
+    return {key: own.get(str(key[1]), default) if key[0] is None else default for key in keys}
+
+
+@torch.no_grad()
+def forward_batches(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], description: str, *,
+                    watchers: Sequence[Any] = (), before: Callable[[int], None] | None = None) -> None:
+    """One eval-mode forward pass of ``model`` per ``(ids (B, T), mask (B, T))`` batch, with a progress bar.
+
+    Before each pass every watcher's ``mask`` attribute is set to the batch's mask (a
+    :class:`RoutingTap`, an observer) and ``before(i)`` is called with the batch's position. An
+    encoder-decoder model gets one decoder start token per row (its encoder routers see the prompt).
+    The model's training mode is put back afterwards, also on failure; attaching and removing hooks
+    is the caller's (``with tap:``).
+    """
+    from expertkit.progress import track
+
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    start = getattr(model.config, "decoder_start_token_id", 0) or 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (ids, mask) in enumerate(track(list(batches), description)):
+            for watcher in watchers:
+                watcher.mask = mask
+            if before is not None:
+                before(i)
+            extra = {"decoder_input_ids": torch.full((ids.shape[0], 1), start)} if seq2seq else {}
+            model(input_ids=ids, attention_mask=mask, **extra)
+    finally:
+        model.train(was_training)
 
 
 def _chosen(selected: torch.Tensor, fmt: str, num_experts: int) -> torch.Tensor:

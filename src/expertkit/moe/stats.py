@@ -16,6 +16,11 @@
 Derived measures: routing frequencies, the marginal routing entropy ``H(E)`` against the
 task-conditional ``H(E | task)`` (specialised routing has the second well below the first), and
 the coefficient of variation of expert counts (0 = perfectly balanced).
+
+A compressed MoE may keep fewer experts in some layers (:attr:`RoutingStats.layer_experts`): its
+arrays keep the width ``E`` of the largest layer, a smaller layer ``l`` fills its first
+``layer_experts[l]`` columns (the rest stay 0) and :meth:`RoutingStats.layer` gives its arrays at
+their own size.
 """
 
 from __future__ import annotations
@@ -54,14 +59,31 @@ class RoutingStats:
     task_counts: dict[str, np.ndarray] = field(default_factory=dict)  # task -> (L, E)
     task_tokens: dict[str, int] = field(default_factory=dict)  # task -> real tokens per router
     meta: dict[str, Any] = field(default_factory=dict)
+    layer_experts: list[int] | None = None  # experts held by each layer; None: num_experts in every layer
 
     @classmethod
-    def empty(cls, layers: list[str], num_experts: int, top_k: int, hidden: int, sample: bool) -> RoutingStats:
+    def empty(cls, layers: list[str], num_experts: int, top_k: int, hidden: int, sample: bool,
+              layer_experts: list[int] | None = None) -> RoutingStats:
         """Zero sums for ``layers`` (``hidden`` sizes the output means when ``sample``)."""
         n, e = len(layers), num_experts
         z = np.zeros
+        if layer_experts is not None and (len(layer_experts) != n or not all(1 <= k <= e for k in layer_experts)):
+            raise CheckpointError(f"layer_experts {layer_experts} must give 1..{e} experts for each of {n} layers.")
+        per_layer = None if layer_experts is None or set(layer_experts) == {e} else [int(k) for k in layer_experts]
         return cls(list(layers), e, top_k, z((n, e)), z((n, e, e)), z((n, e, e)), z((n, e)), z(n),
-                   z((n, e, e)), z((n, e, hidden if sample else 0)), z(n))
+                   z((n, e, e)), z((n, e, hidden if sample else 0)), z(n), layer_experts=per_layer)
+
+    def experts_in(self, i: int) -> int:
+        """Experts held by the layer at position ``i``."""
+        return self.num_experts if self.layer_experts is None else self.layer_experts[i]
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        """The arrays of the layer at position ``i`` at its own size ``e``: ``counts (e,)``,
+        ``coactivation``/``logit_gram``/``output_cos (e, e)``, ``logit_sum (e,)``, ``output_mean (e, H)``."""
+        e = self.experts_in(i)
+        return {"counts": self.counts[i, :e], "coactivation": self.coactivation[i, :e, :e],
+                "logit_gram": self.logit_gram[i, :e, :e], "logit_sum": self.logit_sum[i, :e],
+                "output_cos": self.output_cos[i, :e, :e], "output_mean": self.output_mean[i, :e]}
 
     # ------------------------------------------------------------------ derived
     def frequencies(self) -> np.ndarray:
@@ -97,9 +119,10 @@ class RoutingStats:
         return out
 
     def balance_cv(self) -> np.ndarray:
-        """``(L,)`` coefficient of variation of expert counts (std / mean; 0 = perfectly balanced)."""
-        mean = self.counts.mean(axis=1)
-        return self.counts.std(axis=1) / np.maximum(mean, 1e-12)
+        """``(L,)`` coefficient of variation of expert counts (std / mean; 0 = perfectly balanced), over
+        the experts each layer holds."""
+        rows = [self.counts[i, : self.experts_in(i)] for i in range(len(self.layers))]
+        return np.array([row.std() / max(row.mean(), 1e-12) for row in rows])
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (means over layers) as a JSON-able dict."""
@@ -127,7 +150,8 @@ class RoutingStats:
         np.savez(buf, **arrays)
         write_atomic(path, buf.getvalue())
         info = {"format": FORMAT, "layers": self.layers, "num_experts": self.num_experts, "top_k": self.top_k,
-                "task_tokens": self.task_tokens, "meta": self.meta, "summary": self.summary()}
+                "task_tokens": self.task_tokens, "meta": self.meta, "summary": self.summary(),
+                "layer_experts": self.layer_experts}
         write_atomic(path.with_suffix(".json"), (json.dumps(info, indent=1) + "\n").encode())
         return path
 
@@ -145,7 +169,8 @@ class RoutingStats:
             raise CheckpointError(f"{path}: not expertkit routing statistics (format {info.get('format')!r}).")
         tasks = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith("task::")}
         return cls(info["layers"], info["num_experts"], info["top_k"], *(arrays[n] for n in _ARRAYS),
-                   task_counts=tasks, task_tokens=dict(info["task_tokens"]), meta=info.get("meta", {}))
+                   task_counts=tasks, task_tokens=dict(info["task_tokens"]), meta=info.get("meta", {}),
+                   layer_experts=info.get("layer_experts"))
 
 
 def _cosine(gram: np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ earlier layers, as sequential GPTQ does); the routed-token counts cover every Mo
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -119,16 +121,16 @@ class _ExpertSink:
         names = {id(m): n for n, m in model.named_modules()}
         self.experts = {key: (names[id(mods[1])], mods[1]) for key, mods in tap.layers.items()}
         self.calib, self.wanted, self.reserve, self.layers = calib, wanted, reserve, layers
-        self.num_experts = tap.num_experts
+        self.num_experts = dict(tap.layer_experts)  # per layer: a compressed MoE's layers may differ
         self.pool: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (scores (R,), hidden (R, H))
-        for name, _m in self.experts.values():
-            calib.routed.setdefault(name, [0] * self.num_experts)
+        for key, (name, _m) in self.experts.items():
+            calib.routed.setdefault(name, [0] * self.num_experts[key])
 
     def __call__(self, event: Any) -> None:
         name, module = self.experts[event.key]
         hidden, real = event.hidden, event.mask  # (N, H), (N,)
         collect = (self.layers is None or event.key in self.layers) and bool(self.wanted)
-        for e in range(self.num_experts):
+        for e in range(self.num_experts[event.key]):
             routed = (event.chosen[:, e] > 0) & real
             n = int(routed.sum())
             self.calib.routed[name][e] += n  # every layer is counted on every pass
@@ -158,8 +160,8 @@ class _ExpertSink:
         for key, (name, module) in self.experts.items():
             if not self.wanted or (self.layers is not None and key not in self.layers):
                 continue
-            added = [0] * self.num_experts
-            for e in range(self.num_experts):
+            added = [0] * self.num_experts[key]
+            for e in range(self.num_experts[key]):
                 missing = minimum - self.calib.routed[name][e]
                 pool = self.pool.get((name, e))
                 if missing <= 0 or pool is None:
@@ -210,11 +212,17 @@ def _expert_child(experts: Any, e: int) -> Any:
     raise ConfigError(f"{type(experts).__name__}: no submodule for expert {e} (expected a child named like 'expert_{e}').")
 
 
-def _linear_hook(calib: Calibration, key: str, state: dict[str, Any]):
+class _Mask:
+    """Holds the current batch's attention mask for the plain linear hooks (a forward_batches watcher)."""
+
+    mask: torch.Tensor | None = None
+
+
+def _linear_hook(calib: Calibration, key: str, state: _Mask):
     def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
         x = inputs[0]
         x = x.reshape(-1, x.shape[-1])  # (N, cols)
-        mask = state.get("mask")
+        mask = state.mask
         if mask is not None and mask.numel() == x.shape[0]:
             x = x[mask.reshape(-1).bool()]
         calib.add(key, x)
@@ -231,58 +239,42 @@ def calibrate(model: Any, batches: Sequence[Batch], targets: Iterable[Target], *
     ``observers`` (e.g. :class:`~expertkit.quant.scorers.BlockImportance`) ride along on the same
     passes: each has ``attach(model) -> handles`` and a ``mask`` attribute set before every batch.
     """
-    from expertkit.progress import track
+    from expertkit.moe.routing import NotAnMoeError, RoutingTap, forward_batches
 
     targets = [t for t in targets if layers is None or t.layer_key in layers]
     if not batches:
         raise ConfigError("calibration needs at least one batch of tokens.")
     if min_tokens_per_expert < 0:
         raise ConfigError(f"min_tokens_per_expert must be >= 0, not {min_tokens_per_expert}.")
-    calib, state, handles = Calibration(), {}, []
+    calib, state, handles = Calibration(), _Mask(), []
     plain = {t.hessian for t in targets if t.expert is None}
     for key in sorted(plain):
         handles.append(model.get_submodule(key).register_forward_pre_hook(_linear_hook(calib, key, state)))
     expert_keys = {t.hessian for t in targets if t.expert is not None}
     sink = tap = None
     try:  # every MoE's routers are tapped: expert Hessians, and the routed-token counts of every layer
-        from expertkit.moe.routing import NotAnMoeError, RoutingTap
-
-        holder: list[_ExpertSink] = []
-        tap = RoutingTap(model, lambda event: holder[0](event))
-        sink = _ExpertSink(model, tap, calib, expert_keys, min_tokens_per_expert, layers)
-        holder.append(sink)
+        tap = RoutingTap(model)
+        sink = tap.sink = _ExpertSink(model, tap, calib, expert_keys, min_tokens_per_expert, layers)
     except NotAnMoeError:
         if expert_keys:
             raise
     for observer in observers:
         handles += observer.attach(model)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    start = getattr(model.config, "decoder_start_token_id", 0) or 0
-    was_training = model.training
-    model.eval()
     try:
-        if tap is not None:
-            tap.__enter__()
-        for ids, mask in track(list(batches), description):
-            state["mask"] = mask
-            for observer in observers:
-                observer.mask = mask
-            if tap is not None:
-                tap.mask = mask
-            extra = {"decoder_input_ids": torch.full((ids.shape[0], 1), start)} if seq2seq else {}
-            model(input_ids=ids, attention_mask=mask, **extra)
+        with tap if tap is not None else contextlib.nullcontext():
+            forward_batches(model, batches, description,
+                            watchers=[state, *observers, *([tap] if tap is not None else [])])
     finally:
-        if tap is not None:
-            tap.__exit__(None, None, None)
         for h in handles:
             h.remove()
-        model.train(was_training)
     if sink is not None:
         sink.balance(min_tokens_per_expert)
     return calib
 
 
 def expert_token_table(calib: Calibration) -> np.ndarray:
-    """``(MoE layers, experts)`` tokens each expert's Hessian saw (routed + added)."""
+    """``(MoE layers, experts)`` tokens each expert's Hessian saw (routed + added); a compressed layer with
+    fewer experts has zeros in the columns past its own."""
     rows = [np.add(r, calib.added.get(k, [0] * len(r))) for k, r in calib.routed.items()]
-    return np.array(rows) if rows else np.zeros((0, 0))
+    width = max((len(r) for r in rows), default=0)
+    return np.array([np.pad(r, (0, width - len(r))) for r in rows]) if rows else np.zeros((0, 0))

@@ -8,8 +8,11 @@ computed here is stored and read back bit for bit):
   row is one group, i.e. one scale per output channel); each group has a scale ``s`` and, when
   asymmetric, a zero-point ``z`` (an integer in the code range);
 * the grid always holds 0: symmetric ``s = max|w| / ((2^b - 1) / 2)``, ``z = 0``; asymmetric
-  ``s = (max(w, 0) - min(w, 0)) / (2^b - 1)``, ``z = clamp(round(-2^(b-1) - min(w, 0) / s))``;
-* ``q = clamp(round(w / s) + z)`` (round half to even), and the dequantized weight is
+  ``s = (max(w, 0) - min(w, 0)) / (2^b - 1)``, ``z = round(clamp(-2^(b-1) - min(w, 0) / s))`` with the
+  unrounded ``s``; then ``s`` is rounded to its dtype and a 0 there becomes the dtype's epsilon
+  (compressed-tensors' ``calculate_qparams``; ``tests/quant/test_grid_compressed_tensors.py``
+  compares scales, zero-points, codes and weights with compressed-tensors' own functions);
+* ``q = clamp(round(w / s + z))`` (round half to even), and the dequantized weight is
   ``(q - z) * s`` computed in the scale's dtype (float16 by default), then cast back, exactly as
   ``compressed_tensors.quantization.lifecycle.forward.dequantize`` does.
 
@@ -89,26 +92,32 @@ class Scheme:
 
 def group_params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point ``(rows,)`` each for one group ``w`` ``(rows, width)``; the scale is rounded
-    to the scheme's scale dtype (so that what is stored is what was used)."""
+    to the scheme's scale dtype (so that what is stored is what was used).
+
+    In the order of compressed-tensors' ``calculate_qparams`` (tested equal): the zero-point comes
+    from the unrounded scale; then the scale is rounded to its dtype, and a scale that is 0 there
+    (an all-zero group, or one too small for the dtype) becomes the dtype's epsilon; an all-zero
+    group's zero-point is 0."""
     q_min, q_max = code_range(scheme.bits)
     lo = w.amin(dim=1).clamp(max=0)  # (rows,)
     hi = w.amax(dim=1).clamp(min=0)
     if scheme.symmetric:
-        scale = torch.maximum(lo.abs(), hi) / ((q_max - q_min) / 2)
-        zero = torch.zeros_like(scale)
+        raw = torch.maximum(lo.abs(), hi) / ((q_max - q_min) / 2)
+        zero = torch.zeros_like(raw)
     else:
-        scale = (hi - lo) / (q_max - q_min)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
-    scale = scale.to(SCALE_DTYPES[scheme.scale_dtype]).to(w.dtype)
-    if not scheme.symmetric:
-        zero = torch.round(q_min - lo / scale).clamp(q_min, q_max)
+        raw = (hi - lo) / (q_max - q_min)
+        safe = torch.where(raw > 0, raw, torch.ones_like(raw))
+        zero = torch.where(raw > 0, torch.round((q_min - lo / safe).clamp(q_min, q_max)), torch.zeros_like(raw))
+    sd = SCALE_DTYPES[scheme.scale_dtype]
+    scale = raw.to(sd).to(w.dtype)
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(sd).eps))
     return scale, zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (as floats) of ``w`` ``(rows, ...)`` on the grid of ``scale``/``zero`` ``(rows, ...)``."""
     q_min, q_max = code_range(bits)
-    return torch.clamp(torch.round(w / scale) + zero, q_min, q_max)
+    return torch.clamp(torch.round(w / scale + zero), q_min, q_max)  # z added before rounding, as compressed-tensors
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_dtype: str,

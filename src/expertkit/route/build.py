@@ -98,7 +98,8 @@ def build_library(base: Any, config: LibraryConfig | None = None, out: str | os.
         loaded.fingerprint = fingerprint(dict(loaded.model.state_dict()))
     # the cache folder names the base by every byte (the sampled fingerprint could not tell apart two
     # bases that differ only in tensors it does not read)
-    root = Path(out) if out is not None else default_library_dir(model_digest(loaded.model), config)
+    base_digest = model_digest(loaded.model)
+    root = Path(out) if out is not None else default_library_dir(base_digest, config)
     experts = []
     for i, name in enumerate(config.tasks, 1):
         task = get_task(name)
@@ -108,7 +109,7 @@ def build_library(base: Any, config: LibraryConfig | None = None, out: str | os.
         gate_path = None
         if gates:
             gate_path = root / "gates" / f"{name}.safetensors"
-            train_gates(loaded, adapter, task, gate_path, config.gates)
+            train_gates(loaded, adapter, task, gate_path, config.gates, base_digest=base_digest)
         experts.append(Expert(name, name, config.descriptions.get(name, task.description), adapter, gate_path))
     lib = ExpertLibrary.from_adapters(experts, root=root, meta={"config": config.model_dump(mode="json"),
                                                                 "library_fingerprint": config.fingerprint()})

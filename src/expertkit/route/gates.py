@@ -7,8 +7,10 @@ factors stay frozen. At routing time the gates and the token inputs are standard
 (:mod:`expertkit.route.layers`), so a gate points at the inputs its expert helps with.
 
 The gates are written to one safetensors file per expert whose metadata records the base
-fingerprint and the identity of the run (adapter hash, task, config); a finished file with the
-same identity is reused.
+fingerprint and the identity of the run (adapter hash, task, config, and the base's
+:func:`~expertkit.weights.fingerprint.model_digest`: every byte, since the sampled fingerprint
+cannot tell apart two bases that differ only in tensors it does not read); a finished file with
+the same identity is reused.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ class _GatedLinear(nn.Module):
         return self.base(x) + g * ((x @ self.a.T) @ self.b.T)  # (..., out)
 
 
-def gate_identity(adapter: str | os.PathLike[str], task: str, config: GateConfig, base_fp: str | None) -> str:
-    """A string that changes whenever the expert's weights, its task, the gate config or the base change."""
+def gate_identity(adapter: str | os.PathLike[str], task: str, config: GateConfig, base_digest: str | None) -> str:
+    """A string that changes whenever the expert's weights, its task, the gate config or the base change
+    (``base_digest``: the base's :func:`~expertkit.weights.fingerprint.model_digest`)."""
     from expertkit.fileio import sha256_file
 
     weights = sha256_file(Path(adapter) / "adapter_model.safetensors")
     return json.dumps({"adapter": weights, "task": task, "config": config.model_dump(mode="json"),
-                       "base": base_fp}, sort_keys=True)
+                       "base_digest": base_digest}, sort_keys=True)
 
 
 def finished_gates(path: Path, identity: str) -> bool:
@@ -77,24 +80,25 @@ def finished_gates(path: Path, identity: str) -> bool:
 
 
 def train_gates(loaded: Any, adapter: str | os.PathLike[str], task: Any, out: str | os.PathLike[str],
-                config: GateConfig | None = None) -> dict[str, Any]:
+                config: GateConfig | None = None, *, base_digest: str | None = None) -> dict[str, Any]:
     """Train the gate vectors of the expert in ``adapter`` on ``task``; write them to ``out``.
 
     ``loaded`` is the base as a :class:`~expertkit.models.LoadedModel` (its layers are swapped for
-    the run and put back). Returns ``{"path", "losses", "reused"}``.
+    the run and put back). ``base_digest`` is its :func:`~expertkit.weights.fingerprint.model_digest`
+    when the caller has it already (computed here otherwise). Returns ``{"path", "losses", "reused"}``.
     """
     from safetensors.torch import save_file
 
     from expertkit.fileio import fsync_path, temp_sibling, writing
     from expertkit.tasks.base import get_task
     from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
-    from expertkit.weights.fingerprint import FINGERPRINT_METADATA_KEY
+    from expertkit.weights.fingerprint import FINGERPRINT_METADATA_KEY, model_digest
     from expertkit.weights.lora import LoraAdapter
 
     config = config or GateConfig()
     task = get_task(task) if isinstance(task, str) else task
     out = Path(out)
-    ident = gate_identity(adapter, task.name, config, loaded.fingerprint)
+    ident = gate_identity(adapter, task.name, config, base_digest or model_digest(loaded.model))
     if finished_gates(out, ident):
         return {"path": out, "losses": [], "reused": True}
     model, tok = loaded.model, loaded.tokenizer

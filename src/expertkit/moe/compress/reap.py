@@ -43,17 +43,20 @@ def reap_scores(model: Any, tokenizer: Any, prompts: Mapping[str, Sequence[str]]
                 max_tokens: int = 256) -> np.ndarray:
     """``(L, E)`` REAP saliency of every expert of every MoE layer, in the tap's layer order."""
     from expertkit.moe.collect import _batches
-    from expertkit.moe.routing import RouterEvent, RoutingTap
-    from expertkit.progress import track
+    from expertkit.moe.routing import RouterEvent, RoutingTap, forward_batches
 
-    holder: dict[str, Any] = {}
+    tap = RoutingTap(model)
+    if tap.routing.expert_call != "topk":
+        raise ConfigError(f"{tap.descriptor.name}: REAP scores need experts called by top-k index.")
+    position = {key: i for i, key in enumerate(tap.layers)}
+    sums = np.zeros((len(tap.layers), tap.num_experts))  # (L, E); a compressed layer fills its first e columns
+    counts = np.zeros_like(sums)
 
     def sink(event: RouterEvent) -> None:
-        tap: RoutingTap = holder["tap"]
         i = position[event.key]
         experts = tap.layers[event.key][1]
         score = torch.sigmoid(event.logits) if tap.routing.score == "sigmoid" else torch.softmax(event.logits, -1)
-        for e in range(tap.num_experts):
+        for e in range(tap.layer_experts[event.key]):
             tokens = (event.chosen[:, e] > 0) & event.mask  # (N,)
             n = int(tokens.sum())
             if not n:
@@ -63,23 +66,10 @@ def reap_scores(model: Any, tokenizer: Any, prompts: Mapping[str, Sequence[str]]
             sums[i, e] += float((score[tokens, e] * out.float().norm(dim=-1)).sum())
             counts[i, e] += n
 
-    tap = RoutingTap(model, sink)
-    if tap.routing.expert_call != "topk":
-        raise ConfigError(f"{tap.descriptor.name}: REAP scores need experts called by top-k index.")
-    holder["tap"] = tap
-    position = {key: i for i, key in enumerate(tap.layers)}
-    sums = np.zeros((len(tap.layers), tap.num_experts))
-    counts = np.zeros_like(sums)
+    tap.sink = sink
     work = [b for group in prompts.values() if group for b in _batches(tokenizer, group, batch_size, max_tokens)]
     if not work:
         raise ConfigError("REAP scores need at least one calibration prompt.")
-    was_training = model.training
-    model.eval()
-    try:
-        with tap:
-            for ids, mask in track(work, "REAP scores"):
-                tap.mask = mask
-                model(input_ids=ids, attention_mask=mask)
-    finally:
-        model.train(was_training)
+    with tap:
+        forward_batches(model, work, "REAP scores", watchers=[tap])
     return sums / np.maximum(counts, 1)
