@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a pinned runtime dependency: a failed import must fail, not skip
 
 from expertkit.quant.gguf import _permute, encode_blocks, ggml_type  # noqa: E402
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("compressed_tensors")
+import compressed_tensors  # noqa: F401 - a pinned runtime dependency: a failed import must fail, not skip
 
 from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize  # noqa: E402
