@@ -52,6 +52,10 @@ def compress_cmd(
     else:
         form = "; no stock form (per-layer expert counts)" if recipe.stock else ""
     kd = f", {recipe.kd.steps} distillation steps" if recipe.kd.steps else ""
+    err = (r.get("lowrank") or {}).get("relative_error")
+    if err:  # the C step's weight error, mean over layers: 0 = exact, 1 = nothing of the matrix kept
+        kd = "; low rank + sparse weight error (relative, mean over layers) " + ", ".join(
+            f"{p} {v:.2f}" for p, v in err.items()) + kd
     out.print(f"Compressed {recipe.model} with {recipe.method}{kd} into {out_dir}: experts per layer "
               f"{r['experts_per_layer']}; expert parameters {p['after']:,} of {p['before']:,} "
               f"({100 * p['removed_share']:.1f}% removed), expert FLOPs per token {100 * f['removed_share']:.1f}% "

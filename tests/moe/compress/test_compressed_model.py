@@ -143,3 +143,23 @@ def test_statistics_of_another_shape_or_counts_per_layer_that_do_not_fit_are_ref
     assert not any(p.name in {"a", "b", "c", "d"} for p in tmp_path.iterdir())
     assert not any(p.name.startswith(".d.tmp") for p in tmp_path.iterdir())
 
+
+
+def test_the_c_steps_recorded_weight_error_is_the_factors_error_against_the_merged_experts(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from expertkit.moe.compress.lowrank import factorize, split_budget
+
+    src = tiny_checkpoint("olmoe")
+    merged = load_file(_compress(src, tmp_path / "m", keep=(2, 2)).path / "model.safetensors")
+    result = _compress(src, tmp_path / "c", keep=(2, 2), lowrank=(0.4, 0.25))
+    layers = json.loads((result.path / "config.json").read_text())
+    layers = next(v for v in layers.values() if isinstance(v, dict) and "layers" in v)["layers"]
+    # recompute layer 1's gate error from the merged (uncompressed) folder's own tensors
+    gates = [merged[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"] for e in range(2)]
+    r, k = split_budget(*gates[0].shape, 0.4, 0.25)
+    want = np.mean([float((factorize(w, r, k).dense() - w).norm() / w.norm()) for w in gates])
+    assert layers["1"]["relative_error"]["gate"] == pytest.approx(want, rel=1e-4)
+    assert 0.05 < want < 1  # 40% of a random matrix's parameters lose a real share of it
+    means = {p: np.mean([e["relative_error"][p] for e in layers.values()]) for p in ("gate", "up", "down")}
+    assert result.record["lowrank"]["relative_error"] == pytest.approx(means)

@@ -117,6 +117,10 @@ def layer_outputs(moe: MoeCheckpoint, weights: LayerWeights, plan: LayerPlan, lo
     if factored is not None:
         entry["ranks"] = {p: [f.a.shape[0] for f in factored[p]][0] for p in PARTS}
         entry["columns"] = {p: [f.index.numel() for f in factored[p]][0] for p in PARTS}
+        # ||W - (B A + S)||_F / ||W||_F per part, mean over the layer's merged experts: how much of each
+        # matrix the C step keeps (a model's flat spectra show here long before its accuracy is measured)
+        entry["relative_error"] = {p: float(np.mean([float((f.dense().float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
+                                                     for f, w in zip(factored[p], merged[p], strict=True)])) for p in PARTS}
     return out, entry, stock
 
 
@@ -230,9 +234,12 @@ def _record(moe: MoeCheckpoint, layout: dict[str, Any], keep: list[int], method:
     after = sum(e["expert_parameters"] for e in layout["layers"].values())
     flops_before = 2 * per_expert * moe.top_k * len(moe.layers)  # per token, multiply-adds x 2
     flops_after = sum(2 * e["expert_parameters"] / e["experts"] * moe.top_k for e in layout["layers"].values())
+    errors = [e["relative_error"] for e in layout["layers"].values() if "relative_error" in e]
+    error = {p: float(np.mean([e[p] for e in errors])) for p in PARTS} if errors else None
     return {"format": "expertkit-moe-compress-v1", "method": method, "params": params.model_dump(mode="json"),
             "experts_per_layer": keep, "source_experts": moe.num_experts, "top_k": moe.top_k,
-            "lowrank": None if lowrank is None else {"keep": lowrank[0], "sparse_share": lowrank[1]},
+            "lowrank": None if lowrank is None else {"keep": lowrank[0], "sparse_share": lowrank[1],
+                                                      "relative_error": error},
             "expert_parameters": {"before": before, "after": after, "removed_share": 1 - after / before},
             "expert_flops_per_token": {"before": flops_before, "after": flops_after,
                                        "removed_share": 1 - flops_after / flops_before},
