@@ -91,6 +91,32 @@ def test_run_folder_check(tmp_path):
         check_marker(tmp_path / "missing", token)
 
 
+def _model_name(loaded, *, suffix: str) -> str:
+    print("working on", loaded.name)
+    return loaded.name + suffix
+
+
+def _fails(loaded) -> None:
+    raise ValueError("no luck")
+
+
+def test_the_worker_body_checks_the_folder_logs_and_returns(tmp_path, tiny_checkpoint):
+    """What a Ray task runs, called here in-process (no Ray): marker check, log, result, traceback."""
+    from expertkit.pipeline.ray_executor import run_job
+
+    model = str(tiny_checkpoint("llama"))
+    token, log = write_marker(tmp_path), tmp_path / "job.log"
+    assert run_job(Job("a", _model_name, model, {"suffix": "!"}), model, str(tmp_path), token, str(log), 2, 3) \
+        == Path(model).name + "!"
+    with pytest.raises(ValueError, match="no luck"):
+        run_job(Job("b", _fails, model), model, str(tmp_path), token, str(log), 3, 3)
+    text = log.read_text()
+    assert "=== a: attempt 2/3 on" in text and f"working on {Path(model).name}" in text and "=== finished" in text
+    assert "=== b: attempt 3/3" in text and 'raise ValueError("no luck")' in text
+    with pytest.raises(SharedFolderError):
+        run_job(Job("c", _fails, model), model, str(tmp_path / "elsewhere"), token, str(log), 1, 3)
+
+
 def test_executor_section_and_cli_options_are_validated(tmp_path, cli):
     with pytest.raises(ConfigError) as info:
         parse_run_config({"name": "x", "executor": {"kind": "rey", "max_retris": 1},

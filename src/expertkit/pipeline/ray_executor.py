@@ -44,9 +44,17 @@ def _append(log: Path, text: str) -> None:
 
 def run_job(job: Job, base: str, run_dir: str, token: str, log: str, attempt: int, attempts: int) -> Any:
     """The body of a Ray task: check the run folder, run ``job`` with its output in ``log``."""
-    from expertkit.progress import set_quiet
+    from expertkit.progress import is_quiet, set_quiet
 
+    quiet = is_quiet()
     set_quiet(True)  # bars would only clutter the job's log
+    try:
+        return _run_logged(job, base, run_dir, token, log, attempt, attempts)
+    finally:
+        set_quiet(quiet)
+
+
+def _run_logged(job: Job, base: str, run_dir: str, token: str, log: str, attempt: int, attempts: int) -> Any:
     check_marker(Path(run_dir), token)
     if base not in _WORKER:
         _WORKER.clear()
