@@ -148,8 +148,9 @@ def test_ray_gives_the_in_process_results(local_ray, tmp_path, tiny_checkpoint, 
     log = (there / "stages" / "00-train_experts" / "logs" / "expert_lo-hi.log").read_text()
     assert "=== expert:lo-hi: attempt 1/3" in log and "=== finished" in log
     assert (there / "stages" / "01-evaluate" / "logs" / "base_copy-char.log").exists()
-    table = [line for line in (here / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert table == [line for line in (there / "report.md").read_text().splitlines() if line.startswith("| ")]
+    tables = [[line.rsplit("|", 2)[0] for line in (d / "report.md").read_text().splitlines() if line.startswith("| ")]
+              for d in (here, there)]  # the tables less their last column (the experts' seconds differ)
+    assert tables[0] == tables[1] and any("| lo-hi | lo-hi | 4 |" in line for line in tables[0])
 
 
 def test_a_killed_worker_is_retried_and_the_run_completes(local_ray, tmp_path, tiny_checkpoint, monkeypatch):
