@@ -35,8 +35,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 QUICKSTART_TASKS = ["family_relation", "reverse_words", "leg_count", "bbc_topic"]
 QUICKSTART_TRAIN = {"batch_size": 8, "lr": 0.003, "rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _tensors(path: Path) -> tuple[dict[str, str], dict[str, bytes]]:
+    """``(metadata, {name: raw bytes})`` of a safetensors file: what "the same adapter" means here.
+    Not the file's bytes: safetensors writes its JSON header in a per-process order."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                                         for k in sorted(f.keys())}
 
 
 def run_once(kind: str, model: str, tasks: list[str], train: dict[str, Any], n: int, batch_size: int,
@@ -53,7 +65,7 @@ def run_once(kind: str, model: str, tasks: list[str], train: dict[str, Any], n: 
     run_dir = run_pipeline(parse_run_config(config))
     total = time.perf_counter() - t0
     stages = json.loads((run_dir / "results.json").read_text())["stages"]
-    adapters = {t: (run_dir / "experts" / t / "adapter_model.safetensors").read_bytes() for t in tasks}
+    adapters = {t: _tensors(run_dir / "experts" / t / "adapter_model.safetensors") for t in tasks}
     return {"train": stages["train_experts"]["seconds"], "evaluate": stages["evaluate"]["seconds"],
             "total": total, "matrix": stages["evaluate"]["result"]["matrix"], "adapters": adapters}
 

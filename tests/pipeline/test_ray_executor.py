@@ -184,7 +184,7 @@ def test_a_killed_worker_is_retried_and_the_run_completes(local_ray, tmp_path, t
     assert (run_dir / "experts" / "sleepy" / "adapter_model.safetensors").exists()
     assert sorted(p.name for p in (run_dir / "experts").iterdir()) == ["sleepy"]  # no temporary leftovers
     log = (run_dir / "stages" / "00-train_experts" / "logs" / "expert_sleepy.log").read_text()
-    assert f"attempt 1/3 on" in log and f"pid {killed[0]}" in log
+    assert "attempt 1/3 on" in log and f"pid {killed[0]}" in log
     assert "attempt 1/3 failed: the worker running it died" in log
     assert "attempt 2/3" in log and log.rstrip().splitlines()[-1].startswith("=== finished")
 
