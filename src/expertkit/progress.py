@@ -134,3 +134,16 @@ def loss_bar(description: str, total: int, completed: int = 0) -> Iterator[Calla
     with Progress(*columns, console=console, disable=is_quiet()) as prog:
         task = prog.add_task(description, total=total, completed=completed, loss="-")
         yield lambda loss: prog.update(task, advance=1, loss=f"{loss:.4f}")
+
+
+@contextlib.contextmanager
+def job_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """One progress bar for a stage's jobs (silent when quiet); yields ``update(done=0, note=None)``,
+    which advances by ``done`` finished jobs and shows ``note`` (e.g. retries) after the description."""
+    with _progress() as prog:
+        task = prog.add_task(description, total=total)
+
+        def update(done: int = 0, note: str | None = None) -> None:
+            prog.update(task, advance=done, description=f"{description} {note}" if note else description)
+
+        yield update

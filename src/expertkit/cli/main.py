@@ -151,11 +151,37 @@ def run(
     config: Annotated[Path, typer.Argument(help="a run config YAML, e.g. examples/quickstart.yaml")],
     output_dir: Annotated[Path | None, typer.Option(help="Folder for runs (default: the config's output_dir).")] = None,
     force: Annotated[bool, typer.Option(help="Redo finished stages instead of reusing them.")] = False,
+    executor: Annotated[str | None, typer.Option(
+        help="Where a stage's independent jobs run: local (this process) or ray (default: the config's).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (host:port, or 'auto'); without it a local Ray is started.")] = None,
+    max_retries: Annotated[int | None, typer.Option(
+        help="Retries of a failed or killed job on Ray (default: the config's, 2).")] = None,
 ) -> None:
-    """Run a pipeline config; finished stages are reused, so an interrupted run resumes."""
-    from expertkit.pipeline import run_pipeline
+    """Run a pipeline config; finished stages are reused, so an interrupted run resumes.
 
-    run_dir = run_pipeline(config, output_dir=output_dir, force=force)
+    With --executor ray the jobs of train_experts (one per task) and evaluate (one per model and
+    task) run as Ray tasks; the run folder must be on a path every node reaches (docs/pipeline.md).
+    """
+    from expertkit.pipeline import load_run_config, run_pipeline
+    from expertkit.pipeline.executor import ExecutorConfig
+
+    run = load_run_config(config)
+    update = {k: v for k, v in {"kind": executor, "address": address, "max_retries": max_retries}.items()
+              if v is not None}
+    if address is not None and executor is None:
+        update["kind"] = "ray"
+    chosen = None
+    if update:
+        from pydantic import ValidationError
+
+        from expertkit.config import config_error, error_lines
+
+        try:
+            chosen = ExecutorConfig.model_validate({**run.config.executor.model_dump(), **update})
+        except ValidationError as exc:
+            raise config_error("options", error_lines(exc, ExecutorConfig, prefix=("--executor options",))) from None
+    run_dir = run_pipeline(run, output_dir=output_dir, force=force, executor=chosen)
     out.print(f"[green]done[/green]: report at {run_dir / 'report.md'}")
 
 

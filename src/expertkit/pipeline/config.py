@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from expertkit.config import Config, config_error, error_lines, load_yaml
 from expertkit.errors import ConfigError, suggest
+from expertkit.pipeline.executor import ExecutorConfig
 from expertkit.registry import Registry
 
 STAGES: Registry[Any] = Registry("stage")
@@ -27,6 +28,8 @@ class RunConfig(Config):
     output_dir: str = Field("runs", description="folder that holds the runs")
     seed: int = Field(0, description="seed for everything random in the run")
     stages: list[dict[str, Any]] = Field(description="stages, run in order")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig,
+                                     description="where the independent jobs of a stage run (local or ray)")
 
 
 class StageSpec(BaseModel):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from expertkit.pipeline.config import RunConfig
+
+if TYPE_CHECKING:
+    from expertkit.pipeline.executor import Job
 
 
 @dataclass
@@ -16,6 +20,8 @@ class RunContext:
     config: RunConfig
     run_dir: Path
     results: dict[str, Any] = field(default_factory=dict)  # stage name -> saved result of earlier stages
+    executor: Any = field(default=None, repr=False)  # an Executor; None: jobs run in this process
+    stage_dir: Path | None = None  # folder of the stage now running (its job logs go to logs/)
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -32,6 +38,20 @@ class RunContext:
             with status(f"Loading {self.config.model}"):
                 self._model = load_model(self.config.model)
         return self._model
+
+    def run_jobs(self, stage: str, jobs: Sequence[Job]) -> dict[str, Any]:
+        """Run a stage's independent jobs on the run's executor; ``{job.key: result}`` in job order."""
+        from expertkit.pipeline.executor import LocalExecutor, ModelCache
+
+        executor = self.executor or LocalExecutor(ModelCache(self.model_source(), self.model))
+        log_dir = (self.stage_dir or self.run_dir / "stages" / stage) / "logs"
+        return executor.map(stage, jobs, log_dir)
+
+    def model_source(self) -> str:
+        """The run's model as every process names it (a folder made absolute)."""
+        from expertkit.pipeline.executor import model_source
+
+        return model_source(self.config.model)
 
     def earlier(self, kind: str) -> list[dict[str, Any]]:
         """Results of the earlier stages of ``kind``, in run order."""

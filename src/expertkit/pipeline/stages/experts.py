@@ -53,17 +53,23 @@ class TrainExpertsStage:
     """Train one LoRA expert per task."""
 
     def run(self, ctx: RunContext, params: TrainExpertsParams) -> dict[str, Any]:
-        """Train (or resume, or reuse) each expert."""
-        from expertkit.train import train_lora
+        """Train (or resume, or reuse) each expert: one job per task on the run's executor."""
+        from expertkit.pipeline.executor import Job
+        from expertkit.pipeline.jobs import train_expert
+        from expertkit.tasks.base import get_task
 
-        loaded = ctx.model()
+        config = params.train.model_copy(update={"seed": ctx.seed})
+        outs = {task: ctx.run_dir / "experts" / task for task in params.tasks}
+        jobs = [Job(f"expert:{task}", train_expert, ctx.model_source(),
+                    {"task": get_task(task), "out_dir": str(out.absolute()), "config": config})
+                for task, out in outs.items()]
+        done = ctx.run_jobs("train_experts", jobs)
         experts = {}
-        for task in params.tasks:
-            out = ctx.run_dir / "experts" / task
-            res = train_lora(loaded, task, out, params.train.model_copy(update={"seed": ctx.seed}))
+        for task, out in outs.items():
+            res = done[f"expert:{task}"]
             experts[task] = {"path": str(out.relative_to(ctx.run_dir)), "task": task,
-                             "steps": params.train.steps, "final_loss": res.final_loss,
-                             "train_loss": res.train_loss, "seconds": round(res.seconds, 1)}
+                             "steps": params.train.steps, "final_loss": res["final_loss"],
+                             "train_loss": res["train_loss"], "seconds": res["seconds"]}
         return {"experts": experts}
 
     def report(self, result: dict[str, Any]) -> str:
@@ -112,10 +118,12 @@ class EvaluateStage:
     """Evaluate the base and the run's experts on every task."""
 
     def run(self, ctx: RunContext, params: EvaluateParams) -> dict[str, Any]:
-        """Fill the models x tasks accuracy matrix."""
+        """Fill the models x tasks accuracy matrix: one job per cell on the run's executor."""
         from expertkit.models.bundled import cache_root
+        from expertkit.pipeline.executor import Job
+        from expertkit.pipeline.jobs import evaluate_cell
         from expertkit.pipeline.plots import heatmap
-        from expertkit.tasks.evaluate import evaluate
+        from expertkit.tasks.base import get_task
 
         experts: dict[str, dict[str, Any]] = {}
         for res in ctx.earlier("train_experts"):
@@ -129,19 +137,18 @@ class EvaluateStage:
         models: dict[str, Path | None] = {"base": None} if params.include_base else {}
         models.update({f"expert:{name}": ctx.run_dir / e["path"] for name, e in experts.items()})
         merged = {f"merge:{m['label']}": ctx.run_dir / m["path"] for m in ctx.earlier("merge")}
-        loaded = ctx.model()
-        matrix: dict[str, dict[str, Any]] = {}
-        for label, adapter in [*models.items(), *((k, None) for k in merged)]:
-            model = loaded
-            if label in merged:  # a merged model folder from an earlier merge stage
-                from expertkit.models import load_model
-
-                model = load_model(str(merged[label]))
-            matrix[label] = {}
-            for task in tasks:
-                r = evaluate(model, None, task, split=params.split, n=params.n, seed=ctx.seed,
-                             batch_size=params.batch_size, adapter=adapter, cache_dir=cache_root() / "eval")
-                matrix[label][task] = {"accuracy": r.accuracy, "ci": [r.ci_low, r.ci_high], "n": r.n}
+        base_source = ctx.model_source()
+        sources = {label: (base_source, adapter) for label, adapter in models.items()}
+        sources.update({label: (str(folder.absolute()), None) for label, folder in merged.items()})
+        cache = str((cache_root() / "eval").absolute())
+        jobs = [Job(f"{label}|{task}", evaluate_cell, source,
+                    {"task": get_task(task), "adapter": None if adapter is None else str(adapter.absolute()),
+                     "split": params.split, "n": params.n, "seed": ctx.seed, "batch_size": params.batch_size,
+                     "cache_dir": cache})
+                for label, (source, adapter) in sources.items() for task in tasks]
+        done = ctx.run_jobs("evaluate", jobs)
+        matrix: dict[str, dict[str, Any]] = {label: {task: done[f"{label}|{task}"] for task in tasks}
+                                              for label in sources}
         own = {}
         if "base" in matrix:
             for name, e in experts.items():
