@@ -9,13 +9,14 @@ SuperNodes and the ``flwr run`` connection trust that CA only.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
 import pytest
 from fl_helpers import make_tls, tiny_fl
 
-from expertkit.federated.deploy import free_port, serve, start_supernode
+from expertkit.federated.deploy import free_port, serve, start_supernode, stop
 from expertkit.federated.keys import TrustStore, generate_key
 
 
@@ -52,8 +53,11 @@ def test_superlink_and_two_supernodes_complete_two_signed_rounds_over_tls(tmp_pa
                     tmp_path / "work", port=port, tls=tls, on_started=start_nodes, timeout=240)
     finally:
         for n in nodes:
-            n.terminate()
-    assert [n.wait(20) is not None for n in nodes] == [True, True]  # SuperNodes stopped
+            stop(n)
+    assert [n.poll() is not None for n in nodes] == [True, True]  # SuperNodes stopped
+    for n in nodes:  # with their SuperExec and app processes (a plain terminate() left those orphaned)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(n.pid, 0)
     assert peer == {"commonName": "localhost"}  # the SuperLink spoke TLS with the test CA's certificate
     assert "--insecure" not in " ".join(nodes[0].args)
     assert res["signing"]["accepted"] == {"1": ["client-0", "client-1"], "2": ["client-0", "client-1"]}

@@ -17,6 +17,7 @@ TLS: without ``tls`` everything runs with ``--insecure`` (loopback tests). With
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,10 +146,12 @@ def supernode_command(superlink: str, partition: int, key_file: str | Path, serv
 
 def start_supernode(superlink: str, partition: int, key_file: str | Path, server_key: str | Path, *,
                     log: Path | None = None, **kw: Any) -> subprocess.Popen[Any]:
-    """Start one SuperNode in the background (the caller stops it)."""
+    """Start one SuperNode in the background, in a process group of its own; the caller ends it with
+    :func:`stop` (which also ends the SuperExec and app processes it started: ``terminate()`` alone
+    would leave them running, orphaned)."""
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(supernode_command(superlink, partition, key_file, server_key, **kw), env=_env(),
-                            stdout=out, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _app_folder(folder: Path, run_config: dict[str, str]) -> Path:
@@ -201,20 +204,33 @@ def serve(cfg: FlConfig, server_key: str | Path, trust_dir: str | Path, workdir:
                                  f"{work / 'flwr-run.log'} and {work / 'superlink.log'}.")
         return json.loads((results / "result.json").read_text())
     finally:
-        _stop(proc)
+        stop(proc)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop a process group we started: SIGTERM, then SIGKILL after 10 s."""
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process group started here (the SuperLink, a SuperNode) with everything in it: SIGTERM,
+    then SIGKILL for whatever is left after 10 s. The group is signalled even when its leader has
+    already exited, since its children (SuperExec, app processes) may still run."""
     import signal
 
-    if proc.poll() is None:
+    def alive() -> bool:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, 0)
         except ProcessLookupError:
+            return False
+        return True
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.poll()
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader so that it does not count as alive
+        if not alive():
             return
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
