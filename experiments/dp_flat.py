@@ -149,6 +149,22 @@ def nonprivate(loaded: Any, a: argparse.Namespace) -> dict[str, Any]:
     return {"accuracy": ev.accuracy, "ci": [ev.ci_low, ev.ci_high], "scores": list(ev.scores), "mia": mia.as_dict()}
 
 
+def teachers(loaded: Any, a: argparse.Namespace, cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The distillation teachers alone (non-DP, trained on the public part only, so no privacy cost) on the
+    same test examples: a DP student is worth its privacy budget only if it beats its own teacher."""
+    from expertkit.tasks.base import get_task
+    from expertkit.tasks.evaluate import evaluate
+
+    out: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        folder = Path(c["student"]).parent / "teacher"
+        if c["recipe"].get("distill_weight", 0) > 0 and folder.is_dir():
+            ev = evaluate(loaded, None, get_task(a.task), split="test", n=a.n, seed=a.seed, adapter=folder)
+            out[c["system"]] = {"accuracy": ev.accuracy, "ci": [ev.ci_low, ev.ci_high], "scores": list(ev.scores),
+                                "scheme": c["recipe"]["train"]["scheme"], "folder": str(folder)}
+    return out
+
+
 def plot(cells: list[dict[str, Any]], ref: dict[str, Any], epsilons: list[float], path: Path) -> None:
     """Accuracy against ε, one line per system, the non-private reference dashed."""
     import matplotlib
@@ -171,7 +187,8 @@ def plot(cells: list[dict[str, Any]], ref: dict[str, Any], epsilons: list[float]
     plt.close(fig)
 
 
-def claims(cells: list[dict[str, Any]], ref: dict[str, Any], seed: int) -> list[str]:
+def claims(cells: list[dict[str, Any]], ref: dict[str, Any], seed: int,
+           teacher: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """One verdict line per claim (paired tests on the same test examples)."""
     from expertkit.tasks.paired import compare, verdict
 
@@ -181,6 +198,11 @@ def claims(cells: list[dict[str, Any]], ref: dict[str, Any], seed: int) -> list[
         if ("dpflat", eps) in at and ("dpsgd", eps) in at:
             r = compare(at["dpflat", eps]["scores"], at["dpsgd", eps]["scores"], seed=seed)
             lines.append(verdict(f"DP-Flat beats DP-SGD LoRA at ε = {eps:g}", r))
+        for part, name in (("perturb", "weight perturbation"), ("sparse", "sparse prefix tuning"),
+                           ("distill", "distillation")):  # each part alone: which one carries the effect
+            if (part, eps) in at and ("dpsgd", eps) in at:
+                r = compare(at[part, eps]["scores"], at["dpsgd", eps]["scores"], seed=seed)
+                lines.append(verdict(f"DP-SGD LoRA + {name} beats DP-SGD LoRA at ε = {eps:g}", r))
     if ("dpflat", 3.0) in at:
         r = compare(at["dpflat", 3.0]["scores"], ref["scores"], seed=seed)
         lines.append(verdict("DP-Flat at ε = 3 is below non-private fine-tuning (the paper: 'similar')", r,
@@ -191,13 +213,20 @@ def claims(cells: list[dict[str, Any]], ref: dict[str, Any], seed: int) -> list[
             lines.append(f"Share of the DP-SGD gap closed by DP-Flat at ε = 3: {closed:.2f} (goal >= 0.5; "
                          f"DP-SGD {at['dpsgd', 3.0]['accuracy']:.3f}, DP-Flat {at['dpflat', 3.0]['accuracy']:.3f}, "
                          f"non-private {ref['accuracy']:.3f}).")
+    for system, t in (teacher or {}).items():
+        for eps in sorted({c["target_epsilon"] for c in cells}):
+            if (system, eps) in at:
+                r = compare(at[system, eps]["scores"], t["scores"], seed=seed)
+                lines.append(verdict(f"the DP student ({system}, ε = {eps:g}) beats its public-only teacher "
+                                     f"({t['scheme']}, {t['accuracy']:.3f})", r))
     worst = max((c["mia"]["auc"] for c in cells if c["target_epsilon"] <= 8), default=float("nan"))
     lines.append(f"Largest membership-inference AUC at ε <= 8: {worst:.3f} (goal <= 0.55); "
                  f"non-private: {ref['mia']['auc']:.3f}.")
     return lines
 
 
-def markdown(cells: list[dict[str, Any]], ref: dict[str, Any], a: argparse.Namespace, lines: list[str]) -> str:
+def markdown(cells: list[dict[str, Any]], ref: dict[str, Any], a: argparse.Namespace, lines: list[str],
+             teacher: dict[str, dict[str, Any]] | None = None) -> str:
     """The docs/results.md section."""
     out = ["| system | target ε | ε spent | accuracy [95% CI] | top Hessian eigenvalue | MIA AUC |",
            "|---|---:|---:|---:|---:|---:|"]
@@ -206,6 +235,9 @@ def markdown(cells: list[dict[str, Any]], ref: dict[str, Any], a: argparse.Names
                    f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] | {c['top_eigenvalue']:.4g} | {c['mia']['auc']:.3f} |")
     out.append(f"| non-private | - | ∞ | {ref['accuracy']:.3f} [{ref['ci'][0]:.3f}, {ref['ci'][1]:.3f}] | - | "
                f"{ref['mia']['auc']:.3f} |")
+    for system, t in (teacher or {}).items():
+        out.append(f"| teacher of {system} ({t['scheme']}, public part only, non-private) | - | 0 (public data) | "
+                   f"{t['accuracy']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] | - | - |")
     out += ["", f"{a.task}, n = {a.n} test examples (paired), {a.n_private} private / {a.n_public} public training "
             f"examples, {a.steps} steps, expected batch {a.batch}, δ = {a.delta:g}, clipping {a.clip:g}.", ""]
     out += [f"- {line}" for line in lines]
@@ -223,12 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = load_model(model)
     cells = [run_cell(loaded, a, s, e) for e in a.epsilons for s in a.systems]
     ref = nonprivate(loaded, a)
-    lines = claims(cells, ref, a.seed)
+    teacher = teachers(loaded, a, cells)
+    lines = claims(cells, ref, a.seed, teacher)
     plot(cells, ref, a.epsilons, a.out / "accuracy_vs_epsilon.png")
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-               "cells": cells, "nonprivate": ref, "claims": lines}
+               "cells": cells, "nonprivate": ref, "teachers": teacher, "claims": lines}
     write_atomic(a.out / "results.json", json.dumps(results, indent=1).encode())
-    print(markdown(cells, ref, a, lines))
+    print(markdown(cells, ref, a, lines, teacher))
     return results
 
 

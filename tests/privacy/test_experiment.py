@@ -37,6 +37,10 @@ def test_smoke_run_pairs_cells_accounts_and_plots(tmp_path, monkeypatch, capsys)
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "DP-Flat beats DP-SGD LoRA at ε = 3" in printed and "Share of the DP-SGD gap closed" in printed
+    # dpflat distills: its public-only teacher is scored on the same examples and compared with the student
+    assert set(res["teachers"]) == {"dpflat"} and res["teachers"]["dpflat"]["scheme"] == "prefix"
+    assert len(res["teachers"]["dpflat"]["scores"]) == len(flat["scores"])
+    assert "the DP student (dpflat, ε = 3) beats its public-only teacher" in printed
     # cached cells are reused: a second run trains nothing and gives the same cells
     again = exp.main(args)
     assert [c["wall_seconds"] for c in again["cells"]] == [c["wall_seconds"] for c in res["cells"]]
