@@ -109,6 +109,15 @@ def recipe_for(a: argparse.Namespace, system: str, epsilon: float) -> Any:
                          eval_n=a.n, mia_n=a.mia_n)
 
 
+def _identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A cell recipe less what its scheme does not read (``prefix_init`` outside prefix tuning), so that
+    cells cached before that field existed are still recognised."""
+    train = dict(recipe.get("train", {}))
+    if train.get("scheme") != "prefix":
+        train.pop("prefix_init", None)
+    return {**recipe, "train": train}
+
+
 def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) -> dict[str, Any]:
     """One cell, cached in ``<out>/cells/<system>-eps<ε>.json``."""
     from expertkit.fileio import write_atomic
@@ -119,7 +128,7 @@ def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) ->
     recipe = recipe_for(a, system, epsilon)
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("recipe") == recipe.model_dump(mode="json"):
+        if _identity(saved.get("recipe", {})) == _identity(recipe.model_dump(mode="json")):
             return saved
     started = time.perf_counter()
     res = train_private(loaded, recipe, a.out / "models" / label)

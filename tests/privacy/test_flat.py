@@ -121,6 +121,18 @@ def test_power_iteration_finds_the_top_eigenvalue_of_a_known_hessian():
     assert power_iteration(loss, [x], iters=60, block=(0, slice(1, 2))) == pytest.approx(float(block), rel=1e-6)
 
 
+def test_power_iteration_gives_the_top_not_the_largest_magnitude_eigenvalue_of_an_indefinite_hessian():
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([-7.0, 3.0, 1.0, 0.5, -0.2, 0.1], dtype=torch.float64)) @ q.T  # (6, 6)
+    x = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = 0.5 * x @ a @ x
+    assert power_iteration(loss, [x], iters=200) == pytest.approx(3.0, rel=1e-4)  # not -7
+    neg = torch.diag(torch.tensor([-4.0, -1.0, -0.5], dtype=torch.float64))  # all negative: the top is -0.5
+    y = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert power_iteration(0.5 * y @ neg @ y, [y], iters=300) == pytest.approx(-0.5, rel=1e-3)
+
+
 def test_layer_sharpness_is_each_prefix_blocks_top_eigenvalue():
     model = wrapped("prefix", virtual_tokens=1)  # blocks of 64 coordinates: an exact Hessian is cheap
     batch = make_batch(n=2)
@@ -133,7 +145,7 @@ def test_layer_sharpness_is_each_prefix_blocks_top_eigenvalue():
         h = torch.autograd.functional.hessian(lambda x, c=cols: _block_loss(model, name, base, c, x, batch), x0,
                                          vectorize=True)
         eig = torch.linalg.eigvalsh(h.reshape(x0.numel(), x0.numel()).double())
-        assert sharp[layer] == pytest.approx(float(eig[eig.abs().argmax()]), rel=1e-3)
+        assert sharp[layer] == pytest.approx(float(eig.max()), rel=1e-3)  # the top, not the largest |eigenvalue|
     assert sharp[0] != pytest.approx(sharp[1], rel=0.01)
     assert select_layers(sharp, 1) == (min(range(2), key=lambda i: sharp[i]),)
 

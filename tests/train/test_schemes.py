@@ -67,6 +67,36 @@ def test_lora_identity_unchanged_by_new_fields() -> None:
     assert LoraTrainConfig(scheme="prefix").training_fields()["scheme"] == "prefix"
 
 
+def test_prefix_init_identity_only_for_prefix_tuning() -> None:
+    assert "prefix_init" not in LoraTrainConfig().training_fields()  # LoRA experts keep their identity
+    assert LoraTrainConfig(scheme="prefix").training_fields()["prefix_init"] == "real"
+    assert LoraTrainConfig(scheme="prefix", prefix_init="random").training_fields()["prefix_init"] == "random"
+
+
+def test_real_prefix_init_equals_the_model_reading_those_tokens_first() -> None:
+    """Known answer: a prefix of the model's own keys/values of T tokens makes the PEFT model's logits on
+    x equal the plain model's logits on [those T tokens, x] at x's positions."""
+    from expertkit.train.schemes import real_prefix, wrap
+
+    lm = fresh()
+    x = torch.tensor([[5, 17, 33, 2, 40, 8]])  # (1, S)
+    cfg = LoraTrainConfig(scheme="prefix", num_virtual_tokens=4, seed=3)
+    ids, _ = real_prefix(lm.model, 4, 3)
+    with torch.no_grad():
+        want = lm.model(input_ids=torch.cat([ids[None], x], 1)).logits[:, 4:]  # (1, S, V)
+    peft_model, give_back = wrap(lm.model, cfg, None)
+    peft_model.eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -x.shape[1]:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    give_back()
+    random_model, give_back = wrap(lm.model, cfg.model_copy(update={"prefix_init": "random"}), None)
+    with torch.no_grad():  # PEFT's random start is far from it
+        far = random_model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -x.shape[1]:]
+    assert (far - want).abs().max() > 1e-2
+    give_back()
+
+
 def test_loss_ignores_virtual_token_positions() -> None:
     class Shifted(torch.nn.Module):
         """Logits with 2 extra leading positions, as prompt tuning returns them."""

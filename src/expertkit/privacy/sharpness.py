@@ -9,7 +9,8 @@ aten::silu_backward``; checked on the tiny Llama, December 2026). The gradient g
 and every iteration is one extra backward pass.
 
 Power iteration converges to the eigenvalue of largest magnitude; near a minimum that is the top
-one. ``block`` restricts the Hessian to part of one parameter (a layer's prefix columns), i.e.
+one, elsewhere (a negative dominant eigenvalue) a second, shifted power iteration gives the top one.
+``block`` restricts the Hessian to part of one parameter (a layer's prefix columns), i.e.
 the top eigenvalue of that diagonal block.
 """
 
@@ -49,24 +50,41 @@ def _restrict(vecs: list[torch.Tensor], block: tuple[int, slice] | None) -> list
     return out
 
 
-def power_iteration(loss: torch.Tensor, params: Sequence[torch.Tensor], *, iters: int = 20, seed: int = 0,
-                    block: tuple[int, slice] | None = None) -> float:
-    """Top (largest-magnitude) eigenvalue of the Hessian of scalar ``loss`` w.r.t. ``params``."""
-    params = list(params)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    gen = torch.Generator().manual_seed(seed)
-    v = _restrict([torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params], block)
+def _power(hvp: Any, v: list[torch.Tensor], iters: int, shift: float = 0.0) -> float:
+    """Dominant eigenvalue of ``H - shift * I`` by ``iters`` power steps from ``v`` (Rayleigh quotient)."""
     lam = 0.0
     for _ in range(iters):
         norm = torch.sqrt(sum((x.double() ** 2).sum() for x in v))
         if norm == 0:
             return 0.0
         v = [x / norm.to(x.dtype) for x in v]
-        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)  # H v, one backward
-        hv = _restrict([h.detach() for h in hv], block)
-        lam = float(sum((a.double() * b.double()).sum() for a, b in zip(v, hv)))  # Rayleigh quotient
+        hv = [h - shift * x for h, x in zip(hvp(v), v, strict=True)]  # (H - shift I) v
+        lam = float(sum((a.double() * b.double()).sum() for a, b in zip(v, hv)))
         v = hv
     return lam
+
+
+def power_iteration(loss: torch.Tensor, params: Sequence[torch.Tensor], *, iters: int = 20, seed: int = 0,
+                    block: tuple[int, slice] | None = None) -> float:
+    """Top (largest algebraic) eigenvalue of the Hessian of scalar ``loss`` w.r.t. ``params``.
+
+    Power iteration finds the eigenvalue of largest magnitude, ``d``. When ``d < 0`` (negative
+    curvature dominates, as away from a minimum) the top eigenvalue is found by a second power
+    iteration on ``H - d I``, whose spectrum ``[0, top - d]`` is nonnegative with ``top - d`` dominant.
+    """
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    gen = torch.Generator().manual_seed(seed)
+    start = _restrict([torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params], block)
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)  # H v, one backward
+        return _restrict([h.detach() for h in hv], block)
+
+    dominant = _power(hvp, start, iters)
+    if dominant >= 0:
+        return dominant
+    return _power(hvp, start, iters, shift=dominant) + dominant
 
 
 def top_eigenvalue(model: Any, params: Sequence[torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],

@@ -28,6 +28,9 @@ class LoraTrainConfig(Config):
         "lora", description="what is trained: LoRA factors, every weight, prefix (KV) or prompt (input) tokens"
     )
     num_virtual_tokens: int = Field(10, ge=1, description="virtual tokens of prefix and prompt tuning")
+    prefix_init: Literal["real", "random"] = Field(
+        "real", description="prefix tuning's start: the model's own keys/values of sampled tokens (real) or "
+        "PEFT's N(0, 1) embedding (random)")
     steps: int = Field(40, ge=1, description="optimizer steps")
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     schedule: Literal["constant", "linear"] = Field(
@@ -124,4 +127,5 @@ class LoraTrainConfig(Config):
         return {
             k: v for k, v in self.model_dump(mode="json").items()
             if k not in RESUME_FREE_FIELDS and not (k in LATER_FIELDS and LATER_FIELDS[k] == v)
+            and not (k == "prefix_init" and self.scheme != "prefix")  # only prefix tuning reads it
         }
