@@ -111,13 +111,14 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs Ray reserves for each cell")
 
 
-def sweep_executor(args: argparse.Namespace, model: str | None, out: Path) -> Executor:
+def sweep_executor(args: argparse.Namespace, models: ModelCache, out: Path) -> Executor:
     """The executor of ``args`` (see :func:`add_executor_args`) for a sweep writing under ``out``.
 
-    ``model``: the source the cells run on (a bundled name or an absolute folder; None: the cells
-    load their own). Locally it is loaded once, by the first cell that runs, and shared by the others.
+    ``models.base``: the source the cells run on (a bundled name or an absolute folder; None: the
+    cells load their own). Locally it is loaded once, by the first cell that runs, and shared by the
+    others and by the caller (``models.get``); on Ray each worker loads it once.
     """
     if args.executor == "local" and args.address is not None:
         raise SweepError("--address names a Ray cluster: pass it with --executor ray.")
     config = ExecutorConfig(kind=args.executor, address=args.address, num_cpus=args.cpus_per_cell)
-    return make_executor(config, ModelCache(model), out)
+    return make_executor(config, models, out)
