@@ -114,12 +114,12 @@ def sweep(args: argparse.Namespace, model: str) -> list[Cell]:
 
 def run(args: argparse.Namespace) -> dict:
     """Train and evaluate every (task, method) on the executor of ``args``; return the results."""
-    from expertkit.pipeline.executor import model_source
+    from expertkit.pipeline.executor import ModelCache, model_source
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = model_source(_smoke_model(args.out) if args.smoke else "smollm2-135m")
     cells = sweep(args, model)
-    executor = sweep_executor(args, model, args.out)  # local: the model is loaded once, by the first cell that runs
+    executor = sweep_executor(args, ModelCache(model), args.out)  # local: loaded once, by the first cell that runs
     try:
         rows = run_sweep("zo_bench", cells, executor, args.out / "logs")
     finally:
