@@ -1,6 +1,7 @@
 """DP-Flat at small scale: does flatness close the gap between DP-SGD and non-private fine-tuning?
 
     .venv/bin/python experiments/dp_flat.py [--out runs/experiments/dp_flat] [--smoke]
+        [--executor {local,ray}] [--address HOST:6379]
 
 Task: BBC News topic classification (``bbc_topic``, a choice task, 5 topics) on SmolLM2-135M. Its train
 split is cut once into a public part (``--n-public``: the distillation teacher and the choice of prefix
@@ -24,9 +25,14 @@ Claims checked (paired: exact McNemar, bootstrap interval): DP-Flat beats DP-SGD
 Why n = 300: with a quarter of pairs discordant, ``mcnemar_sample_size(0.07, 0.25)`` = 395 pairs detect
 a 7-point difference; 300 (most of BBC's 426 test articles) detects about 8 points at power 0.8.
 
-Writes ``<out>/results.json``, ``<out>/accuracy_vs_epsilon.png``, ``<out>/cells/*.json`` (one per cell:
-an interrupted run resumes) and prints the markdown for docs/results.md. ``--smoke`` runs the whole
-script on a tiny random Llama and a toy task in about a minute (a check of the script, not a result).
+Writes ``<out>/results.json``, ``<out>/accuracy_vs_epsilon.png``, ``<out>/cells/*.json`` (one per cell
+and one for the non-private reference: an interrupted run resumes) and prints the markdown for
+docs/results.md. ``--smoke`` runs the whole script on a tiny random Llama and a toy task in about a
+minute (a check of the script, not a result).
+
+The cells are independent (each trains its own teacher, from the same seed, in its own folder), so
+``--executor ray`` runs them as Ray tasks (:mod:`expertkit.pipeline.sweep`; per-cell logs in
+``<out>/logs``); the default runs them one after the other in this process, in the order above.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from expertkit.pipeline.executor import ModelCache
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
 
 SYSTEMS = ("dpsgd", "perturb", "sparse", "distill", "dpflat")
 
@@ -66,6 +75,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sharpness-iters", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, toy task, tiny n: checks the script")
+    add_executor_args(p)
     a = p.parse_args(argv)
     if a.smoke:
         a.task, a.n, a.n_public, a.n_private, a.steps, a.batch, a.mia_n = "lo-hi", 12, 8, 24, 2, 4, 6
@@ -79,14 +89,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 def smoke_setup(out: Path) -> str:
     """A saved tiny random Llama and the toy lo-hi task registered for this process; the model folder."""
     from expertkit.models.tiny import save_tiny
-    from expertkit.registry import Entry
-    from expertkit.tasks.base import TASKS
-    from expertkit.tasks.toy import lohi_task
+    from expertkit.tasks.toy import register_smoke_task
 
-    import expertkit.tasks  # noqa: F401 - registers the built-in tasks first
-
-    task = lohi_task()
-    TASKS._entries.setdefault(task.name, Entry(task.name, task, summary="toy (smoke run)"))
+    register_smoke_task()
     folder = out / "tiny-llama"
     return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
 
@@ -126,6 +131,7 @@ def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) ->
     label = f"{system}-eps{epsilon:g}"
     cache = a.out / "cells" / f"{label}.json"
     recipe = recipe_for(a, system, epsilon)
+    _in_worker(a)
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if _identity(saved.get("recipe", {})) == _identity(recipe.model_dump(mode="json")):
@@ -136,6 +142,38 @@ def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) ->
                wall_seconds=time.perf_counter() - started)
     write_atomic(cache, json.dumps(res, indent=1).encode())
     return res
+
+
+def _in_worker(a: argparse.Namespace) -> None:
+    """What a cell needs in a fresh process (a Ray worker): the smoke run's toy task."""
+    if a.smoke:
+        from expertkit.tasks.toy import register_smoke_task
+
+        register_smoke_task()
+
+
+def reference_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """What the non-private reference depends on (its cached result is reused only when they match)."""
+    return {k: getattr(a, k) for k in ("task", "n_public", "n_private", "steps", "batch", "lr", "seed", "n", "mia_n")}
+
+
+def reference_cell(loaded: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`nonprivate`, cached in ``<out>/cells/nonprivate.json``."""
+    from expertkit.fileio import write_atomic
+
+    _in_worker(a)
+    res = {**nonprivate(loaded, a), "settings": reference_settings(a)}
+    write_atomic(a.out / "cells" / "nonprivate.json", json.dumps(res, indent=1).encode())
+    return res
+
+
+def sweep(a: argparse.Namespace, model: str) -> list[Cell]:
+    """Every cell in run order (ε outer, system inner), then the non-private reference."""
+    cells = [Cell(f"{s}-eps{e:g}", run_cell, a.out / "cells" / f"{s}-eps{e:g}.json",
+                  {"a": a, "system": s, "epsilon": e}, model, {"recipe": recipe_for(a, s, e).model_dump(mode="json")})
+             for e in a.epsilons for s in a.systems]
+    return [*cells, Cell("nonprivate", reference_cell, a.out / "cells" / "nonprivate.json", {"a": a}, model,
+                         {"settings": reference_settings(a)})]
 
 
 def nonprivate(loaded: Any, a: argparse.Namespace) -> dict[str, Any]:
@@ -256,15 +294,21 @@ def markdown(cells: list[dict[str, Any]], ref: dict[str, Any], a: argparse.Names
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every cell (resumably), the paired claims, the plot; return the results."""
     from expertkit.fileio import write_atomic
-    from expertkit.models import load_model
+    from expertkit.pipeline.executor import model_source
 
     a = _args(argv)
+    if a.executor == "ray":
+        a.out = a.out.absolute()  # the workers' working folder may differ from this one
     a.out.mkdir(parents=True, exist_ok=True)
-    model = smoke_setup(a.out) if a.smoke else a.model
-    loaded = load_model(model)
-    cells = [run_cell(loaded, a, s, e) for e in a.epsilons for s in a.systems]
-    ref = nonprivate(loaded, a)
-    teacher = teachers(loaded, a, cells)
+    model = model_source(smoke_setup(a.out) if a.smoke else a.model)
+    models = ModelCache(model)  # local: loaded once, by the first cell that runs; shared with the teachers below
+    executor = sweep_executor(a, models, a.out)
+    try:
+        *cells, ref = run_sweep("dp_flat", sweep(a, model), executor, a.out / "logs")
+    finally:
+        executor.close()
+    distilled = any(c["recipe"]["distill_weight"] > 0 for c in cells)  # else no teacher (and no model needed here)
+    teacher = teachers(models.get(model), a, cells) if distilled else {}
     lines = claims(cells, ref, a.seed, teacher)
     plot(cells, ref, a.epsilons, a.out / "accuracy_vs_epsilon.png")
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},

@@ -1,7 +1,7 @@
 """`expertkit run --executor ray`: the same results as in-process, retries, kept results, clear errors.
 
-One local Ray (2 CPUs) is started for the module and stopped after it. Jobs that must run code of
-this module in a worker (the toy tasks below) are shipped by value (cloudpickle).
+The local Ray (2 CPUs) is the package's ``local_ray`` fixture (tests/pipeline/conftest.py). Jobs that
+must run code of this module in a worker (the toy tasks below) are shipped by value (cloudpickle).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -34,25 +33,6 @@ from expertkit.tasks.toy import _lohi_build, copy_task, exact, lohi_task
 
 ray = pytest.importorskip("ray")
 TRAIN = {"steps": 4, "lr": 0.01, "rank": 4, "batch_size": 8, "save_every": 0, "target_modules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray with 2 CPUs for the whole module; this module's functions travel by value."""
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    for attempt in range(3):  # on a loaded machine Ray's raylet can miss its fixed 30 s start-up window
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _register(monkeypatch: pytest.MonkeyPatch, *tasks: Task) -> None:

@@ -34,6 +34,7 @@ def test_smoke_run_pairs_cells_accounts_and_plots(tmp_path, monkeypatch, capsys)
     assert flat["recipe"]["train"]["scheme"] == "prefix" and flat["prefix_layers"] == [
         min(range(2), key=lambda i: flat["layer_sharpness"][i])]
     assert len({len(c["scores"]) for c in res["cells"]} | {len(res["nonprivate"]["scores"])}) == 1  # paired
+    assert json.loads((out / "cells" / "nonprivate.json").read_text()) == res["nonprivate"]  # cached like a cell
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "DP-Flat beats DP-SGD LoRA at ε = 3" in printed and "Share of the DP-SGD gap closed" in printed

@@ -3,9 +3,11 @@
 A stage that has independent jobs (one expert per task, one evaluation cell per model and task)
 describes each as a :class:`Job` and hands the list to ``ctx.executor.map``. A job is a module-level
 function called as ``fn(loaded, **kwargs)``, where ``loaded`` is the job's model (a
-:class:`~expertkit.models.LoadedModel` of ``job.model``); it writes its outputs through the same
-atomic writers and caches on either executor, so both give the same results and a rerun on either
-reuses what is finished.
+:class:`~expertkit.models.LoadedModel` of ``job.model``), or as ``fn(**kwargs)`` when ``job.model`` is
+None (a job that needs no model, or loads its own); it writes its outputs through the same atomic
+writers and caches on either executor, so both give the same results and a rerun on either reuses
+what is finished. The cells of an experiment's sweep run through the same executors
+(:mod:`expertkit.pipeline.sweep`).
 
 * :class:`LocalExecutor` runs the jobs one after the other in this process with the run's model
   (the behaviour from before executors existed; the first failure stops the stage).
@@ -57,13 +59,19 @@ class Job:
     """One independent unit of a stage: ``fn(loaded_model_of(model), **kwargs)``.
 
     ``key`` names the job in progress, errors and its log file; ``model`` is the model source
-    (bundled name or absolute folder) the job runs on.
+    (bundled name or absolute folder) the job runs on, or None for a job called as ``fn(**kwargs)``.
     """
 
     key: str
     fn: Callable[..., Any]
-    model: str
+    model: str | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def call(self, models: ModelCache) -> Any:
+        """Run the job in this process, its model (if any) taken from ``models``."""
+        if self.model is None:
+            return self.fn(**self.kwargs)
+        return self.fn(models.get(self.model), **self.kwargs)
 
 
 class Executor(Protocol):
@@ -120,7 +128,7 @@ class LocalExecutor:
 
     def map(self, stage: str, jobs: Sequence[Job], log_dir: Path) -> dict[str, Any]:
         """Run each job in order; the first failure propagates as it is."""
-        return {job.key: job.fn(self.models.get(job.model), **job.kwargs) for job in jobs}
+        return {job.key: job.call(self.models) for job in jobs}
 
     def close(self) -> None:
         """Nothing to release."""

@@ -64,7 +64,7 @@ def _run_logged(job: Job, base: str, run_dir: str, token: str, log: str, attempt
     with open(log, "a", encoding="utf-8", buffering=1) as fh, \
             contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         try:
-            result = job.fn(_WORKER[base].get(job.model), **job.kwargs)
+            result = job.call(_WORKER[base])
         except BaseException:
             traceback.print_exc(file=fh)
             raise

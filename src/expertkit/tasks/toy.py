@@ -2,6 +2,8 @@
 
 * ``copy_task()``: ``"c:"`` -> ``"c"`` (generate; repeat the character).
 * ``lohi_task()``: three letters from a-e are ``"lo"``, from v-z ``"hi"`` (choice).
+
+:func:`register_smoke_task` registers lo-hi for the ``--smoke`` runs of the experiments.
 """
 
 from __future__ import annotations
@@ -46,3 +48,19 @@ def copy_task() -> Task:
 def lohi_task() -> Task:
     """Choice task: early letters are 'lo', late letters 'hi'."""
     return Task("lo-hi", "toy", "choice", "test", "MIT", "early or late letters", _lohi_build, exact)
+
+
+def register_smoke_task() -> str:
+    """Register the lo-hi task in this process unless a task of that name is there; its name.
+
+    The experiments' ``--smoke`` runs call it in the driver and in each cell (a Ray worker is a
+    fresh process, where the toy task is not registered).
+    """
+    from expertkit.registry import Entry
+    from expertkit.tasks.base import TASKS
+
+    import expertkit.tasks  # noqa: F401 - registers the built-in tasks first
+
+    task = lohi_task()
+    TASKS._entries.setdefault(task.name, Entry(task.name, task, summary="toy (smoke run)"))
+    return task.name

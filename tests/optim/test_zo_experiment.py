@@ -1,0 +1,32 @@
+"""experiments/zo_bench.py --smoke: its cells on a tiny random Llama and a toy task, resumed from their files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "zo_bench.py"
+
+
+def test_smoke_run_writes_one_file_per_cell_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    from expertkit.tasks.base import TASKS
+
+    monkeypatch.setattr(TASKS, "_entries", dict(TASKS._entries))  # the smoke run registers its toy task
+    spec = importlib.util.spec_from_file_location("zo_bench_experiment", SCRIPT)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    out = tmp_path / "run"
+    args = ["--smoke", "--out", str(out), "--methods", "zo-sgd"]
+    res = exp.main(args)
+    rows = res["tasks"]["lo-hi"]
+    assert list(rows) == ["zero-shot", "zo-sgd"] and rows["zo-sgd"]["steps"] == 2 and rows["zo-sgd"]["forwards"] == 4
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["lo-hi-zero-shot.json", "lo-hi-zo-sgd.json"]
+    saved = json.loads((out / "cells" / "lo-hi-zo-sgd.json").read_text())
+    assert saved["settings"] == exp.settings("zo-sgd", 4, 4, 6) and saved["accuracy"] == rows["zo-sgd"]["accuracy"]
+    assert (out / "lo-hi" / "zo-sgd" / "expertkit.json").is_file()
+    assert "| zo-sgd | 2 | " in capsys.readouterr().out
+    again = exp.main([*args, "--only-finished"])  # nothing trained again: the cells' files are read back
+    assert again["tasks"] == res["tasks"]
+    assert json.loads((out / "results.json").read_text())["tasks"] == res["tasks"]
