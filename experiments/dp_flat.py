@@ -138,7 +138,7 @@ def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) ->
             return saved
     started = time.perf_counter()
     res = train_private(loaded, recipe, a.out / "models" / label)
-    res.update(system=system, target_epsilon=epsilon, recipe=recipe.model_dump(mode="json"),
+    res.update(system=system, target_epsilon=epsilon, recipe=_identity(recipe.model_dump(mode="json")),
                wall_seconds=time.perf_counter() - started)
     write_atomic(cache, json.dumps(res, indent=1).encode())
     return res
@@ -170,7 +170,8 @@ def reference_cell(loaded: Any, a: argparse.Namespace) -> dict[str, Any]:
 def sweep(a: argparse.Namespace, model: str) -> list[Cell]:
     """Every cell in run order (ε outer, system inner), then the non-private reference."""
     cells = [Cell(f"{s}-eps{e:g}", run_cell, a.out / "cells" / f"{s}-eps{e:g}.json",
-                  {"a": a, "system": s, "epsilon": e}, model, {"recipe": recipe_for(a, s, e).model_dump(mode="json")})
+                  {"a": a, "system": s, "epsilon": e}, model,
+                  {"recipe": _identity(recipe_for(a, s, e).model_dump(mode="json"))})
              for e in a.epsilons for s in a.systems]
     return [*cells, Cell("nonprivate", reference_cell, a.out / "cells" / "nonprivate.json", {"a": a}, model,
                          {"settings": reference_settings(a)})]
