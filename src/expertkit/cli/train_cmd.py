@@ -90,6 +90,8 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     virtual_tokens: Annotated[int, typer.Option(min=1, help="Virtual tokens of prefix/prompt tuning.")] = 10,
+    prefix_init: Annotated[str, typer.Option(help="Prefix tuning's start: real (the model's own keys/values of "
+                                             "sampled tokens) or random (PEFT's N(0, 1)).")] = "real",
     seed: Annotated[int, typer.Option(help="Seed of init, data and directions.")] = 0,
     eval_n: Annotated[int, typer.Option(min=0, help="Evaluate on this many test examples after training.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT_DIR.")] = True,
@@ -113,6 +115,7 @@ def train_cmd(
     overrides: dict[str, Any] = {
         "optimizer": optimizer, "optimizer_params": params, "scheme": scheme, "steps": steps,
         "batch_size": batch_size, "rank": rank, "num_virtual_tokens": virtual_tokens, "seed": seed,
+        "prefix_init": prefix_init,
         "eval_n": eval_n, "resume": resume,
     }
     if lr is not None:
