@@ -49,7 +49,8 @@ class NewtonParams(Config):
     )
     lm_init: float = Field(1e-3, gt=0, description="lm: initial λ as a fraction τ of the first step's largest curvature "
                                                    "eigenvalue (Nielsen's μ0 = τ max); adapted from then on")
-    lm_max_tries: int = Field(6, ge=1, description="lm: trials per step before the step is given up (parameters kept)")
+    lm_max_tries: int = Field(12, ge=1, description="lm: trials per step (each one loss evaluation) before the step is "
+                                                   "given up (parameters kept)")
     krylov_dim: int = Field(20, ge=1, description="lm: Lanczos dimension m of a matrix-free block (m curvature products)")
     max_step_norm: float | None = Field(None, gt=0, description="clip the norm of the whole Newton step (None = off)")
     log_path: str | None = Field(None, description="append every decision to this JSONL file")
