@@ -10,9 +10,11 @@ time*, the two shown apart.
     full batch. AdamW and SGD take ``--fo-steps``; Newton and Q-Newton take ``fo-steps / 5``, with
     the GGN per tensor, damping 0.01 max|G_ij| and a trust radius (``max_step_norm``): without one
     the full block-diagonal Gauss-Newton step diverges from this initialisation (measured).
-(b) ``lora``: a rank-2 LoRA on q/v of the last two layers of the bundled SmolLM2-135M on
-    ``family_relation``, full batch of ``--lora-pool`` training examples; accuracy on ``--n``
-    test examples. The same 5x step ratio.
+(b) ``lora`` (experiments/q_newton_lora.py): a rank-2 LoRA on q/v of the last two layers of the
+    bundled SmolLM2-135M on ``family_relation``, full batch of ``--lora-pool`` training examples;
+    accuracy on ``--n`` test examples. The same 5x step ratio. Newton and Q-Newton use the
+    Gauss-Newton matrix of the answer tokens' cross-entropy, Hessian-free, with Levenberg-Marquardt
+    damping; the initial λ and the Krylov dimension are chosen on a validation pool.
 
 For every run: the loss after each step, measured seconds per step, κ per block and step, the
 scheduler's decisions, the fraction of solves sent to the quantum solver. Q-Newton's time is also
@@ -39,6 +41,9 @@ from expertkit.optim.newton import NewtonOptimizer, NewtonParams
 from expertkit.optim.newton.costs import measure_flop_rate
 from expertkit.optim.newton.scheduler import Scheduler, System
 
+from q_newton_lora import add_arguments as lora_args  # noqa: E402  (experiments/ is the script's folder)
+from q_newton_lora import lora_problem
+
 GATE_TIMES = {"1 us (error-corrected gate, optimistic today)": 1e-6, "1 ns": 1e-9,
               "1 as (the paper's attosecond hypothesis)": 1e-18}
 
@@ -59,7 +64,7 @@ def run_optimizer(name: str, steps: int, lr: float, params: list[torch.nn.Parame
     """Train with ``name`` for ``steps``; record loss/time/κ per step and the final evaluation."""
     rec: dict[str, Any] = {"optimizer": name, "steps": steps, "lr": lr, "loss": [], "seconds": [],
                            "quantum_model_s": [], "kappa_median": [], "quantum_fraction": []}
-    if name in ("newton", "q-newton"):
+    if name in ("newton", "q-newton", "newton-ef"):
         opt = NewtonOptimizer(params, NewtonParams(**hp), quantum=name == "q-newton", names=names, model=model)
     else:
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.SGD
@@ -121,53 +126,6 @@ def digits_problem(args: argparse.Namespace) -> dict[str, Any]:
             lambda opt, lr, model=model: opt.step_problem(model, ce, Xtr, ytr, lr), evaluate, hp)
         print(f"digits {name}: final loss {out['runs'][name]['final_loss']:.4f}, "
               f"test acc {out['runs'][name]['eval']['accuracy']:.3f}", flush=True)
-    return out
-
-
-def lora_problem(args: argparse.Namespace) -> dict[str, Any]:
-    """(b) a rank-2 LoRA on the bundled model, full batch on a small pool of a suite task."""
-    from expertkit.models import load_model
-    from expertkit.tasks import evaluate as task_eval
-    from expertkit.tasks.base import get_task
-    from expertkit.train.config import LoraTrainConfig
-    from expertkit.train.data import encode_examples, make_loss_fn
-    from expertkit.train.schemes import wrap
-
-    loaded = load_model("smollm2-135m")
-    task = get_task(args.task)
-    layers = [28, 29]
-    targets = tuple(f"layers.{i}.self_attn.{m}" for i in layers for m in ("q_proj", "v_proj"))
-    cfg = LoraTrainConfig(rank=2, alpha=4, target_modules=targets)
-    rows = encode_examples(loaded.tokenizer, task, task.examples("train", args.lora_pool, 0), 96)
-    out: dict[str, Any] = {"task": task.name, "pool": len(rows), "targets": list(targets), "rank": 2, "runs": {}}
-    zero = task_eval(loaded.model, loaded.tokenizer, task, split="test", n=args.n, seed=0)
-    out["zero_shot"] = {"accuracy": zero.accuracy, "n": zero.n}
-    newton_steps = max(1, args.lora_fo_steps // 5)
-    for name in ("sgd", "adamw", "newton", "q-newton"):
-        torch.manual_seed(0)
-        model, give_back = wrap(loaded.model, cfg, loaded.path)
-        try:
-            model.train()
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            params, names = [p for _, p in named], [n for n, _ in named]
-            loss_fn = make_loss_fn(model, loaded.tokenizer, rows)
-
-            def evaluate(model: Any = model) -> dict[str, Any]:
-                res = task_eval(model, loaded.tokenizer, task, split="test", n=args.n, seed=0)
-                return {"accuracy": res.accuracy, "n": res.n, "correct": [e.score > 0 for e in res.examples]}
-
-            newton = name in ("newton", "q-newton")
-            hp = {"curvature": "fisher", "verbose": False, "flop_rate": args.flop_rate, "exact_max": 1200,
-                  "row_keep": args.row_keep, "gate_time": args.gate_time, "damping_rel": args.lora_damping,
-                  "max_step_norm": args.lora_trust}
-            lr = {"sgd": 0.5, "adamw": 5e-3}.get(name, 1.0)
-            out["runs"][name] = run_optimizer(
-                name, newton_steps if newton else args.lora_fo_steps, lr, params, names, model,
-                lambda: loss_fn().mean(), lambda opt, lr: opt.step(loss_fn, lr), evaluate, hp)
-            print(f"lora {name}: final loss {out['runs'][name]['final_loss']:.4f}, "
-                  f"test acc {out['runs'][name]['eval']['accuracy']:.3f}", flush=True)
-        finally:
-            give_back()
     return out
 
 
@@ -293,11 +251,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", nargs="+", default=["digits", "lora"], choices=["digits", "lora", "hhl"])
     ap.add_argument("--fo-steps", type=int, default=200, help="AdamW/SGD steps on digits (Newton: / 5)")
-    ap.add_argument("--lora-fo-steps", type=int, default=20, help="AdamW/SGD steps on the LoRA (Newton: / 5)")
-    ap.add_argument("--lora-pool", type=int, default=16, help="training examples of the LoRA (full batch)")
-    ap.add_argument("--lora-damping", type=float, default=5e-3, help="damping_rel of the LoRA Newton runs")
     ap.add_argument("--trust", type=float, default=2.0, help="max_step_norm of the digits Newton runs")
-    ap.add_argument("--lora-trust", type=float, default=0.5, help="max_step_norm of the LoRA Newton runs")
+    lora_args(ap)
     ap.add_argument("--task", default="family_relation")
     ap.add_argument("--n", type=int, default=64, help="test examples of the LoRA task")
     ap.add_argument("--curvature", default="ggn", choices=["hessian", "ggn", "fisher"], help="digits curvature")
@@ -317,7 +272,7 @@ def main() -> None:
         results["digits"] = digits_problem(args)
         results["digits"]["summary"] = summarize("digits", results["digits"], args.flop_rate)
     if "lora" in args.problems:
-        results["lora"] = lora_problem(args)
+        results["lora"] = lora_problem(args, run_optimizer)
         results["lora"]["summary"] = summarize("lora", results["lora"], args.flop_rate)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "q_newton.png")

@@ -43,6 +43,15 @@ class NewtonParams(Config):
     flop_rate: float = Field(1e10, gt=0, description="flop/s of the flop model (measure: costs.measure_flop_rate())")
     lanczos_tol: float = Field(1e-3, gt=0, description="relative tolerance of the Lanczos eigenvalues")
     lanczos_maxiter: int | None = Field(None, ge=1, description="Lanczos iteration cap (None = 20 n)")
+    damping_mode: Literal["fixed", "lm"] = Field(
+        "fixed", description="fixed: damping/damping_rel per block; lm: one λ adapted by Levenberg-Marquardt "
+                             "(ratio of actual to predicted loss reduction; a rejected trial is undone and retried)"
+    )
+    lm_init: float = Field(1e-3, gt=0, description="lm: initial λ as a fraction τ of the first step's largest curvature "
+                                                   "eigenvalue (Nielsen's μ0 = τ max); adapted from then on")
+    lm_max_tries: int = Field(12, ge=1, description="lm: trials per step (each one loss evaluation) before the step is "
+                                                   "given up (parameters kept)")
+    krylov_dim: int = Field(20, ge=1, description="lm: Lanczos dimension m of a matrix-free block (m curvature products)")
     max_step_norm: float | None = Field(None, gt=0, description="clip the norm of the whole Newton step (None = off)")
     log_path: str | None = Field(None, description="append every decision to this JSONL file")
     verbose: bool = Field(True, description="print one summary line per step")
