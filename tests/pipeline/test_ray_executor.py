@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # a pinned runtime dependency (expertkit run --executor ray): a broken install fails
 import torch
 
 from expertkit.errors import ConfigError
@@ -31,7 +32,6 @@ from expertkit.registry import Entry
 from expertkit.tasks.base import TASKS, Task
 from expertkit.tasks.toy import _lohi_build, copy_task, exact, lohi_task
 
-ray = pytest.importorskip("ray")
 TRAIN = {"steps": 4, "lr": 0.01, "rank": 4, "batch_size": 8, "save_every": 0, "target_modules": ["q_proj", "v_proj"]}
 
 
