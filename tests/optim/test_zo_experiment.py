@@ -27,6 +27,8 @@ def test_smoke_run_writes_one_file_per_cell_and_a_rerun_reuses_them(tmp_path, mo
     assert saved["settings"] == exp.settings("zo-sgd", 4, 4, 6) and saved["accuracy"] == rows["zo-sgd"]["accuracy"]
     assert (out / "lo-hi" / "zo-sgd" / "expertkit.json").is_file()
     assert "| zo-sgd | 2 | " in capsys.readouterr().out
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     again = exp.main([*args, "--only-finished"])  # nothing trained again: the cells' files are read back
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps  # not rewritten
     assert again["tasks"] == res["tasks"]
     assert json.loads((out / "results.json").read_text())["tasks"] == res["tasks"]

@@ -56,11 +56,10 @@ def register_smoke_task() -> str:
     The experiments' ``--smoke`` runs call it in the driver and in each cell (a Ray worker is a
     fresh process, where the toy task is not registered).
     """
-    from expertkit.registry import Entry
+    import expertkit.tasks  # noqa: F401 - registers the built-in tasks first
     from expertkit.tasks.base import TASKS
 
-    import expertkit.tasks  # noqa: F401 - registers the built-in tasks first
-
     task = lohi_task()
-    TASKS._entries.setdefault(task.name, Entry(task.name, task, summary="toy (smoke run)"))
+    if task.name not in TASKS:
+        TASKS.add(task.name, task, summary="toy (smoke run)")
     return task.name

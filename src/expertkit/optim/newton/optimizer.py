@@ -116,7 +116,7 @@ class NewtonOptimizer:
                 self._apply(steps, self._scale(lr, total))
                 lm_rec: dict[str, Any] = {}
             else:
-                steps, decisions, total, lm_rec = self._lm_step(problem, preps, lr, loss0)
+                steps, decisions, total, lm_rec = self._lm_step(self.lm, problem, preps, lr, loss0)
         self._account(decisions, time.perf_counter() - start, total, lm_rec)
         self.t += 1
 
@@ -138,10 +138,9 @@ class NewtonOptimizer:
                 return float(problem.model(problem.X).float().mean())
             return float(problem.loss())
 
-    def _lm_step(self, problem: Problem, preps: list[dict[str, Any]], lr: float,
+    def _lm_step(self, lm: LevenbergMarquardt, problem: Problem, preps: list[dict[str, Any]], lr: float,
                  loss0: float) -> tuple[dict[int, torch.Tensor], list[Decision], float, dict[str, Any]]:
         """Levenberg-Marquardt trials on the prepared blocks: solve at λ, measure, accept or undo and raise λ."""
-        lm = self.lm if self.lm is not None else LevenbergMarquardt(self.hp.lm_init)
         if not self.lm_started:  # λ0 = τ · the largest curvature eigenvalue (scale-free start)
             top = max((max(abs(p["spec"].lmax), abs(p["spec"].lmin)) for p in preps), default=0.0)
             lm.lam = self.hp.lm_init * top if top > 0 else self.hp.lm_init
