@@ -45,8 +45,22 @@ def plan_cmd(  # noqa: PLR0913 - one option per planner setting
     mixture: Annotated[str, typer.Option(help="ffn, model or none")] = "ffn",
     seed: Annotated[int, typer.Option(help="seed of examples and random merges")] = 0,
     search: Annotated[str, typer.Option(help="coefficient search: grid or cmaes (per-member weights)")] = "grid",
+    executor: Annotated[str | None, typer.Option(
+        help="run the candidate evaluations as jobs: local (this process) or ray (default: in this process, "
+             "without jobs)")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (host:port, or 'auto') for --executor ray; without it a local Ray is "
+             "started")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="with --executor: folder of the candidates' tensor files and the job logs (default: PLAN-jobs "
+             "beside the plan; on a cluster, a path every node reaches)")] = None,
 ) -> None:
-    """Cluster the zoo, choose a merge strategy per cluster on the validation split, plan a mixture."""
+    """Cluster the zoo, choose a merge strategy per cluster on the validation split, plan a mixture.
+
+    With --executor the candidates of each cluster that do not depend on each other (the members
+    alone, the grid, a CMA-ES generation) run as one batch of jobs (Ray tasks with ray); the plan
+    is the same as without (docs/pipeline.md).
+    """
     from expertkit.merge.zoo import plan_zoo, save_plan
 
     if mixture not in ("ffn", "model", "none"):
@@ -57,9 +71,30 @@ def plan_cmd(  # noqa: PLR0913 - one option per planner setting
         from expertkit.errors import unknown
 
         raise unknown("coefficient search", search, ["grid", "cmaes"])
-    plan = plan_zoo(paths, task, base=base, metric=metric, group=group, threshold=_threshold(threshold), n=n,
-                    budget=budget, mixture=mixture, seed=seed,
-                    search=search)
+    if executor is not None and executor not in ("local", "ray"):
+        from expertkit.errors import unknown
+
+        raise unknown("executor", executor, ["local", "ray"])
+    if address is not None and executor != "ray":
+        from expertkit.errors import ConfigError
+
+        raise ConfigError("--address names a Ray cluster: pass it with --executor ray.")
+    jobs = factory = None
+    if executor is not None:
+        from expertkit.models.bundled import cache_root
+        from expertkit.pipeline.executor import ExecutorConfig, ModelCache, make_executor
+        from expertkit.pipeline.zoo_jobs import job_evaluator_factory
+
+        work = (work_dir or out_plan.with_name(f"{out_plan.stem}-jobs")).absolute()
+        work.mkdir(parents=True, exist_ok=True)
+        jobs = make_executor(ExecutorConfig(kind=executor, address=address), ModelCache(), work)
+        factory = job_evaluator_factory(jobs, work, split="validation", n=n, seed=seed, cache_dir=cache_root() / "eval")
+    try:
+        plan = plan_zoo(paths, task, base=base, metric=metric, group=group, threshold=_threshold(threshold), n=n,
+                        budget=budget, mixture=mixture, seed=seed, search=search, evaluator_factory=factory)
+    finally:
+        if jobs is not None:
+            jobs.close()
     save_plan(plan, out_plan)
     for c in plan.clusters:
         score = "" if c.score is None else f", validation {c.score:.3f}"

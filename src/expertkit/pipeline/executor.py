@@ -7,7 +7,8 @@ function called as ``fn(loaded, **kwargs)``, where ``loaded`` is the job's model
 None (a job that needs no model, or loads its own); it writes its outputs through the same atomic
 writers and caches on either executor, so both give the same results and a rerun on either reuses
 what is finished. The cells of an experiment's sweep run through the same executors
-(:mod:`expertkit.pipeline.sweep`).
+(:mod:`expertkit.pipeline.sweep`), and so do the zoo planner's candidate evaluations
+(:mod:`expertkit.pipeline.zoo_jobs`).
 
 * :class:`LocalExecutor` runs the jobs one after the other in this process with the run's model
   (the behaviour from before executors existed; the first failure stops the stage).

@@ -121,3 +121,19 @@ def test_cli_plan_and_build_on_a_tiny_zoo(tiny_zoo, tmp_path, cli):
     assert sorted(p.name for p in (tmp_path / "out" / "clusters").iterdir()) == ["cluster0", "cluster1"]
     code, _, err = cli(["zoo", "build", str(plan_path), str(tmp_path / "out")])
     assert code == 2 and "output folder exists" in err
+
+
+def test_cli_plan_with_local_executor_jobs_writes_the_same_plan(tiny_zoo, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    args = ["--quiet", "zoo", "plan", str(tiny_zoo["a0"]), str(tiny_zoo["a1"]), str(tiny_zoo["a2"]),
+            "-t", "family_relation", "-t", "leg_count", "--n", "2", "--budget", "6", "--mixture", "none"]
+    code, _, err = cli([*args, "--out", str(tmp_path / "here.yaml")])
+    assert code == 0, err
+    code, _, err = cli([*args, "--out", str(tmp_path / "jobs.yaml"), "--executor", "local"])
+    assert code == 0, err
+    here, jobs = load_plan(tmp_path / "here.yaml"), load_plan(tmp_path / "jobs.yaml")
+    assert jobs == here and len(here.clusters[0].trials) == 3 + 2 + 7
+    assert list((tmp_path / "jobs-jobs" / "candidates").iterdir()) == []  # the candidates' files are removed
+    assert len(list((tmp_path / "cache" / "eval").glob("eval-*.json"))) == 2 * 6  # 6 candidates x 2 tasks
+    code, _, err = cli([*args, "--address", "auto"])
+    assert code == 2 and "--address names a Ray cluster: pass it with --executor ray" in err

@@ -22,6 +22,10 @@ expertkit's callers rely on and ``cma`` does not give as such (each point measur
   of 400 allowed evaluations on a plateau (``tolfun``), and after 119 on a 10-example
   accuracy-like objective (``tolflatfitness``). The ``x``-based stops (``tolx``,
   ``tolxstagnation``, ``noeffect*``, ``tolconditioncov``, ``tolfacupx``) are kept.
+* **Batches.** Each generation's points are independent of each other, so a batch objective
+  ``f_many(list_of_x) -> list_of_f`` may score them all at once (e.g. as parallel jobs); it gets
+  the same points in the same order as ``f`` would, one call per generation (the last one cut at
+  the budget), and the result (history, best, stop) is the same as with ``f``.
 * **Box bounds** by ``cma``'s ``BoundTransform`` (the default boundary handler): every candidate
   ``ask`` returns, and so every evaluated point, lies inside ``[low, high]``. (The hand-written
   optimiser this replaces clipped candidates into the box instead.) ``x0`` is clipped into the box.
@@ -52,7 +56,7 @@ class CmaResult:
 
 
 def cmaes_minimize(  # noqa: PLR0913 - the caller-facing knobs of one search
-    f: Callable[[np.ndarray], float],
+    f: Callable[[np.ndarray], float] | None,
     x0: Sequence[float],
     sigma0: float,
     *,
@@ -61,15 +65,20 @@ def cmaes_minimize(  # noqa: PLR0913 - the caller-facing knobs of one search
     popsize: int | None = None,
     seed: int = 0,
     ftarget: float | None = None,
+    f_many: Callable[[list[np.ndarray]], Sequence[float]] | None = None,
 ) -> CmaResult:
     """Minimise ``f`` from ``x0`` with initial step ``sigma0``, calling ``f`` at most ``budget`` times.
 
     ``bounds`` = ``(low, high)`` for every coordinate; ``popsize`` overrides ``lambda``;
     ``ftarget`` stops after the generation in which a value at or below it is seen. The same
-    ``seed`` and objective give the same calls (see the module docstring).
+    ``seed`` and objective give the same calls (see the module docstring). ``f_many`` (given
+    instead of ``f``, which is then None) scores a whole generation in one call and gives the same
+    result as ``f``.
     """
     import cma
 
+    if (f is None) == (f_many is None):
+        raise ConfigError("CMA-ES needs exactly one objective: f (one point per call) or f_many (a batch).")
     mean = np.asarray(x0, dtype=float).copy()
     n = mean.size
     if n < 1:
@@ -100,10 +109,16 @@ def cmaes_minimize(  # noqa: PLR0913 - the caller-facing knobs of one search
     while used < budget:
         gen += 1
         xs = es.ask()[: budget - used]  # the last generation is cut short at the budget
+        points = [np.asarray(x, dtype=float) for x in xs]
+        batch = None
+        if f_many is not None:
+            batch = [float(v) for v in f_many(points)]
+            if len(batch) != len(points):
+                raise ConfigError(f"the CMA-ES batch objective returned {len(batch)} values for "
+                                  f"{len(points)} points; it must return one value per point, in order.")
         fs = []
-        for x in xs:
-            x = np.asarray(x, dtype=float)
-            fx = float(f(x))
+        for i, x in enumerate(points):
+            fx = batch[i] if batch is not None else float(f(x))  # type: ignore[misc]
             used += 1
             history.append((x.tolist(), fx))
             fs.append(fx)

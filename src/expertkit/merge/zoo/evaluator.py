@@ -38,6 +38,28 @@ def patched(model: Any, tensors: Mapping[str, torch.Tensor]) -> Iterator[Any]:
                 state[n].copy_(t)
 
 
+def patched_scores(
+    loaded: Any, tensors: Mapping[str, torch.Tensor], tasks: Sequence[Any], *, split: str, n: int, seed: int,
+    batch_size: int, cache_dir: str | os.PathLike[str] | None = None, model_fingerprint: str | None = None,
+) -> dict[str, float]:
+    """Accuracy per task (task name -> accuracy, in task order) of ``loaded`` with ``tensors`` patched in.
+
+    ``tasks``: task names or :class:`~expertkit.tasks.base.Task` objects. ``cache_dir`` and
+    ``model_fingerprint`` go to :func:`expertkit.tasks.evaluate` (the fingerprint must name the
+    patched model, e.g. the base's digest and the candidate's). The one scoring of
+    :class:`PatchedEvaluator` and of the planner's executor jobs (:mod:`expertkit.pipeline.zoo_jobs`).
+    """
+    from expertkit.tasks import evaluate
+
+    out = {}
+    with patched(loaded.model, tensors):
+        for task in tasks:
+            r = evaluate(loaded.model, loaded.tokenizer, task, split=split, n=n, seed=seed, batch_size=batch_size,
+                         cache_dir=cache_dir, model_fingerprint=model_fingerprint)
+            out[task if isinstance(task, str) else task.name] = r.accuracy
+    return out
+
+
 class PatchedEvaluator:
     """``evaluator(tensors) -> mean accuracy`` over ``tasks`` of ``model`` with ``tensors`` patched in."""
 
@@ -53,14 +75,8 @@ class PatchedEvaluator:
 
     def scores(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Accuracy per task with ``tensors`` patched in."""
-        from expertkit.tasks import evaluate
-
-        out = {}
-        with patched(self.loaded.model, tensors):
-            for task in self.tasks:
-                r = evaluate(self.loaded.model, self.loaded.tokenizer, task, split=self.split, n=self.n,
-                             seed=self.seed, batch_size=self.batch_size)
-                out[task] = r.accuracy
+        out = patched_scores(self.loaded, tensors, self.tasks, split=self.split, n=self.n, seed=self.seed,
+                             batch_size=self.batch_size)
         self.history.append(out)
         return out
 

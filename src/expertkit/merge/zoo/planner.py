@@ -30,7 +30,7 @@ from expertkit.merge.zoo.cluster import agglomerative
 from expertkit.merge.zoo.compat import Signature, compatibility_classes, incompatibility_report
 from expertkit.merge.zoo.members import MemberWeights, ZooMember, discover_zoo
 from expertkit.merge.zoo.plan import ClusterSpec, MemberSpec, MixtureSpec, SimilaritySpec, ValidationSpec, ZooPlan
-from expertkit.merge.zoo.select import Evaluator, MergeFn, select_strategy
+from expertkit.merge.zoo.select import BatchEvaluator, Evaluator, MergeFn, select_strategy
 from expertkit.merge.zoo.similarity import pairwise_similarity
 
 EvaluatorFactory = Callable[[Path, list[str]], Evaluator]
@@ -126,7 +126,10 @@ def plan_zoo(  # noqa: PLR0913 - the planner's options
     """Plan a zoo: clusters, a merge strategy per cluster, and a mixture (see the module docstring).
 
     ``evaluator_factory(folder, tasks)`` returns the evaluator of one cluster (default: a
-    :class:`~expertkit.merge.zoo.evaluator.PatchedEvaluator` on ``split``/``n``/``seed``);
+    :class:`~expertkit.merge.zoo.evaluator.PatchedEvaluator` on ``split``/``n``/``seed``); an
+    evaluator with a ``many`` method (:class:`~expertkit.merge.zoo.select.BatchEvaluator`, e.g. the
+    executor jobs of :func:`expertkit.pipeline.zoo_jobs.job_evaluator_factory`) is given the
+    independent candidates as batches, with the same plan as a one-by-one evaluator;
     ``merge`` replaces :func:`expertkit.merge.merge_state_dicts` (tests). ``search`` is ``grid``
     or ``cmaes`` (see :func:`~expertkit.merge.zoo.select.select_strategy`).
     """
@@ -183,7 +186,8 @@ def _plan(members: list[ZooMember], readers: list[MemberWeights], tasks: list[st
                 base_sd = b.state_dict(vary)
         evaluator = evaluator_factory(cmembers[0].weights_base, ctasks)
         sel = select_strategy(models, evaluator, base=base_sd, budget=budget, merge=merge, seed=seed,
-                              search=search)
+                              search=search,
+                              evaluate_many=evaluator.many if isinstance(evaluator, BatchEvaluator) else None)
         clusters.append(ClusterSpec(**spec, merge=sel.members, method=sel.method, params=sel.params,
                                     weights=sel.weights, score=sel.score, trials=[t.line() for t in sel.trials]))
     kind = mixture

@@ -27,14 +27,23 @@ simpler method wins a tie); a single merged member that beats every merge is kep
 The evaluator and the merge function are parameters (dependency injection): ``evaluate(tensors)``
 returns a validation score for a state dict (of the tensors that vary in the cluster; the rest are
 the base's), and ``merge`` defaults to :func:`expertkit.merge.merge_state_dicts`.
+
+**Batches.** The candidates that do not depend on each other's scores are also scored as one
+batch when an ``evaluate_many(candidates) -> scores`` is given (e.g. one executor job per
+candidate, :mod:`expertkit.pipeline.zoo_jobs`): the members' individual scores, the grid, and
+each CMA-ES generation (greedy steps depend on the previous one and stay batches of one). The
+budget, the memo and the results are exactly those of the one-by-one path: a batch is cut at
+the budget in candidate order, memoised or repeated candidates cost nothing, and the evaluations
+happen in the same order.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -42,6 +51,8 @@ from expertkit.errors import ConfigError
 
 StateDict = Mapping[str, torch.Tensor]
 Evaluator = Callable[[StateDict], float]
+#: Scores of a batch of candidates, in order (the iterable is consumed once, in order).
+BatchEvaluate = Callable[[Iterable[StateDict]], Sequence[float]]
 MergeFn = Callable[..., dict[str, torch.Tensor]]
 
 #: (method, params) candidates of the grid, in evaluation order.
@@ -112,20 +123,57 @@ def merge_members(
                  weights=weights, params=dict(params), seed=seed)
 
 
+@runtime_checkable
+class BatchEvaluator(Protocol):
+    """An evaluator that can also score a batch of independent candidates at once (as parallel jobs)."""
+
+    def __call__(self, tensors: StateDict) -> float:
+        """The validation score of one candidate."""
+        ...
+
+    def many(self, candidates: Iterable[StateDict]) -> list[float]:
+        """The scores of ``candidates`` in order (the same values ``__call__`` gives one by one)."""
+        ...
+
+
 class _Budget:
-    def __init__(self, evaluate: Evaluator, budget: int) -> None:
-        self.evaluate, self.left, self.used = evaluate, budget, 0
+    """Evaluations under the budget, memoised by candidate key; one by one or by batches."""
+
+    def __init__(self, evaluate: Evaluator, budget: int, evaluate_many: BatchEvaluate | None = None) -> None:
+        self.evaluate, self.evaluate_many, self.left, self.used = evaluate, evaluate_many, budget, 0
         self.memo: dict[str, float] = {}
 
-    def __call__(self, key: str, make: Callable[[], StateDict]) -> float | None:
-        if key in self.memo:
-            return self.memo[key]
-        if self.left <= 0:
-            return None
-        self.left -= 1
-        self.used += 1
-        self.memo[key] = float(self.evaluate(make()))
-        return self.memo[key]
+    def many(self, items: Sequence[tuple[str, Callable[[], StateDict]]]) -> list[float | None]:
+        """Scores of ``(key, make)`` items in order (None: over budget), as one-by-one calls give them.
+
+        Without ``evaluate_many`` each new candidate is made and evaluated in turn; with it the
+        new candidates (each key once, cut at the budget in order) are made lazily and scored in
+        one call. Either way the same keys are charged and memoised.
+        """
+        keys: list[str | None] = []
+        todo: dict[str, Callable[[], StateDict]] = {}  # new keys of this batch, in order
+        for key, make in items:
+            if key in self.memo or key in todo:
+                keys.append(key)
+                continue
+            if self.left <= 0:
+                keys.append(None)
+                continue
+            self.left -= 1
+            self.used += 1
+            if self.evaluate_many is None:
+                self.memo[key] = float(self.evaluate(make()))
+            else:
+                todo[key] = make
+            keys.append(key)
+        if todo and self.evaluate_many is not None:  # todo is filled only in batch mode
+            made: Iterator[StateDict] = (make() for make in todo.values())
+            scores = [float(v) for v in self.evaluate_many(made)]
+            if len(scores) != len(todo):
+                raise ConfigError(f"the batch evaluator returned {len(scores)} scores for {len(todo)} "
+                                  "candidates; it must return one score per candidate, in order.")
+            self.memo.update(zip(todo, scores, strict=True))
+        return [None if key is None else self.memo[key] for key in keys]
 
 
 def _key(method: str, members: Sequence[str], params: Mapping[str, Any], weights: Sequence[float] | None = None) -> str:
@@ -133,6 +181,9 @@ def _key(method: str, members: Sequence[str], params: Mapping[str, Any], weights
         return json.dumps([method, list(members), dict(params), list(weights)], sort_keys=True)
     return json.dumps([method, sorted(members), dict(params)], sort_keys=True)
 
+
+#: A candidate to score: (method, members, params, trial note, per-member weights or None).
+_Candidate = tuple[str, list[str], Mapping[str, Any], str, list[float] | None]
 
 SEARCHES = ("grid", "cmaes")
 #: CMA-ES settings per method: (params, bounds, start, initial step)
@@ -153,6 +204,7 @@ def select_strategy(
     merge: MergeFn | None = None,
     seed: int = 0,
     search: str = "grid",
+    evaluate_many: BatchEvaluate | None = None,
 ) -> Selection:
     """Choose members, method and coefficients for one cluster (see the module docstring).
 
@@ -168,6 +220,9 @@ def select_strategy(
         seed: seed of random methods (DARE) and of the CMA-ES search.
         search: ``grid`` (the ``grid`` candidates in order) or ``cmaes`` (per-member weights by
             CMA-ES on the remaining budget; ``grid`` is then unused).
+        evaluate_many: scores of a batch of candidates in order; when given, every evaluation goes
+            through it (independent candidates as one batch, see the module docstring) and
+            ``evaluate`` is not called. The result is the same as with ``evaluate`` alone.
     """
     if search not in SEARCHES:
         raise ConfigError(f"unknown coefficient search {search!r}; use one of {', '.join(SEARCHES)}.")
@@ -177,22 +232,35 @@ def select_strategy(
     if budget < len(names):
         raise ConfigError(f"budget {budget} is below the cluster size {len(names)}: every member is "
                           "evaluated once; raise the budget.")
-    run = _Budget(evaluate, budget)
+    run = _Budget(evaluate, budget, evaluate_many)
     trials: list[Trial] = []
+
+    def score_many(cands: Sequence[_Candidate]) -> list[float | None]:
+        """Score candidates that do not depend on each other (one batch); trials in candidate order."""
+        runnable = [c for c in cands if not (c[0] in NEEDS_BASE and base is None)]
+        got = iter(run.many([
+            (_key(method, members, params, weights),
+             functools.partial(merge_members, method, members, models, base, params, merge=merge, seed=seed,
+                               weights=weights))
+            for method, members, params, _, weights in runnable]))
+        out: list[float | None] = []
+        for method, members, params, note, weights in cands:
+            if method in NEEDS_BASE and base is None:
+                trials.append(Trial(members, method, dict(params), None, "skipped: needs the cluster's base"))
+                out.append(None)
+                continue
+            s = next(got)
+            trials.append(Trial(members, method, dict(params), s, note if s is not None else "skipped: budget",
+                                weights))
+            out.append(s)
+        return out
 
     def score(method: str, members: list[str], params: Mapping[str, Any], note: str = "",
               weights: list[float] | None = None) -> float | None:
-        if method in NEEDS_BASE and base is None:
-            trials.append(Trial(members, method, dict(params), None, "skipped: needs the cluster's base"))
-            return None
-        s = run(_key(method, members, params, weights),
-                lambda: merge_members(method, members, models, base, params, merge=merge, seed=seed, weights=weights))
-        trials.append(Trial(members, method, dict(params), s, note if s is not None else "skipped: budget", weights))
-        return s
+        return score_many([(method, members, params, note, weights)])[0]
 
-    individual = {}
-    for m in names:
-        individual[m] = score("single", [m], {}, "individual")  # type: ignore[assignment]
+    individual: dict[str, float] = dict(zip(  # type: ignore[arg-type] - the budget covers every member
+        names, score_many([("single", [m], {}, "individual", None) for m in names]), strict=True))
     if len(names) == 1:
         return Selection(names, "single", {}, individual[names[0]], individual, trials, run.used)
     order = sorted(names, key=lambda m: (-individual[m], names.index(m)))
@@ -210,18 +278,22 @@ def select_strategy(
         chosen = ("linear", list(kept), {}, best)
     pool = list(kept) if len(kept) > 1 else order  # greedy kept nobody: try the grid on all members
     if search == "cmaes":
-        return _cmaes(pool, base is not None, score, run, seed, chosen, individual, trials)
-    for method, params in grid:
-        s = score(method, pool, params, "grid")
+        return _cmaes(pool, base is not None, score, score_many, run, seed, chosen, individual, trials)
+    scores = score_many([(method, pool, params, "grid", None) for method, params in grid])
+    for (method, params), s in zip(grid, scores, strict=True):
         if s is not None and s > chosen[3]:
             chosen = (method, pool, dict(params), s)
     return Selection(chosen[1], chosen[0], chosen[2], chosen[3], individual, trials, run.used)
 
 
-def _cmaes(pool: list[str], has_base: bool, score: Callable[..., float | None], run: _Budget, seed: int,
+def _cmaes(pool: list[str], has_base: bool, score: Callable[..., float | None],
+           score_many: Callable[[Sequence[_Candidate]], list[float | None]], run: _Budget, seed: int,
            chosen: tuple[str, list[str], dict[str, Any], float], individual: dict[str, float],
            trials: list[Trial]) -> Selection:
-    """Per-member weights of the pool by CMA-ES (maximising the score) on the budget left."""
+    """Per-member weights of the pool by CMA-ES (maximising the score) on the budget left.
+
+    In batch mode (``run.evaluate_many``) each generation is one batch.
+    """
     from expertkit.merge.zoo.cmaes import cmaes_minimize
 
     method = "task_arithmetic" if has_base else "linear"
@@ -232,7 +304,13 @@ def _cmaes(pool: list[str], has_base: bool, score: Callable[..., float | None], 
             s = score(method, pool, params, "cmaes", [round(float(v), 6) for v in x])
             return -s if s is not None else float("inf")
 
-        res = cmaes_minimize(objective, [start] * len(pool), step, budget=run.left, bounds=bounds, seed=seed)
+        def objective_many(xs: list[Any]) -> list[float]:
+            got = score_many([(method, pool, params, "cmaes", [round(float(v), 6) for v in x]) for x in xs])
+            return [-s if s is not None else float("inf") for s in got]
+
+        batched = run.evaluate_many is not None
+        res = cmaes_minimize(None if batched else objective, [start] * len(pool), step, budget=run.left,
+                             bounds=bounds, seed=seed, f_many=objective_many if batched else None)
         if -res.fx > chosen[3]:
             chosen = (method, pool, dict(params), -res.fx)
             weights = {m: round(float(v), 6) for m, v in zip(pool, res.x, strict=True)}
