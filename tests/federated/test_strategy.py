@@ -130,3 +130,35 @@ def test_wrapper_rejects_duplicates_and_node_changes_and_passes_only_verified_re
         s.aggregate_train(2, [reply(content(a, 1.0, 2), 2), reply(content(b, 3.0, 2), 2)])  # a on b's node
     assert "'client-a' sent from node 2, earlier from node 1 (reassigned)" in s.rejections[-1].reason
     assert s.flagged == {"client-a"} and s.accepted == {1: ["client-a", "client-b"], 2: ["client-b"]}
+
+
+def test_excluded_client_gives_bit_for_bit_the_run_that_drops_all_its_updates():
+    # the attacker's every update is rejected; excluding the client instead must give the same global
+    # adapter bit for bit: the same nodes sampled in the same order, the same surviving updates, the
+    # same example weights. Four clients, so three updates survive and their summation order matters.
+    clients = 4
+    attacked = simulate(tiny_fl(clients=clients, eval_n=4, attack={"kind": "tamper", "client": 1, "scale": 0.5}),
+                        write=False)
+    excluded = simulate(tiny_fl(clients=clients, eval_n=4, exclude_clients=[1]), write=False)
+    honest = [f"client-{p}" for p in range(clients) if p != 1]
+    assert attacked["signing"]["accepted"] == excluded["signing"]["accepted"] == {"1": honest, "2": honest}
+    assert len(attacked["signing"]["rejections"]) == 2 and excluded["signing"]["rejections"] == []
+    assert excluded["excluded_clients"] == [1]
+    assert _same(attacked["final_state"], excluded["final_state"])
+    assert attacked["train_loss"] == excluded["train_loss"]
+    assert attacked["eval_examples"] == excluded["eval_examples"]
+    everyone = simulate(tiny_fl(clients=clients, signing={"scheme": "none"}), write=False)
+    assert not _same(everyone["final_state"], excluded["final_state"])  # client 1's data does move the adapter
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (dict(exclude_clients=[3]), r"exclude_clients \[3\] outside the partition ids 0..2"),
+    (dict(exclude_clients=[0, 0]), "lists a client twice"),
+    (dict(exclude_clients=[0, 1, 2]), "leaves none of the 3 clients"),
+    (dict(exclude_clients=[1], attack={"kind": "tamper", "client": 1}), "attack.client 1 is in exclude_clients"),
+])
+def test_exclude_clients_is_validated(extra, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        tiny_fl(**extra)

@@ -25,6 +25,7 @@ from expertkit.federated.keys import Identity, PublicKey
 from expertkit.federated.records import Lookup
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+EXCLUDED_CODE = 4712  # Flower error code of the reply of a client in ``exclude_clients``
 
 
 def state_of(arrays: Any) -> dict[str, np.ndarray]:
@@ -111,15 +112,24 @@ def make_client_app(cfg: FlConfig, identities: dict[int, Identity] | None, serve
 
 
 def train_handler(get_cfg: Callable[[Any], FlConfig]) -> Callable[[Any, Any], Any]:
-    """The ClientApp ``train`` handler: local LoRA training on the node's shard."""
+    """The ClientApp ``train`` handler: local LoRA training on the node's shard.
+
+    A client in ``exclude_clients`` answers with an error reply instead (:data:`EXCLUDED_CODE`).
+    It stays a node, so the server samples the same nodes in the same order as in a run where
+    it takes part, and strategies skip error replies: each round aggregates the other clients'
+    updates exactly as when every update of that client is dropped before aggregation.
+    """
 
     def train(msg: Any, context: Any) -> Any:
-        from flwr.app import Message, MetricRecord, RecordDict
+        from flwr.app import Error, Message, MetricRecord, RecordDict
 
         from expertkit.federated.local import train_local
 
         cfg = get_cfg(context)
         pid = int(context.node_config["partition-id"])
+        if pid in cfg.exclude_clients:  # takes no part: no training, its shard unused, no update to aggregate
+            return Message(Error(code=EXCLUDED_CODE, reason=f"client {pid} is excluded from this run "
+                                 "(exclude_clients)"), reply_to=msg)
         config = msg.content["config"]
         new, n, loss = train_local(cfg, pid, state_of(msg.content["arrays"]), int(config["server-round"]),
                                    float(config.get("proximal-mu", 0.0)))
@@ -147,7 +157,11 @@ def build_strategy(cfg: FlConfig) -> Any:
 
 def run_server(cfg: FlConfig, grid: Any, *, server: Identity | None, lookup: Lookup | None,
                run_id: str | None = None) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds on ``grid``; returns accuracies, timings, final adapter and signing report."""
+    """Run ``cfg.rounds`` rounds on ``grid``; returns accuracies, timings, final adapter and signing report.
+
+    ``eval_examples`` holds, per evaluated round, the per-example ``scores`` and ``predictions`` of
+    the global adapter on the ``eval_n`` test examples (the same examples in every run: paired tests).
+    """
     from flwr.app import MetricRecord
 
     from expertkit.federated.local import evaluate_state, workspace
@@ -159,6 +173,7 @@ def run_server(cfg: FlConfig, grid: Any, *, server: Identity | None, lookup: Loo
     strategy = SignedStrategy(inner, lookup, server, run_id=run_id, report_after=cfg.signing.report_after,
                               exclude_flagged=cfg.signing.exclude_flagged, alg=cfg.signing.digest) if signed else inner
     accuracy: dict[int, float] = {}
+    per_example: dict[int, dict[str, list[Any]]] = {}
     marks: dict[int, float] = {}
 
     def evaluate_fn(server_round: int, arrays: Any) -> Any:
@@ -167,8 +182,9 @@ def run_server(cfg: FlConfig, grid: Any, *, server: Identity | None, lookup: Loo
             0 < server_round < cfg.rounds and cfg.eval_rounds == "last")
         if not cfg.eval_n or skip:
             return None
-        acc = evaluate_state(cfg, state_of(arrays))
-        accuracy[server_round] = acc
+        res = evaluate_state(cfg, state_of(arrays))
+        acc = accuracy[server_round] = float(res.accuracy)
+        per_example[server_round] = {"scores": res.scores, "predictions": res.predictions}
         marks[server_round] = time.perf_counter()  # round time excludes the evaluation
         return MetricRecord({"accuracy": acc})
 
@@ -180,6 +196,8 @@ def run_server(cfg: FlConfig, grid: Any, *, server: Identity | None, lookup: Loo
         "signed": signed, "scheme": cfg.signing.scheme if signed else "none", "final_state": final,
         "train_loss": {str(k): float(v.get("train_loss", float("nan")))
                        for k, v in result.train_metrics_clientapp.items()},
+        "eval_examples": {str(k): v for k, v in sorted(per_example.items())},
+        "excluded_clients": list(cfg.exclude_clients),
     }
     if signed:
         out["signing"] = strategy.report()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from expertkit.config import Config, load_config
 
@@ -58,6 +58,10 @@ class FlConfig(Config):
                                             "(e.g. proximal_mu for fedprox, eta for fedadam)")
     signing: SigningConfig = Field(default_factory=SigningConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    exclude_clients: tuple[int, ...] = Field((), description="partition ids that take no part: they answer every "
+                                             "message with an error and their shards go unused, while the others "
+                                             "keep their shards, seeds and keys (experiments: a run on the other "
+                                             "clients' data only)")
     eval_n: int = Field(64, ge=0, description="server-side evaluation examples (test split) after each round")
     eval_rounds: Literal["all", "last"] = Field("all", description="evaluate after every round, or the last only")
     eval_initial: bool = Field(True, description="also evaluate the initial adapter (round 0)")
@@ -66,6 +70,21 @@ class FlConfig(Config):
                                              "inline: one process, clients in turn (tests, small machines)")
     threads: int = Field(0, ge=0, description="torch threads per client process (0 = torch default)")
     output_dir: str = Field("runs", description="runs are written to output_dir/name")
+
+    @model_validator(mode="after")
+    def _check_excluded(self) -> FlConfig:
+        """Excluded clients must exist, be listed once, leave at least one client, and not be the attacked one."""
+        ex = self.exclude_clients
+        bad = sorted({p for p in ex if not 0 <= p < self.clients})
+        if bad:
+            raise ValueError(f"exclude_clients {bad} outside the partition ids 0..{self.clients - 1}")
+        if len(set(ex)) != len(ex):
+            raise ValueError(f"exclude_clients lists a client twice: {list(ex)}")
+        if len(ex) >= self.clients:
+            raise ValueError(f"exclude_clients {list(ex)} leaves none of the {self.clients} clients to train")
+        if self.attack.kind != "none" and self.attack.client in ex:
+            raise ValueError(f"attack.client {self.attack.client} is in exclude_clients: the attack would do nothing")
+        return self
 
 
 def load_fl_config(path: str) -> FlConfig:

@@ -152,14 +152,14 @@ def train_local(cfg: FlConfig, partition: int, state: dict[str, np.ndarray], ser
     return ws.get_state(), len(rows), float(np.mean(losses))
 
 
-def evaluate_state(cfg: FlConfig, state: dict[str, np.ndarray] | None) -> float:
-    """Accuracy of the global LoRA ``state`` on ``eval_n`` test examples (``None``: the initial adapter)."""
+def evaluate_state(cfg: FlConfig, state: dict[str, np.ndarray] | None) -> Any:
+    """The :class:`~expertkit.tasks.evaluate.EvalResult` (per-example predictions and scores) of the global
+    LoRA ``state`` on ``eval_n`` test examples (seed 0: the same examples in every run, for paired tests)."""
     from expertkit.tasks.evaluate import evaluate
 
     ws = workspace(cfg)
     if state is not None:
         ws.set_state(state)
     with torch.no_grad():
-        res = evaluate(ws.model, ws.tokenizer, get_fl_task(cfg.task), split="test", n=cfg.eval_n, seed=0,
-                       max_prompt_tokens=cfg.max_prompt_tokens)
-    return float(res.accuracy)
+        return evaluate(ws.model, ws.tokenizer, get_fl_task(cfg.task), split="test", n=cfg.eval_n, seed=0,
+                        max_prompt_tokens=cfg.max_prompt_tokens)

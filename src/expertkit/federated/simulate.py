@@ -3,8 +3,9 @@
 Keys: every client and the server get a fresh key pair of ``signing.scheme`` for the run (a
 simulation runs on one machine; real sites use ``expertkit fl keys`` and ``fl serve`` /
 ``fl client``). The server trusts exactly the clients' public keys; each client trusts the
-server's. Output: ``output_dir/name/result.json`` (accuracy per round, losses, timings, signing
-report with every rejected update and its reason) and ``global_lora.safetensors``.
+server's. Output: ``output_dir/name/result.json`` (accuracy per round and its per-example scores and
+predictions, losses, timings, signing report with every rejected update and its reason) and
+``global_lora.safetensors``.
 """
 
 from __future__ import annotations
