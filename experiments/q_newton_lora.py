@@ -50,12 +50,13 @@ def lora_problem(args: argparse.Namespace, run_optimizer: Callable[..., dict[str
     out["zero_shot"] = {"accuracy": zero.accuracy, "n": zero.n}
     newton_steps = max(1, args.lora_fo_steps // 5)
 
-    def newton_hp(lm_init: float, krylov: int) -> dict[str, Any]:
-        return {"curvature": "ggn", "damping_mode": "lm", "lm_init": lm_init, "krylov_dim": krylov, "block": "none",
+    def newton_hp(lm_init: float, krylov: int, relative: bool) -> dict[str, Any]:
+        return {"curvature": "ggn", "damping_mode": "lm", "lm_init": lm_init, "krylov_dim": krylov,
+                "lm_relative": relative, "block": "none",
                 "exact_max": 1, "verbose": False, "flop_rate": args.flop_rate, "gate_time": args.gate_time,
                 "max_step_norm": args.lora_trust}
 
-    def train(name: str, rows: list, hp: dict[str, Any], evaluate: bool) -> dict[str, Any]:
+    def train(name: str, rows: list, hp: dict[str, Any], evaluate: bool, lr: float | None = None) -> dict[str, Any]:
         torch.manual_seed(0)
         model, give_back = wrap(loaded.model, cfg, loaded.path)
         try:
@@ -77,33 +78,46 @@ def lora_problem(args: argparse.Namespace, run_optimizer: Callable[..., dict[str
                 step = lambda opt, lr: opt.step_problem(problem.model, problem.loss_func, problem.X,  # noqa: E731
                                                         problem.y, lr)
             newton = name in ("newton", "q-newton", "newton-ef")
-            lr = {"sgd": 0.5, "adamw": 5e-3}.get(name, 1.0)
+            lr = 1.0 if lr is None else lr
             return run_optimizer(name, newton_steps if newton else args.lora_fo_steps, lr, params, names, model,
                                  lambda: loss_fn().mean(), step, score, hp)
         finally:
             give_back()
 
     # settings of Newton / Q-Newton chosen on the validation pool (classical Newton; Q-Newton shares them)
-    grid = list(itertools.product(args.lora_lm_init, args.lora_krylov))
+    grid = list(itertools.product(args.lora_lm_init, args.lora_krylov, [r == "on" for r in args.lora_lm_relative]))
     selection = []
-    for lm_init, krylov in grid:
+    for lm_init, krylov, relative in grid:
         if len(grid) == 1:
             break
-        rec = train("newton", pools["validation"], newton_hp(lm_init, krylov), evaluate=False)
-        selection.append({"lm_init": lm_init, "krylov_dim": krylov, "validation_loss": rec["loss"] + [rec["final_loss"]],
-                          "seconds": sum(rec["seconds"])})
-        print(f"lora selection (validation pool) λ0={lm_init:g} m={krylov}: losses "
+        rec = train("newton", pools["validation"], newton_hp(lm_init, krylov, relative), evaluate=False)
+        selection.append({"lm_init": lm_init, "krylov_dim": krylov, "lm_relative": relative,
+                          "validation_loss": rec["loss"] + [rec["final_loss"]], "seconds": sum(rec["seconds"])})
+        print(f"lora selection (validation pool) λ0={lm_init:g} m={krylov} relative={relative}: losses "
               f"{[round(x, 3) for x in selection[-1]['validation_loss']]}", flush=True)
     best = min(selection, key=lambda r: r["validation_loss"][-1]) if selection else {
-        "lm_init": grid[0][0], "krylov_dim": grid[0][1]}
-    out["selection"] = {"grid": selection, "chosen": {"lm_init": best["lm_init"], "krylov_dim": best["krylov_dim"]}}
-    chosen = newton_hp(best["lm_init"], best["krylov_dim"])
+        "lm_init": grid[0][0], "krylov_dim": grid[0][1], "lm_relative": grid[0][2]}
+    chosen_keys = ("lm_init", "krylov_dim", "lm_relative")
+    out["selection"] = {"grid": selection, "chosen": {k: best[k] for k in chosen_keys}}
+    chosen = newton_hp(*(best[k] for k in chosen_keys))
+    # the first-order baselines' learning rates, chosen the same way (lowest final validation-pool loss)
+    fo_lr: dict[str, float] = {}
+    for name, lrs in (("sgd", args.lora_sgd_lr), ("adamw", args.lora_adamw_lr)):
+        tried = []
+        for lr in lrs:
+            if len(lrs) == 1:
+                break
+            rec = train(name, pools["validation"], {}, evaluate=False, lr=lr)
+            tried.append({"lr": lr, "validation_loss": rec["final_loss"]})
+            print(f"lora selection (validation pool) {name} lr={lr:g}: final loss {rec['final_loss']:.3f}", flush=True)
+        fo_lr[name] = min(tried, key=lambda r: r["validation_loss"])["lr"] if tried else lrs[0]
+        out["selection"][name] = {"grid": tried, "chosen_lr": fo_lr[name]}
     ef = {"curvature": "fisher", "verbose": False, "flop_rate": args.flop_rate, "exact_max": 1200,
           "gate_time": args.gate_time, "damping_rel": 5e-3, "max_step_norm": 0.5}
     names = ["sgd", "adamw", "newton", "q-newton"] + (["newton-ef"] if args.lora_ef_reference else [])
     for name in names:
         hp = ef if name == "newton-ef" else dict(chosen, row_keep=args.row_keep)
-        out["runs"][name] = train(name, pools["train"], hp, evaluate=True)
+        out["runs"][name] = train(name, pools["train"], hp, evaluate=True, lr=fo_lr.get(name))
         print(f"lora {name}: final loss {out['runs'][name]['final_loss']:.4f}, "
               f"test acc {out['runs'][name]['eval']['accuracy']:.3f}", flush=True)
     return out
@@ -117,6 +131,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="initial Levenberg-Marquardt λ (fraction τ of the first λ_max) to choose from on validation")
     ap.add_argument("--lora-krylov", type=int, nargs="+", default=[10],
                     help="Krylov dimensions (GGN products per Newton step) to choose from on the validation pool")
+    ap.add_argument("--lora-lm-relative", nargs="+", choices=["off", "on"], default=["off", "on"],
+                    help="Levenberg-Marquardt λ rescaled by the curvature's scale at every step (choose on validation)")
+    ap.add_argument("--lora-adamw-lr", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2, 2e-2],
+                    help="AdamW learning rates to choose from on the validation pool")
+    ap.add_argument("--lora-sgd-lr", type=float, nargs="+", default=[0.05, 0.1, 0.5],
+                    help="SGD learning rates to choose from on the validation pool")
     ap.add_argument("--lora-trust", type=float, default=None, help="max_step_norm of the LoRA Newton runs (None: off)")
     ap.add_argument("--lora-ef-reference", action="store_true",
                     help="also run the previous method (empirical Fisher, fixed damping, trust 0.5) as newton-ef")

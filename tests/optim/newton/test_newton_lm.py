@@ -203,3 +203,24 @@ def test_answer_problem_refuses_answers_of_different_lengths() -> None:
     labels[0, 3] = -100  # row 0 keeps one labelled token, the others two
     with pytest.raises(ConfigError, match="answer lengths differ across the batch"):
         answer_problem(torch.nn.Identity(), ids, mask, labels)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_lm_relative_rescales_lambda_by_the_change_of_the_curvature_scale(relative: bool) -> None:
+    X, y = _softmax_data()
+    ce = torch.nn.CrossEntropyLoss()
+    model = _Softmax()
+    hp = NewtonParams(curvature="ggn", damping_mode="lm", lm_init=1e-3, lm_relative=relative, block="none",
+                      verbose=False)
+    opt = NewtonOptimizer(list(model.parameters()), hp, names=["w", "b"], model=model)
+    for _ in range(2):
+        opt.step_problem(model, ce, X, y, lr=1.0)
+    first = [d for d in opt.decisions if d.step == 0]
+    second = [d for d in opt.decisions if d.step == 1]
+    top1, top2 = (max(abs(d.extra["lmax"]), abs(d.extra["lmin"])) for d in (first[0], second[0]))
+    assert not math.isclose(top1, top2, rel_tol=1e-3)  # the curvature's scale did change between the steps
+    carried = opt.history[0]["lm"]["lambda_next"]
+    expected = carried * top2 / top1 if relative else carried
+    assert second[0].extra["lambda"] == pytest.approx(expected, rel=1e-9)
+    state = opt.state_dict()
+    assert state["lm"]["top"] == pytest.approx(top2)

@@ -77,6 +77,7 @@ class NewtonOptimizer:
         self.name = "q-newton" if quantum else "newton"
         self.lm = LevenbergMarquardt(self.hp.lm_init) if self.hp.damping_mode == "lm" else None
         self.lm_started = False
+        self.lm_top = 0.0  # the largest curvature eigenvalue of the last LM step (lm_relative)
         if quantum:
             _say(NOTICE, always=True)  # shown even with --quiet: the quantum solver is never run
 
@@ -141,10 +142,16 @@ class NewtonOptimizer:
     def _lm_step(self, lm: LevenbergMarquardt, problem: Problem, preps: list[dict[str, Any]], lr: float,
                  loss0: float) -> tuple[dict[int, torch.Tensor], list[Decision], float, dict[str, Any]]:
         """Levenberg-Marquardt trials on the prepared blocks: solve at λ, measure, accept or undo and raise λ."""
+        top = max((max(abs(p["spec"].lmax), abs(p["spec"].lmin)) for p in preps), default=0.0)
         if not self.lm_started:  # λ0 = τ · the largest curvature eigenvalue (scale-free start)
-            top = max((max(abs(p["spec"].lmax), abs(p["spec"].lmin)) for p in preps), default=0.0)
             lm.lam = self.hp.lm_init * top if top > 0 else self.hp.lm_init
             self.lm_started = True
+        elif self.hp.lm_relative and top > 0 and self.lm_top > 0:
+            # The curvature's scale can jump between steps (a LoRA leaving lora_B = 0: its GGN grew 6e5-fold
+            # after one step on SmolLM2), and an absolute λ then takes many rejected trials to catch up.
+            lm.lam = min(max(lm.lam * top / self.lm_top, lm.lam_min), lm.lam_max)
+        if top > 0:
+            self.lm_top = top
         decisions: list[Decision] = []
         trials = []
         steps: dict[int, torch.Tensor] = {}
@@ -325,7 +332,7 @@ class NewtonOptimizer:
         """Step counter, measured-time averages and the per-step summaries."""
         out = {"t": self.t, "measured": dict(self.scheduler.measured), "history": list(self.history)}
         if self.lm is not None and self.lm_started:
-            out["lm"] = self.lm.state_dict()
+            out["lm"] = {**self.lm.state_dict(), "top": self.lm_top}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -335,6 +342,7 @@ class NewtonOptimizer:
         self.history = [dict(h) for h in state.get("history", [])]
         if self.lm is not None and "lm" in state:
             self.lm.lam, self.lm.nu = float(state["lm"]["lam"]), float(state["lm"]["nu"])
+            self.lm_top = float(state["lm"].get("top", 0.0))
             self.lm_started = True
 
 

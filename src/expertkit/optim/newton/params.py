@@ -49,6 +49,9 @@ class NewtonParams(Config):
     )
     lm_init: float = Field(1e-3, gt=0, description="lm: initial λ as a fraction τ of the first step's largest curvature "
                                                    "eigenvalue (Nielsen's μ0 = τ max); adapted from then on")
+    lm_relative: bool = Field(False, description="lm: at every step rescale λ by the change of the largest curvature "
+                                                   "eigenvalue, so λ stays the same fraction of the curvature's scale "
+                                                   "(off: λ carries over in absolute terms)")
     lm_max_tries: int = Field(12, ge=1, description="lm: trials per step (each one loss evaluation) before the step is "
                                                    "given up (parameters kept)")
     krylov_dim: int = Field(20, ge=1, description="lm: Lanczos dimension m of a matrix-free block (m curvature products)")
