@@ -111,9 +111,10 @@ def test_a_zoo_without_members_and_bad_params_are_refused_in_one_line(tmp_path, 
                                "train_experts stage before it or list members: (model folders or LoRA adapters).")
     with pytest.raises(ConfigError) as info:
         parse_run_config({**run, "stages": [{"kind": "zoo", "serach": "cmaes", "budget": 0, "group": "mpl",
-                                             "threshold": "far", "mixture": "moe"}]})
+                                             "threshold": "far", "mixture": "moe", "tasks": []}]})
     msg = str(info.value)
-    assert "5 problems" in msg
+    assert "6 problems" in msg
+    assert "stages[0].tasks" in msg and "at least 1 item" in msg
     assert "stages[0].serach: unknown key 'serach'. Did you mean 'search'?" in msg
     assert "stages[0].budget" in msg and "greater than or equal to 1" in msg
     assert "unknown tensor group 'mpl'. Did you mean 'mlp'?" in msg

@@ -36,7 +36,7 @@ class ZooStageParams(Config):
                                       "[] for none")
     members: list[str] = Field(default_factory=list, description="more zoo members: model folders, LoRA adapters, "
                                "or folders holding them (as `expertkit zoo plan` takes)")
-    tasks: list[str] | None = Field(None, description="evaluation tasks; default: the members' own tasks")
+    tasks: list[str] | None = Field(None, min_length=1, description="evaluation tasks; default: the members' own tasks")
     base: str | None = Field(None, description="base of the listed adapters when their config does not name it "
                              "(zoo plan --base; applies to every adapter, so it must be the run's model "
                              "when the run's experts are in the zoo)")
