@@ -55,10 +55,13 @@ def _broken_build(split: str, n: int, seed: int) -> list:
     raise RuntimeError("broken task: its generator has no examples")
 
 
-def _config(tmp_path: Path, model: Path, tasks: list[str], *, name: str, evaluate: bool = True, **executor) -> dict:
+def _config(tmp_path: Path, model: Path, tasks: list[str], *, name: str, evaluate: bool = True, zoo: bool = False,
+            **executor) -> dict:
     stages = [{"kind": "train_experts", "tasks": tasks, "train": TRAIN}]
     if evaluate:
         stages.append({"kind": "evaluate", "n": 12, "batch_size": 12})
+    if zoo:  # one cluster of the experts: its candidates are jobs
+        stages.append({"kind": "zoo", "n": 6, "budget": 4, "threshold": 10, "mixture": "none", "build": False})
     return {"name": name, "model": str(model), "output_dir": str(tmp_path / "runs"), "seed": 3,
             "stages": stages, **({"executor": executor} if executor else {})}
 
@@ -114,9 +117,9 @@ def test_ray_gives_the_in_process_results(local_ray, tmp_path, tiny_checkpoint, 
     model = tiny_checkpoint("llama")
     tasks = ["lo-hi", "copy-char"]
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache-local"))
-    here = run_pipeline(parse_run_config(_config(tmp_path, model, tasks, name="here")))
+    here = run_pipeline(parse_run_config(_config(tmp_path, model, tasks, name="here", zoo=True)))
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache-ray"))  # no evaluation reused from the first run
-    there = run_pipeline(parse_run_config(_config(tmp_path, model, tasks, name="there", kind="ray")))
+    there = run_pipeline(parse_run_config(_config(tmp_path, model, tasks, name="there", zoo=True, kind="ray")))
     from safetensors import safe_open
 
     for task in tasks:  # the same tensors bit for bit and the same metadata (safetensors writes its
@@ -129,8 +132,15 @@ def test_ray_gives_the_in_process_results(local_ray, tmp_path, tiny_checkpoint, 
     res = [json.loads((d / "results.json").read_text())["stages"] for d in (here, there)]
     assert res[0]["evaluate"]["result"]["matrix"] == res[1]["evaluate"]["result"]["matrix"]
     assert set(res[1]["evaluate"]["result"]["matrix"]) == {"base", "expert:lo-hi", "expert:copy-char"}
-    for stage in ("train_experts", "evaluate"):
+    for stage in ("train_experts", "evaluate", "zoo"):
         assert res[0][stage]["key"] == res[1][stage]["key"]
+    # the zoo stage's candidates ran in Ray's workers and gave the in-process plan
+    from expertkit.merge.zoo import load_plan
+
+    plans = [load_plan(d / "zoo" / "main" / "plan.yaml") for d in (here, there)]
+    assert plans[1].model_copy(update={"members": plans[0].members}) == plans[0]  # member paths name the runs
+    assert [m.name for m in plans[1].members] == tasks and len(plans[1].clusters[0].trials) > len(tasks)
+    assert list((there / "stages" / "02-zoo" / "logs").glob("candidate_*.log"))
     assert list((tmp_path / "cache-ray" / "eval").rglob("*.json"))  # Ray's workers wrote the eval cache
     log = (there / "stages" / "00-train_experts" / "logs" / "expert_lo-hi.log").read_text()
     assert "=== expert:lo-hi: attempt 1/3" in log and "=== finished" in log

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from expertkit.pipeline.config import RunConfig
 
 if TYPE_CHECKING:
-    from expertkit.pipeline.executor import Job
+    from expertkit.pipeline.executor import Executor, Job
 
 
 @dataclass
@@ -39,13 +39,16 @@ class RunContext:
                 self._model = load_model(self.config.model)
         return self._model
 
-    def run_jobs(self, stage: str, jobs: Sequence[Job]) -> dict[str, Any]:
-        """Run a stage's independent jobs on the run's executor; ``{job.key: result}`` in job order."""
+    def job_executor(self) -> Executor:
+        """The run's executor; without one, a local executor on the run's model (jobs in this process)."""
         from expertkit.pipeline.executor import LocalExecutor, ModelCache
 
-        executor = self.executor or LocalExecutor(ModelCache(self.model_source(), self.model))
+        return self.executor or LocalExecutor(ModelCache(self.model_source(), self.model))
+
+    def run_jobs(self, stage: str, jobs: Sequence[Job]) -> dict[str, Any]:
+        """Run a stage's independent jobs on the run's executor; ``{job.key: result}`` in job order."""
         log_dir = (self.stage_dir or self.run_dir / "stages" / stage) / "logs"
-        return executor.map(stage, jobs, log_dir)
+        return self.job_executor().map(stage, jobs, log_dir)
 
     def model_source(self) -> str:
         """The run's model as every process names it (a folder made absolute)."""
