@@ -74,6 +74,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe", type=Path, help="MoE folder (default: the default recipe's cached build)")
     p.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0], help="average code bits")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--uniform-bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4],
+                   help="bits of the uniform RTN and GPTQ systems (3 is needed: the claims compare at 3 bits)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--n", type=int, default=0, help="test examples per task (0: from mcnemar_sample_size, >= 300)")
     p.add_argument("--group", type=int, default=64, help="group size (64 divides SmolLM2's 576 and 1536)")
@@ -91,6 +93,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
         args.bits, args.group, args.calib_blocks, args.prompts = [b for b in args.bits if b in (2.5, 3.0)] or [3.0], 32, 2, 2
         args.val_blocks, args.test_blocks, args.n, args.tasks = 4, 6, 3, ["add_sub", "gcd"]
         args.out = args.out.with_name(args.out.name + "_smoke")
+    if 3 not in args.uniform_bits:
+        p.error("--uniform-bits must hold 3: the claims compare RTN-3, GPTQ-3 and the mix at 3 bits.")
     if args.executor == "ray":
         args.out = args.out.absolute()  # the workers' working folder may differ from this one
     return args
@@ -130,7 +134,7 @@ def _config(moe: Path, args: argparse.Namespace, method: str, policy: dict) -> o
 def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     """``{name: (method, policy)}`` of every quantized system."""
     out: dict[str, tuple[str, dict]] = {}
-    for b in (2, 3, 4):
+    for b in args.uniform_bits:
         out[f"rtn-{b}"] = ("rtn", {"kind": "uniform", "bits": b})
         out[f"gptq-{b}"] = ("gptq", {"kind": "uniform", "bits": b})
     scale = 16 / args.group  # float16 scale per group, the same for every system
