@@ -1,6 +1,7 @@
 """MC-SMoE at small scale: merge the bundled MoE's experts 8 -> 4 and 8 -> 2, then compress them.
 
     .venv/bin/python experiments/mc_smoe.py [--moe PATH] [--out runs/experiments/mc_smoe] [--smoke]
+        [--executor {local,ray}] [--address HOST:6379]
 
 1. The subject is the bundled MoE (``expertkit moe build``'s default recipe, reused from its cache;
    ``--moe`` names another folder). Routing statistics and REAP scores are collected once on
@@ -25,11 +26,21 @@ scored on ``--val-n`` validation examples per task (the C and KD variants) and e
 Writes ``<out>/results.json`` and ``<out>/pareto.png`` and prints the markdown for docs/results.md.
 Compressed models are kept in ``<out>/models/<label>`` and evaluations are cached, so a run resumes.
 ``--smoke`` runs everything on a tiny random 8-expert Mixtral in seconds (a check of the script).
+
+Each (method, E') is a cell of a sweep (:mod:`expertkit.pipeline.sweep`): its compressions, its
+choices on validation and its test scores and held-out NLL, written to ``<out>/cells/<method>-<E'>.json``
+(a finished cell is skipped on a rerun). ``--executor ray`` runs the cells as Ray tasks (per-cell logs
+in ``<out>/logs``), the default one after the other in this process, in the order of step 2. The
+driver computes what the cells share once (the routing statistics and REAP scores of step 1, the
+pilot of step 4) and saves the statistics under ``<out>/calibration/`` (``stats.npz`` and
+``stats.json``: :meth:`~expertkit.moe.stats.RoutingStats.save`; ``reap.npy``; ``blocks.npy``, the
+held-out blocks), which each cell reads back: the same numbers in any process.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import tempfile
@@ -37,10 +48,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from expertkit.pipeline.executor import ModelCache
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
+
 BASELINES = ("average", "random_group", "hcsmoe", "prune_frequency", "reap")
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--moe", type=Path, default=None, help="MoE folder (default: the bundled MoE, from its cache)")
     p.add_argument("--out", type=Path, default=None, help="default: runs/experiments/mc_smoe (smoke: a temp folder)")
@@ -60,12 +74,15 @@ def _args() -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=None, help="default: the MoE's build tasks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny random 8-expert MoE, tiny n: checks the script")
-    a = p.parse_args()
+    add_executor_args(p)
+    a = p.parse_args(argv)
     if a.smoke:
         a.tasks = a.tasks or ["add_sub", "gcd"]
         a.cal_n, a.val_n, a.min_n, a.kd_steps, a.kd_batch, a.blocks, a.delta = 4, 4, 6, 2, 2, 4, 0.4
         a.out = a.out or Path(tempfile.mkdtemp(prefix="mc-smoe-smoke-"))
     a.out = a.out or Path("runs/experiments/mc_smoe")
+    if a.executor == "ray":
+        a.out = a.out.absolute()  # the workers' working folder may differ from this one
     return a
 
 
@@ -86,19 +103,54 @@ def smoke_moe(folder: Path) -> Path:
     return folder
 
 
-class Runner:
-    """Compresses (resumably) and scores systems on the same examples."""
+def base_config(args: argparse.Namespace, folder: Path, tasks: list[str]) -> dict[str, Any]:
+    """The :class:`CompressConfig` items every system shares."""
+    return {"model": str(folder), "experts_per_layer": 4, "seed": args.seed, "stock": False,
+            "calibration": {"tasks": tasks, "n": args.cal_n, "split": "validation"}}
 
-    def __init__(self, args: argparse.Namespace, folder: Path, tasks: list[str]) -> None:
-        from expertkit.models import load_model
-        from expertkit.moe.compress import CompressConfig, calibrate
+
+def calibrate_once(args: argparse.Namespace, folder: Path, tasks: list[str], original: Any) -> Runner:
+    """Step 1 in the driver: the routing statistics and REAP scores (REAP's recipe collects both in one
+    call), saved under ``<out>/calibration/`` for the cells (:func:`load_calibration`); the driver's runner."""
+    import numpy as np
+
+    from expertkit.fileio import write_atomic
+    from expertkit.moe.compress import CompressConfig, calibrate
+
+    stats, reap = calibrate(CompressConfig(**{**base_config(args, folder, tasks), "method": "reap"}), folder, original)
+    where = args.out / "calibration"
+    stats.save(where / "stats.npz")  # atomic, with stats.json beside it
+    buf = io.BytesIO()
+    np.save(buf, reap, allow_pickle=False)
+    write_atomic(where / "reap.npy", buf.getvalue())
+    return Runner(args, folder, tasks, stats, reap, original)
+
+
+def load_calibration(where: Path) -> tuple[Any, Any]:
+    """``(RoutingStats, REAP scores)`` saved by :func:`calibrate_once`."""
+    import numpy as np
+
+    from expertkit.moe.stats import RoutingStats
+
+    return RoutingStats.load(where / "stats.npz"), np.load(where / "reap.npy", allow_pickle=False)
+
+
+class Runner:
+    """Compresses (resumably) and scores systems on the same examples.
+
+    ``stats`` / ``reap``: the routing statistics and REAP scores every compression shares (see
+    :func:`calibrate_once`); ``original``: the loaded MoE, needed only to score it (``path`` None);
+    ``eval_cache``: the evaluation cache (default ``$EXPERTKIT_CACHE/eval``; a cell is given the driver's).
+    """
+
+    def __init__(self, args: argparse.Namespace, folder: Path, tasks: list[str], stats: Any, reap: Any,
+                 original: Any = None, eval_cache: Path | None = None) -> None:
+        from expertkit.models.bundled import cache_root
 
         self.args, self.folder, self.tasks = args, folder, tasks
-        self.original = load_model(folder)
-        self.base = {"model": str(folder), "experts_per_layer": 4, "seed": args.seed, "stock": False,
-                     "calibration": {"tasks": tasks, "n": args.cal_n, "split": "validation"}}
-        # REAP's recipe collects the routing statistics and the REAP scores in one call
-        self.stats, self.reap = calibrate(CompressConfig(**{**self.base, "method": "reap"}), folder, self.original)
+        self.original, self.stats, self.reap = original, stats, reap
+        self.eval_cache = (eval_cache or cache_root() / "eval").absolute()
+        self.base = base_config(args, folder, tasks)
         self.records: dict[str, dict[str, Any]] = {}
 
     def compress(self, label: str, method: str, experts: int, keep: float | None, share: float,
@@ -118,15 +170,15 @@ class Runner:
         self.records[label] = compress_moe(cfg, path, overwrite=True, stats=self.stats, reap=self.reap).record
         return path
 
-    def scores(self, path: Path | None, split: str, n: int) -> dict[str, list[float]]:
-        """Per-task scores of the original (``path`` None) or a compressed folder on ``n`` examples each."""
-        from expertkit.models import load_model
-        from expertkit.models.bundled import cache_root
+    def scores(self, path: Any, split: str, n: int) -> dict[str, list[float]]:
+        """Per-task scores of the original (``path`` None), a compressed folder or a loaded model on ``n``
+        examples each."""
+        from expertkit.models import LoadedModel, load_model
         from expertkit.tasks.evaluate import evaluate
 
-        model = self.original if path is None else load_model(path)
+        model = self.original if path is None else path if isinstance(path, LoadedModel) else load_model(path)
         return {t: evaluate(model, None, t, split=split, n=n, seed=self.args.seed, batch_size=64,
-                            cache_dir=cache_root() / "eval").scores for t in self.tasks}
+                            cache_dir=self.eval_cache).scores for t in self.tasks}
 
 
 def _pool(rows: dict[str, list[float]]) -> list[float]:
@@ -140,9 +192,9 @@ def _mean(xs: list[float]) -> float:
 System = tuple[str, int, "float | None", float, "float | None", Path]  # method, E', keep, share, kd lr, folder
 
 
-def plan(run: Runner) -> dict[str, System]:
-    """Every system with its folder; the C step's sparse share and the distillation lr are chosen per
-    method by validation accuracy (the chosen folder is the one tested)."""
+def plan(run: Runner, m: str, e: int) -> dict[str, System]:
+    """The systems of method ``m`` at ``e`` experts per layer with their folders; the C step's sparse share
+    and the distillation lr are chosen by validation accuracy (the chosen folder is the one tested)."""
     a = run.args
     systems: dict[str, System] = {}
 
@@ -153,19 +205,67 @@ def plan(run: Runner) -> dict[str, System]:
     def val(path: Path) -> tuple[float, Path]:
         return _mean(_pool(run.scores(path, "validation", a.val_n))), path
 
-    for e in a.experts:
-        keep = round(min(1.0, (1 - a.removed) * run.stats.num_experts / e), 6)  # 0.4, not 0.39999
-        for m in a.methods:
-            systems[f"{m}-{e}"] = (m, e, None, 0.0, None, run.compress(f"{m}-{e}", m, e, None, 0.0, None))
-            share, path = best({s: val(run.compress(f"{m}-{e}-C{s:g}", m, e, keep, s, None)) for s in a.sparse_shares})
-            systems[f"{m}-{e}-C"] = (m, e, keep, share, None, path)
-            run.records[f"{m}-{e}-C"] = run.records[path.name]
-            if a.kd_steps and a.kd_lrs and m in (a.kd_methods or a.methods):
-                lr, path = best({lr: val(run.compress(f"{m}-{e}-C{share:g}-KD{lr:g}", m, e, keep, share, lr))
-                                 for lr in a.kd_lrs})
-                systems[f"{m}-{e}-C-KD"] = (m, e, keep, share, lr, path)
-                run.records[f"{m}-{e}-C-KD"] = run.records[path.name]
+    keep = round(min(1.0, (1 - a.removed) * run.stats.num_experts / e), 6)  # 0.4, not 0.39999
+    systems[f"{m}-{e}"] = (m, e, None, 0.0, None, run.compress(f"{m}-{e}", m, e, None, 0.0, None))
+    share, path = best({s: val(run.compress(f"{m}-{e}-C{s:g}", m, e, keep, s, None)) for s in a.sparse_shares})
+    systems[f"{m}-{e}-C"] = (m, e, keep, share, None, path)
+    run.records[f"{m}-{e}-C"] = run.records[path.name]
+    if _distilled(a, m):
+        lr, path = best({lr: val(run.compress(f"{m}-{e}-C{share:g}-KD{lr:g}", m, e, keep, share, lr))
+                         for lr in a.kd_lrs})
+        systems[f"{m}-{e}-C-KD"] = (m, e, keep, share, lr, path)
+        run.records[f"{m}-{e}-C-KD"] = run.records[path.name]
     return systems
+
+
+def _distilled(a: argparse.Namespace, m: str) -> bool:
+    return bool(a.kd_steps and a.kd_lrs and m in (a.kd_methods or a.methods))
+
+
+def cell_settings(a: argparse.Namespace, folder: Path, tasks: list[str], m: str, e: int, n: int) -> dict[str, Any]:
+    """What the result of the cell (``m``, ``e``) depends on: its saved file is reused only when they match."""
+    keys = ("removed", "sparse_shares", "kd_steps", "kd_lrs", "kd_batch", "cal_n", "val_n", "blocks", "seed")
+    return {"moe": str(folder), "tasks": list(tasks), "method": m, "experts": e, "n": n,
+            "distilled": _distilled(a, m), **{k: getattr(a, k) for k in keys}}
+
+
+def system_cell(*, args: argparse.Namespace, folder: Path, tasks: list[str], method: str, experts: int, n: int,
+                eval_cache: Path, result: Path) -> dict[str, Any]:
+    """One cell: the systems of ``method`` at ``experts`` per layer (:func:`plan`), each scored on ``n``
+    test examples per task (cached in ``eval_cache``) and on the held-out blocks; written to ``result``
+    and returned."""
+    import numpy as np
+    import torch
+
+    from expertkit.fileio import write_atomic
+    from expertkit.models import load_model
+    from expertkit.tasks.perplexity import block_nll
+
+    where = args.out / "calibration"
+    run = Runner(args, folder, tasks, *load_calibration(where), eval_cache=eval_cache)
+    blocks = torch.from_numpy(np.load(where / "blocks.npy", allow_pickle=False))  # (blocks, 128)
+    rows = []
+    for label, (m, e, keep, share, lr, path) in plan(run, method, experts).items():
+        loaded = load_model(path)
+        rows.append({"label": label, "method": m, "experts": e, "keep": keep, "share": share, "kd_lr": lr,
+                     "folder": str(path), "record": run.records[label], "test": run.scores(loaded, "test", n),
+                     "nll": block_nll(loaded.model, blocks)})
+    out = {"settings": cell_settings(args, folder, tasks, method, experts, n), "systems": rows}
+    write_atomic(result, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def sweep(run: Runner, n: int) -> list[Cell]:
+    """One cell per E' (outer) and method (inner), the order of the systems in the results."""
+    a = run.args
+    cells = []
+    for e in a.experts:
+        for m in a.methods:
+            result = a.out / "cells" / f"{m}-{e}.json"
+            cells.append(Cell(f"{m}-{e}", system_cell, result, {
+                "args": a, "folder": run.folder, "tasks": run.tasks, "method": m, "experts": e, "n": n,
+                "eval_cache": run.eval_cache, "result": result}, match={"settings": cell_settings(a, run.folder, run.tasks, m, e, n)}))
+    return cells
 
 
 def choose_n(run: Runner) -> tuple[int, float]:
@@ -210,9 +310,13 @@ def pareto(points: list[dict[str, Any]], original: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:  # noqa: PLR0915 - one linear experiment
-    """Run the experiment (see the module docstring)."""
-    args = _args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - one linear experiment
+    """Run the experiment (see the module docstring); the results written to ``<out>/results.json``."""
+    args = _args(argv)
+    import numpy as np
+
+    from expertkit.fileio import write_atomic
+    from expertkit.models import load_model
     from expertkit.tasks.paired import compare, compare_continuous, verdict
     from expertkit.tasks.perplexity import block_nll, heldout_blocks, perplexity
 
@@ -221,7 +325,7 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
     if args.smoke:
         folder = smoke_moe(args.out / "moe") if not (args.out / "moe").is_dir() else args.out / "moe"
     elif args.moe is not None:
-        folder = args.moe
+        folder = args.moe.absolute() if args.executor == "ray" else args.moe
     else:
         from expertkit.moe import MoeBuildConfig, build_moe
 
@@ -230,20 +334,26 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
     from expertkit.moe.compress.config import CompressConfig
 
     tasks = list(args.tasks or calibration_tasks(CompressConfig(model=str(folder)), folder))
-    run = Runner(args, folder, tasks)
+    run = calibrate_once(args, folder, tasks, load_model(folder))
     n, disc = choose_n(run)
     print(f"MoE {folder}: {len(tasks)} tasks; validation pilot discordance {disc:.3f} -> n = {n} per task")
-    systems = plan(run)
-
+    blocks = heldout_blocks(run.original.tokenizer, n_blocks=args.blocks)  # (blocks, 128)
+    buf = io.BytesIO()
+    np.save(buf, blocks.numpy(), allow_pickle=False)
+    write_atomic(args.out / "calibration" / "blocks.npy", buf.getvalue())
+    executor = sweep_executor(args, ModelCache(), args.out)
+    try:
+        cells = run_sweep("mc_smoe", sweep(run, n), executor, args.out / "logs")
+    finally:
+        executor.close()
+    systems: dict[str, System] = {}
     test = {"original": run.scores(None, "test", n)}
-    for label, system in systems.items():
-        test[label] = run.scores(system[5], "test", n)
-    blocks = heldout_blocks(run.original.tokenizer, n_blocks=args.blocks)
     nll = {"original": block_nll(run.original.model, blocks)}
-    from expertkit.models import load_model
-
-    for label, system in systems.items():
-        nll[label] = block_nll(load_model(system[5]).model, blocks)
+    for cell in cells:
+        for one in cell["systems"]:
+            label = one["label"]
+            systems[label] = (one["method"], one["experts"], one["keep"], one["share"], one["kd_lr"], Path(one["folder"]))
+            run.records[label], test[label], nll[label] = one["record"], one["test"], one["nll"]
 
     orig = _pool(test["original"])
     rows, points, claims = [], [], {}
@@ -298,7 +408,8 @@ def main() -> None:  # noqa: PLR0915 - one linear experiment
         "original": {"accuracy": {t: _mean(v) for t, v in test["original"].items()}, "perplexity": perplexity(nll["original"])},
         "claims": {k: v.as_dict() for k, v in claims.items()}, "minutes": (time.perf_counter() - began) / 60,
         "markdown": "\n".join(lines)}
-    (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_atomic(args.out / "results.json", json.dumps(out, indent=1) + "\n")
+    return out
 
 
 if __name__ == "__main__":

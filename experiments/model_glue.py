@@ -21,9 +21,17 @@ planner's merge (best cluster representative), the FFN-level mixture, the model-
 (a MiniLM sequence router over the representatives) and, as a reference, the per-task oracle.
 
     .venv/bin/python experiments/model_glue.py --no-bases   # ~10 min of CPU (2 cores)
+    .venv/bin/python experiments/model_glue.py --no-bases --executor ray [--address HOST:6379]
 
 Writes ``runs/model_glue/results.json`` and prints a markdown table. Re-running reuses the trained
 experts, the evolved base, the plan, the build and cached evaluations.
+
+The planner scores its merge candidates as jobs on the executor of ``--executor``
+(:mod:`expertkit.pipeline.zoo_jobs`, as ``expertkit zoo plan --executor``): by default one after the
+other in this process, with ``ray`` each batch of independent candidates (the members alone, the grid,
+a CMA-ES generation) side by side as Ray tasks. The candidates' files and the jobs' logs go to
+``<out>/plan-jobs``; their scores are cached in ``<out>/eval-cache``. Either way the plan is the one
+the in-process planner makes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+from expertkit.pipeline.executor import ModelCache
+from expertkit.pipeline.sweep import add_executor_args, sweep_executor
 
 A_TASKS = ["family_relation", "reverse_words", "leg_count", "bbc_topic"]
 A_TRAIN = {"steps": 60, "batch_size": 8, "lr": 2e-3, "rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -96,6 +108,24 @@ def uniform_merge(members: list[Path], out: Path) -> Path:
     return out
 
 
+def make_plan(args: argparse.Namespace, members: list[Path], tasks: list[str]) -> Any:
+    """The zoo plan (:func:`~expertkit.merge.zoo.plan_zoo`), its candidates scored as jobs on the executor of
+    ``args`` (work folder ``<out>/plan-jobs``, scores cached in ``<out>/eval-cache``)."""
+    from expertkit.merge.zoo import plan_zoo
+    from expertkit.pipeline.zoo_jobs import job_evaluator_factory
+
+    work = (args.out / "plan-jobs").absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    executor = sweep_executor(args, ModelCache(), work)
+    try:
+        factory = job_evaluator_factory(executor, work, split="validation", n=args.val_n, seed=0,
+                                        cache_dir=args.out / "eval-cache")
+        return plan_zoo(members, tasks, group=args.group, n=args.val_n, budget=args.budget, mixture="ffn",
+                        search=args.search, seed=0, evaluator_factory=factory)
+    finally:
+        executor.close()
+
+
 def scores(model, tasks, n, cache, adapter=None, label="") -> dict[str, float]:
     """Test accuracy per task (printed as soon as known)."""
     from expertkit.tasks import evaluate
@@ -120,10 +150,13 @@ def main() -> None:  # noqa: PLR0915 - one experiment, step by step
     parser.add_argument("--budget", type=int, default=7, help="evaluations per cluster")
     parser.add_argument("--group", default="embedding", help="tensor group the clustering uses")
     parser.add_argument("--search", default="grid", choices=["grid", "cmaes"], help="coefficient search per cluster")
+    add_executor_args(parser)
     args = parser.parse_args()
+    if args.executor == "ray":
+        args.out = args.out.absolute()  # the workers' working folder may differ from this one
 
     from expertkit.merge.mixture import SequenceRouter, evaluate_routed, minilm_embed
-    from expertkit.merge.zoo import build_plan, load_plan, plan_zoo, save_plan
+    from expertkit.merge.zoo import build_plan, load_plan, save_plan
     from expertkit.models import load_model
     from expertkit.progress import note
     from expertkit.tasks import get_task
@@ -143,8 +176,7 @@ def main() -> None:  # noqa: PLR0915 - one experiment, step by step
     if plan_path.exists():
         plan = load_plan(plan_path)
     else:
-        plan = plan_zoo(members, tasks, group=args.group, n=args.val_n, budget=args.budget, mixture="ffn",
-                        search=args.search)
+        plan = make_plan(args, members, tasks)
         save_plan(plan, plan_path)
     t_plan = time.perf_counter()
     print(f"PLAN {[(c.name, c.members, c.method, c.merged, c.params, c.score) for c in plan.clusters]}", flush=True)

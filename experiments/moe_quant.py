@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/moe_quant.py [--moe PATH] [--bits 2.5 3 3.5 4] [--out runs/experiments/moe_quant]
     .venv/bin/python experiments/moe_quant.py --smoke      # a tiny random Mixtral: checks the script end to end
+    .venv/bin/python experiments/moe_quant.py --executor ray [--address HOST:6379]   # the systems as Ray tasks
 
 The paper (Li et al. 2024, "Examining post-training quantization for mixture-of-experts") finds that
 bits spent by structure (attention over experts, frequently routed experts, the first layers, the
@@ -29,8 +30,18 @@ default recipe; never built by this script: build it first):
    GPTQ-3 beats RTN-3; and per policy, whether it beats ``random`` at equal bits (which structures
    deserve the bits).
 
-Writes ``<out>/results.json`` (updated after every system, so an interrupted run resumes),
-``<out>/perplexity.png``, ``<out>/bits.png`` and prints the markdown for docs/results.md.
+Writes ``<out>/results.json``, ``<out>/perplexity.png``, ``<out>/bits.png`` and prints the markdown
+for docs/results.md.
+
+Every quantized system (step 2) and every accuracy of a quantized model (step 4) is a cell of a sweep
+(:mod:`expertkit.pipeline.sweep`): ``--executor ray`` runs them as Ray tasks (per-cell logs in
+``<out>/logs``), the default one after the other in this process, in the order above. The driver
+calibrates once (step 1) and saves what the cells share under ``<out>/state/``: the Hessians
+(``hessians.safetensors``, :meth:`~expertkit.quant.calibrate.Calibration.save`) and the calibration
+batches and validation/test blocks (``data.safetensors``); each cell reads them and quantizes a fresh
+copy of the MoE, so a cell gives the same model in any process. A cell writes
+``<out>/cells/<system>.json`` (``acc-<system>.json`` for an accuracy): an interrupted run resumes from
+them (and from the systems of a ``results.json`` written before the cells existed).
 """
 
 from __future__ import annotations
@@ -38,9 +49,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
+import re
 import time
 from pathlib import Path
+from typing import Any
+
+from expertkit.pipeline.executor import ModelCache
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
 
 POLICIES = {
     "random": {"kind": "random"},
@@ -54,11 +69,13 @@ POLICIES = {
 TASKS = ("add_sub", "gcd", "leap_year", "syllogism")
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--moe", type=Path, help="MoE folder (default: the default recipe's cached build)")
     p.add_argument("--bits", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0], help="average code bits")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--uniform-bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4],
+                   help="bits of the uniform RTN and GPTQ systems (3 is needed: the claims compare at 3 bits)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--n", type=int, default=0, help="test examples per task (0: from mcnemar_sample_size, >= 300)")
     p.add_argument("--group", type=int, default=64, help="group size (64 divides SmolLM2's 576 and 1536)")
@@ -70,26 +87,34 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/experiments/moe_quant"))
     p.add_argument("--smoke", action="store_true", help="tiny random Mixtral, tiny n: checks the script runs")
-    args = p.parse_args()
+    add_executor_args(p)
+    args = p.parse_args(argv)
     if args.smoke:
-        args.bits, args.group, args.calib_blocks, args.prompts = [2.5, 3.0], 32, 2, 2
+        args.bits, args.group, args.calib_blocks, args.prompts = [b for b in args.bits if b in (2.5, 3.0)] or [3.0], 32, 2, 2
         args.val_blocks, args.test_blocks, args.n, args.tasks = 4, 6, 3, ["add_sub", "gcd"]
         args.out = args.out.with_name(args.out.name + "_smoke")
+    if 3 not in args.uniform_bits:
+        p.error("--uniform-bits must hold 3: the claims compare RTN-3, GPTQ-3 and the mix at 3 bits.")
+    if args.executor == "ray":
+        args.out = args.out.absolute()  # the workers' working folder may differ from this one
     return args
 
 
-def _moe_folder(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[str]]:
-    """The MoE to quantize and its cluster tasks; refuses to start a build."""
+def _moe_folder(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The MoE to quantize (absolute) and its cluster tasks; refuses to start a build."""
     from expertkit.moe import MoeBuildConfig
 
     recipe = MoeBuildConfig()
     tasks = [t for c in recipe.clusters for t in c.tasks]
-    if args.smoke:
+    if args.smoke:  # in the output folder, where Ray's workers see it too
         from expertkit.models.tiny import save_tiny
 
-        return save_tiny("mixtral", tmp / "tiny-moe", seed=args.seed), args.tasks
+        folder = args.out / "tiny-moe"
+        if not (folder / "config.json").is_file():
+            save_tiny("mixtral", folder, seed=args.seed)
+        return folder.absolute(), args.tasks
     if args.moe is not None:
-        return args.moe, tasks
+        return args.moe.absolute(), tasks
     from expertkit.moe.build import cached_build
 
     folder = cached_build(recipe)
@@ -109,7 +134,7 @@ def _config(moe: Path, args: argparse.Namespace, method: str, policy: dict) -> o
 def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     """``{name: (method, policy)}`` of every quantized system."""
     out: dict[str, tuple[str, dict]] = {}
-    for b in (2, 3, 4):
+    for b in args.uniform_bits:
         out[f"rtn-{b}"] = ("rtn", {"kind": "uniform", "bits": b})
         out[f"gptq-{b}"] = ("gptq", {"kind": "uniform", "bits": b})
     scale = 16 / args.group  # float16 scale per group, the same for every system
@@ -119,67 +144,156 @@ def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def main() -> None:  # noqa: PLR0915 - one linear experiment
-    args = _args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - one linear experiment
+    """Run the experiment (see the module docstring); the results written to ``<out>/results.json``."""
+    args = _args(argv)
     import numpy as np
 
+    from expertkit.fileio import write_atomic
     from expertkit.models import load_model
-    from expertkit.quant.calibrate import calibrate
-    from expertkit.quant.data import calibration_batches
-    from expertkit.quant.targets import find_targets
-    from expertkit.tasks.perplexity import block_nll, heldout_blocks
+    from expertkit.tasks.perplexity import block_nll
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"systems": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        moe, cluster_tasks = _moe_folder(args, Path(tmp))
-        loaded = load_model(str(moe))
-        tok = loaded.tokenizer
-        held = heldout_blocks(tok, split="validation", n_blocks=args.calib_blocks + args.val_blocks)
-        val_blocks = held[args.calib_blocks:]  # (V, 128): after the calibration blocks, never seen by it
-        test_blocks = heldout_blocks(tok, split="test", n_blocks=args.test_blocks)
-        batches = calibration_batches(tok, text_blocks=args.calib_blocks, tasks=cluster_tasks,
-                                      prompts_per_task=args.prompts, split="validation", seed=args.seed)
-        t0 = time.perf_counter()
-        hessians = calibrate(loaded.model, batches, find_targets(loaded.model), min_tokens_per_expert=args.min_tokens)
-        results["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+    moe, cluster_tasks = _moe_folder(args)
+    loaded = load_model(str(moe))
+    state, val_blocks, test_blocks = _calibrate_once(args, loaded, cluster_tasks, results)
 
-        def record(name: str, model_loaded, extra: dict) -> None:
-            results["systems"][name] = {**extra, "val_nll": block_nll(model_loaded.model, val_blocks),
-                                        "test_nll": block_nll(model_loaded.model, test_blocks)}
-            path.write_text(json.dumps(results, indent=1) + "\n")
+    def record(name: str, model_loaded: Any, extra: dict) -> None:
+        results["systems"][name] = {**extra, "val_nll": block_nll(model_loaded.model, val_blocks),
+                                    "test_nll": block_nll(model_loaded.model, test_blocks)}
+        write_atomic(path, json.dumps(results, indent=1) + "\n")
 
-        if "fp" not in results["systems"]:
-            record("fp", loaded, {"bits": 16.0})
-        base = None if args.smoke else load_model(_base_name())  # the dense base, as a reference
-        if base is not None and "dense-base" not in results["systems"]:
-            record("dense-base", base, {"bits": 16.0})
-        for name, (method, policy) in _systems(args).items():
-            if name in results["systems"]:
-                continue  # resumed
-            t0 = time.perf_counter()
-            res = _quantize(moe, args, method, policy, hessians, batches)
-            rep = res.report()
-            extra = {"method": method, "policy": policy, "bits": rep["bits"]["achieved_bits"],
-                     "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
-                     "seconds": round(time.perf_counter() - t0, 1)}
-            record(name, res.loaded, extra)
-            print(f"{name}: {extra['bits']:.4f} bits, test ppl {_ppl(results['systems'][name]['test_nll']):.3f}")
-            del res
+    if "fp" not in results["systems"]:
+        record("fp", loaded, {"bits": 16.0})
+    base = None if args.smoke else load_model(_base_name())  # the dense base, as a reference
+    if base is not None and "dense-base" not in results["systems"]:
+        record("dense-base", base, {"bits": 16.0})
+    todo = {k: v for k, v in _systems(args).items() if k not in results["systems"]}  # the others: resumed
+    executor = sweep_executor(args, ModelCache(), args.out)
+    try:
+        cells = [Cell(name, system_cell, _cell_file(args, name), {
+            "args": args, "moe": moe, "state": state, "name": name, "method": method, "policy": policy,
+            "result": _cell_file(args, name)}, match=_identity(args, name, method, policy))
+                 for name, (method, policy) in todo.items()]
+        for cell, row in zip(cells, run_sweep("moe_quant", cells, executor, args.out / "logs"), strict=True):
+            results["systems"][cell.key] = row["system"]
+        write_atomic(path, json.dumps(results, indent=1) + "\n")
         mixed = _choose(args, results["systems"])
         results["selected"] = mixed
         acc = {"fp": _accuracy(args, loaded, cache=True)}
         if base is not None:
             acc["dense-base"] = _accuracy(args, base, cache=True)
         del loaded, base
-        for name in ("rtn-3", "gptq-3", mixed):  # one quantized model in memory at a time
-            sysinfo = results["systems"][name]
-            res = _quantize(moe, args, sysinfo["method"], sysinfo["policy"], hessians, batches)
-            acc[name] = _accuracy(args, res.loaded, cache=False)
-            del res
-        _report(args, results, acc, np)
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        names = ("rtn-3", "gptq-3", mixed)  # each cell re-quantizes its system: one quantized model at a time
+        systems = results["systems"]
+        cells = [Cell(f"acc:{name}", accuracy_cell, _cell_file(args, name, "acc-"), {
+            "args": args, "moe": moe, "state": state, "name": name, "method": systems[name]["method"],
+            "policy": systems[name]["policy"], "result": _cell_file(args, name, "acc-")},
+            match=_identity(args, name, systems[name]["method"], systems[name]["policy"], accuracy=True))
+                 for name in names]
+        for name, row in zip(names, run_sweep("moe_quant accuracy", cells, executor, args.out / "logs"), strict=True):
+            acc[name] = row["scores"]
+    finally:
+        executor.close()
+    _report(args, results, acc, np)
+    write_atomic(path, json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _calibrate_once(args: argparse.Namespace, loaded: Any, cluster_tasks: list[str],
+                    results: dict) -> tuple[Path, Any, Any]:
+    """The one calibration pass (step 1), saved for the cells: ``(state folder, val blocks, test blocks)``.
+
+    ``<state>/hessians.safetensors``: the Hessians; ``<state>/data.safetensors``: the calibration batches
+    (``batch.<i>.ids`` / ``batch.<i>.mask``) and the validation and test blocks. Both are rewritten
+    (atomically) on every run, as the pass itself is redone, so they always match this run's settings.
+    """
+    from safetensors.torch import save
+
+    from expertkit.fileio import write_atomic
+    from expertkit.quant.calibrate import calibrate
+    from expertkit.quant.data import calibration_batches
+    from expertkit.quant.targets import find_targets
+    from expertkit.tasks.perplexity import heldout_blocks
+
+    tok = loaded.tokenizer
+    held = heldout_blocks(tok, split="validation", n_blocks=args.calib_blocks + args.val_blocks)
+    val_blocks = held[args.calib_blocks:]  # (V, 128): after the calibration blocks, never seen by it
+    test_blocks = heldout_blocks(tok, split="test", n_blocks=args.test_blocks)
+    batches = calibration_batches(tok, text_blocks=args.calib_blocks, tasks=cluster_tasks,
+                                  prompts_per_task=args.prompts, split="validation", seed=args.seed)
+    t0 = time.perf_counter()
+    hessians = calibrate(loaded.model, batches, find_targets(loaded.model), min_tokens_per_expert=args.min_tokens)
+    results["calibration_seconds"] = round(time.perf_counter() - t0, 1)
+    state = args.out / "state"
+    hessians.save(state / "hessians.safetensors")
+    data = {"val_blocks": val_blocks, "test_blocks": test_blocks}
+    for i, (ids, mask) in enumerate(batches):  # (B, T) each
+        data[f"batch.{i}.ids"], data[f"batch.{i}.mask"] = ids, mask
+    write_atomic(state / "data.safetensors", save({k: v.contiguous() for k, v in data.items()}))
+    return state, val_blocks, test_blocks
+
+
+def _shared(state: Path) -> tuple[Any, list[Any], dict[str, Any]]:
+    """What a cell reads back from :func:`_calibrate_once`: ``(Hessians, batches, {val_blocks, test_blocks})``."""
+    from safetensors.torch import load_file
+
+    from expertkit.quant.calibrate import Calibration
+
+    data = load_file(str(state / "data.safetensors"))
+    n = sum(1 for k in data if k.endswith(".ids"))
+    batches = [(data[f"batch.{i}.ids"], data[f"batch.{i}.mask"]) for i in range(n)]
+    return Calibration.load(state / "hessians.safetensors"), batches, data
+
+
+def _cell_file(args: argparse.Namespace, name: str, prefix: str = "") -> Path:
+    """``<out>/cells/<prefix><name>.json`` (``block:attention@3`` -> ``block_attention@3.json``)."""
+    return args.out / "cells" / (prefix + re.sub(r"[^\w.@-]+", "_", name) + ".json")
+
+
+def _identity(args: argparse.Namespace, name: str, method: str, policy: dict, *,
+              accuracy: bool = False) -> dict[str, Any]:
+    """What a cell's result depends on (a saved cell file is reused only when it matches): the system and
+    the calibration and block settings, and for an accuracy cell the test examples too."""
+    keys = ["group", "calib_blocks", "prompts", "min_tokens", "val_blocks", "test_blocks", "seed", "smoke"]
+    settings = {k: getattr(args, k) for k in keys + (["tasks", "n"] if accuracy else [])}
+    return {"name": name, "method": method, "policy": policy, "settings": settings}
+
+
+def system_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, method: str, policy: dict,
+                result: Path) -> dict[str, Any]:
+    """One quantized system (step 2): its bits and its validation and test block NLL, written to ``result``."""
+    from expertkit.fileio import write_atomic
+    from expertkit.tasks.perplexity import block_nll
+
+    hessians, batches, data = _shared(state)
+    t0 = time.perf_counter()
+    res = _quantize(moe, args, method, policy, hessians, batches)
+    rep = res.report()
+    extra = {"method": method, "policy": policy, "bits": rep["bits"]["achieved_bits"],
+             "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
+             "seconds": round(time.perf_counter() - t0, 1)}
+    row = {**extra, "val_nll": block_nll(res.loaded.model, data["val_blocks"]),
+           "test_nll": block_nll(res.loaded.model, data["test_blocks"])}
+    print(f"{name}: {extra['bits']:.4f} bits, test ppl {_ppl(row['test_nll']):.3f}")
+    out = {**_identity(args, name, method, policy), "system": row}
+    write_atomic(result, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def accuracy_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, method: str, policy: dict,
+                  result: Path) -> dict[str, Any]:
+    """The per-example test scores (step 4) of one quantized system, quantized again from the shared
+    Hessians (deterministic: the same model as its :func:`system_cell`), written to ``result``."""
+    from expertkit.fileio import write_atomic
+
+    hessians, batches, _data = _shared(state)
+    res = _quantize(moe, args, method, policy, hessians, batches)
+    out = {**_identity(args, name, method, policy, accuracy=True), "scores": _accuracy(args, res.loaded, cache=False)}
+    write_atomic(result, json.dumps(out, indent=1) + "\n")
+    return out
 
 
 def _base_name() -> str:

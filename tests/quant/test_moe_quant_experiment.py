@@ -1,0 +1,65 @@
+"""experiments/moe_quant.py --smoke: its systems as sweep cells give the models of the in-memory loop.
+
+The cells read the Hessians, batches and blocks the driver saved under ``<out>/state`` and quantize a
+fresh copy of the MoE; the loop they replaced quantized every system from the Hessians in memory. So
+the direct path is recomputed here (one calibration pass, each system quantized from it) and its
+numbers must equal the run's exactly. (Skipping finished cells is run_sweep's, tested in
+tests/pipeline/test_sweep.py and through mc_smoe in tests/moe/compress/test_experiment.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "moe_quant.py"
+ARGV = ["--smoke", "--policies", "block:attention", "--bits", "3", "--uniform-bits", "3"]
+
+
+def _experiment():
+    spec = importlib.util.spec_from_file_location("moe_quant_experiment", SCRIPT)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+    return exp
+
+
+def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
+    from expertkit.models import load_model
+    from expertkit.quant.calibrate import calibrate
+    from expertkit.quant.data import calibration_batches
+    from expertkit.quant.targets import find_targets
+    from expertkit.tasks.perplexity import block_nll, heldout_blocks
+
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    exp = _experiment()
+    argv = [*ARGV, "--out", str(tmp_path / "mq")]
+    res = exp.main(argv)
+    run = tmp_path / "mq_smoke"
+    assert list(res["systems"]) == ["fp", "rtn-3", "gptq-3", "block:attention@3"]
+    assert res["selected"] == "block:attention@3"
+    cells = sorted(p.name for p in (run / "cells").iterdir())
+    assert cells == sorted(["rtn-3.json", "gptq-3.json", "block_attention@3.json", "acc-rtn-3.json",
+                            "acc-gptq-3.json", "acc-block_attention@3.json"])
+    assert "block:attention@3 has lower test NLL than uniform GPTQ-3" in capsys.readouterr().out
+
+    # the direct path: one calibration pass in memory, every system quantized from it (the loop before cells)
+    a = exp._args(argv)
+    moe = run / "tiny-moe"
+    loaded = load_model(str(moe))
+    tok = loaded.tokenizer
+    val_blocks = heldout_blocks(tok, split="validation", n_blocks=a.calib_blocks + a.val_blocks)[a.calib_blocks:]
+    test_blocks = heldout_blocks(tok, split="test", n_blocks=a.test_blocks)
+    batches = calibration_batches(tok, text_blocks=a.calib_blocks, tasks=a.tasks, prompts_per_task=a.prompts,
+                                  split="validation", seed=a.seed)
+    hessians = calibrate(loaded.model, batches, find_targets(loaded.model), min_tokens_per_expert=a.min_tokens)
+    assert block_nll(loaded.model, test_blocks) == res["systems"]["fp"]["test_nll"]
+    for name in ("gptq-3", "block:attention@3"):
+        saved = res["systems"][name]
+        q = exp._quantize(moe, a, saved["method"], saved["policy"], hessians, batches)
+        assert q.report()["bits"]["achieved_bits"] == saved["bits"]
+        assert block_nll(q.loaded.model, val_blocks) == saved["val_nll"]
+        assert block_nll(q.loaded.model, test_blocks) == saved["test_nll"]
+        scores = exp._accuracy(a, q.loaded, cache=False)
+        assert len(scores) == 2 * a.n and float(np.mean(scores)) == res["accuracy"][name]
