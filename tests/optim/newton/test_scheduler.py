@@ -85,3 +85,21 @@ def test_bad_cost_model_inputs_are_refused() -> None:
         quantum_cost(10, 2.0, 2, 1.0, eps=1e-3, model="hhl")
     with pytest.raises(ConfigError, match="tolerance"):
         quantum_cost(10, 2.0, 2, 1.0, eps=2.0)
+
+
+def test_a_matrix_free_block_charges_each_oracle_query_one_operator_product() -> None:
+    # n = 100, κ = 10, matrix-free (products of 0.01 s each): CG 13 iterations x (0.01 + 10·100/1e6) = 0.143 s;
+    # Costa: 23,126.009 queries x (7 gates x 1e-18 s + 0.01 s per row) = 231.26 s with rows charged,
+    # 23,126.009 x 7e-18 = 1.6188e-13 s with gates only.
+    free = System("blk", 100, False, 10.0, 10.0, 100, 1.0, 10_000, 0.01)
+    row = _sched(True, 1e-18).decide(free, step=0)
+    assert row.predicted_s["cg"] == pytest.approx(0.143, rel=1e-9)
+    assert row.predicted_s["quantum"] == pytest.approx(231.26009, rel=1e-6)
+    assert row.chosen == "cg" and row.quantum_detail["query_s"] == 0.01
+    gate = _sched(True, 1e-18, oracle_cost="gate").decide(free, step=0)
+    assert gate.predicted_s["quantum"] == pytest.approx(1.6188206e-13, rel=1e-6) and gate.chosen == "quantum"
+    stored = _sched(True, 1e-18).decide(SYSTEM, step=0)  # a stored matrix's rows are read, not computed
+    assert stored.quantum_detail["query_s"] == 0.0 and stored.predicted_s["quantum"] == pytest.approx(1.6188206e-13,
+                                                                                                      rel=1e-6)
+    with pytest.raises(ConfigError, match="negative"):
+        quantum_cost(100, 10.0, 5, 1.0, eps=1e-3, query_s=-1.0)

@@ -71,7 +71,8 @@ TABLE = [
 
 
 def _decide(model: str, gate_time: float, n: int, kappa: float, d: int):
-    hp = NewtonParams(quantum_model=model, gate_time=gate_time, flop_rate=1e9, verbose=False)
+    # the snapshot keeps the gate-only oracle (the paper's model); test_scheduler.py checks oracle_cost "row"
+    hp = NewtonParams(quantum_model=model, gate_time=gate_time, flop_rate=1e9, oracle_cost="gate", verbose=False)
     dense = n <= 512
     system = System("b", n, dense, kappa, kappa, d, d / 4, n * n if dense else n * d, None if dense else 1e-5)
     return Scheduler(hp, quantum=True, flop_rate=hp.flop_rate).decide(system, step=0)

@@ -110,11 +110,13 @@ class QuantumCost:
 def quantum_cost(
     n: int, kappa: float, d: int, alpha: float, *, eps: float, model: str = "qnewton",
     gate_time: float = 1e-6, walk_constant: float = COSTA_WALK_BOUND, state_prep: bool = False,
-    readout: bool = False, readout_tol: float = 1e-2,
+    readout: bool = False, readout_tol: float = 1e-2, query_s: float = 0.0,
 ) -> QuantumCost:
     """Modelled time of one QLSA solve of an ``n x n``, d-sparse system (see the module doc).
 
     ``alpha`` is the block-encoding subnormalisation ``d max|A_ij| / ‖A‖`` (1 <= α <= d).
+    ``query_s``: seconds one oracle query costs on top of its gates, e.g. computing a row of a
+    matrix-free operator (a GGN given only through products) for the sparse-access oracle.
     The solve itself is **not** run on a quantum computer; this only predicts its cost.
     """
     if model not in QUANTUM_MODELS:
@@ -123,7 +125,9 @@ def quantum_cost(
         raise ConfigError(f"solver tolerance eps must be in (0, 1), got {eps}.")
     alpha = min(max(alpha, 1.0), max(d, 1))
     q = jennings_queries(alpha, kappa, eps) if model == "qnewton" else costa_queries(alpha, kappa, eps, walk_constant)
-    solve = q * gates_per_query(n) * gate_time
+    if query_s < 0:
+        raise ConfigError(f"the cost of an oracle query cannot be negative, got {query_s}.")
+    solve = q * (gates_per_query(n) * gate_time + query_s)
     prep = 2.0 * n * gate_time
     run = solve + (prep if state_prep else 0.0)
     shots = tomography_shots(n, readout_tol)

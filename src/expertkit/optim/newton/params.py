@@ -33,6 +33,11 @@ class NewtonParams(Config):
     )
     walk_constant: float = Field(2305.0, gt=0, description="Costa et al. walk constant (2305 bound; 1.84 measured)")
     gate_time: float = Field(1e-6, gt=0, description="seconds per quantum gate in the cost model")
+    oracle_cost: Literal["row", "gate"] = Field(
+        "row", description="matrix-free blocks (Hessian-free): a query of the quantum solver's sparse-access oracle "
+                           "costs one row of the operator, i.e. one measured operator product (no cheaper way to get "
+                           "a row of a GGN is known), or only its gates (the paper's assumption for a stored matrix)"
+    )
     state_prep: bool = Field(False, description="charge the preparation of |b> (2N gates per run)")
     readout: bool = Field(False, description="charge reading the solution out by tomography (the scheduler compares it)")
     readout_tol: float = Field(1e-2, gt=0, lt=1, description="l2 error of the tomography readout")

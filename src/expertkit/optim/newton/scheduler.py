@@ -9,6 +9,13 @@ modelled quantum time is what the quantum column of the accounts is charged.
 Classical predictions come from a flop model (``flops / flop_rate``) and from the measured wall
 time of earlier solves of the same block (an exponential moving average); ``classical_cost``
 says which one decides. Flop-based decisions are reproducible run to run; measured ones are not.
+
+A matrix-free (Hessian-free) block is given only through operator products, each a pass through
+the network. Its classical CG is charged one measured product per iteration, so the quantum side
+is charged alike (``oracle_cost: row``, the default): each query of the sparse-access oracle
+needs a row of the operator, one product ``A e_i``. With ``oracle_cost: gate`` a query costs its
+gates only, the paper's assumption for a stored matrix; on matrix-free blocks that comparison is
+lopsided (it made every LoRA solve "quantum" at a 1 as gate in docs/results.md).
 """
 
 from __future__ import annotations
@@ -89,6 +96,13 @@ class Scheduler:
             out["cg"] = cg_iterations(s.kappa, hp.eps, s.n) * per_iter
         return out
 
+    def _query_s(self, s: System) -> float:
+        """Seconds one oracle query costs beyond its gates: a matrix-free block's row is one operator product
+        (``oracle_cost: row``); a stored matrix's row is read, not computed (0)."""
+        if s.dense or s.matvec_s is None or self.hp.oracle_cost == "gate":
+            return 0.0
+        return float(s.matvec_s)
+
     def decide(self, s: System, step: int) -> Decision:
         """Predict every candidate's cost for ``s`` and choose (see the module doc)."""
         hp = self.hp
@@ -99,10 +113,10 @@ class Scheduler:
         q = quantum_cost(
             s.n, s.kappa_q, s.d, s.alpha, eps=hp.eps, model=hp.quantum_model, gate_time=hp.gate_time,
             walk_constant=hp.walk_constant, state_prep=hp.state_prep, readout=hp.readout,
-            readout_tol=hp.readout_tol,
+            readout_tol=hp.readout_tol, query_s=self._query_s(s),
         )
         detail = {"queries": q.queries, "solve_s": q.solve_s, "prep_s": q.prep_s, "shots": float(q.shots),
-                  "with_readout_s": q.with_readout_s, "gate_time": hp.gate_time}
+                  "with_readout_s": q.with_readout_s, "gate_time": hp.gate_time, "query_s": self._query_s(s)}
         predicted["quantum"] = q.total_s if math.isfinite(s.kappa_q) else math.inf
         classical = {k: v for k, v in predicted.items() if k != "quantum"}
         best_c = min(classical, key=classical.get)
