@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/glider.py [--n 200] [--out runs/experiments/glider]
     .venv/bin/python experiments/glider.py --smoke      # a tiny random llama, tiny n: checks the script
+    .venv/bin/python experiments/glider.py --executor ray [--address HOST:6379] [--cpus-per-cell 1]
 
 1. The library (expertkit.route.build_library, cached and resumable): one LoRA expert and its
    Phatgoose gates per held-in task (``HELD_IN``, 10 suite tasks).
@@ -22,6 +23,14 @@ Writes ``<out>/results.json`` and ``<out>/glider.png`` and prints the markdown f
 Instructions are cached per query, experts per recipe and each (method, task) cell's scores in
 ``<out>/cells/``, so an interrupted run resumes where it stopped.
 
+Every (method, task) cell is independent: ``--executor ray`` runs them as Ray tasks
+(:mod:`expertkit.pipeline.sweep`; per-cell logs in ``<out>/logs``): each worker loads the base model
+once, and each cell opens the library from its folder and makes its embedder and instruction writer
+(instructions come from the shared cache folder). The default ``--executor local`` runs them one
+after the other in this process, on the driver's model, embedder and writer, as a plain loop would.
+The library is built (or found) in the driver before the sweep, and the global router's top-1
+retrieval is measured there after it.
+
 Cost on 2 quiet cores (estimated from the parts, not measured end to end): library about 1 h (10 x
 60 LoRA steps at ~3.3 s, 10 x 40 gate steps); instructions for 2,850 queries at roughly 0.5-2 s each;
 122 (method, task) cells of 200 examples, about 4-5 h with routing: 6-8 h in all.
@@ -37,10 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
+
 BASELINES = ("global", "phatgoose", "arrow", "lorahub", "retrieval", "uniform", "oracle", "base")
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     from expertkit.route import HELD_IN, HELD_OUT
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,11 +64,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="default: runs/experiments/glider (smoke: a temp folder)")
     p.add_argument("--smoke", action="store_true", help="a tiny random llama, 2 experts, tiny n: checks the script")
-    a = p.parse_args()
+    add_executor_args(p)
+    a = p.parse_args(argv)
     if a.smoke:
         a.held_in, a.held_out, a.n = ["reverse_words", "leap_year"], ["gcd"], min(a.n, 3)  # short prompts: 256 positions
         a.out = a.out or Path(tempfile.mkdtemp(prefix="glider-smoke-"))
     a.out = a.out or Path("runs/experiments/glider")
+    if a.executor == "ray":
+        a.out = a.out.absolute()  # the workers' working folder may differ from this one
     return a
 
 
@@ -73,55 +87,124 @@ class HashEmbedder:
         return out
 
 
-def _setup(args: argparse.Namespace) -> tuple[object, object, object, object]:
-    """(loaded base, library, embedder, instruction writer)."""
-    from expertkit.models import load_model
-    from expertkit.models.embedder import load_embedder
+def _model(args: argparse.Namespace) -> str:
+    """The base model (smoke: a tiny random llama saved under ``out``, as the library's config names it)."""
     from expertkit.models.tiny import save_tiny
-    from expertkit.route import InstructionWriter, LibraryConfig, build_library
-    from expertkit.route.api import instruction_cache
+
+    if not args.smoke:
+        return "smollm2-135m"
+    tiny = args.out / "tiny"
+    return str(tiny) if tiny.is_dir() else str(save_tiny("llama", tiny))
+
+
+def _library(args: argparse.Namespace, loaded: object, model: str) -> object:
+    """The expert library of the held-in tasks on ``loaded`` (the model ``model``): built, resumed or reused."""
+    from expertkit.route import LibraryConfig, build_library
 
     if args.smoke:
-        model = str(args.out / "tiny") if (args.out / "tiny").is_dir() else str(save_tiny("llama", args.out / "tiny"))
         cfg = LibraryConfig(model=model, tasks=args.held_in, gates={"steps": 2, "batch_size": 2},
                             train={"steps": 2, "batch_size": 2, "rank": 2, "target_modules": ["q_proj", "v_proj"]})
-        loaded = load_model(model)
-        return loaded, build_library(loaded, cfg), HashEmbedder(), InstructionWriter(
-            loaded, cache_dir=args.out / "instructions", max_new_tokens=4, template="Input: {query}\nTask:",
-            max_query_chars=60)
-    loaded = load_model("smollm2-135m")
-    lib = build_library(loaded, LibraryConfig(tasks=args.held_in))
-    return loaded, lib, load_embedder(), InstructionWriter(loaded, cache_dir=instruction_cache())
+        return build_library(loaded, cfg)
+    return build_library(loaded, LibraryConfig(tasks=args.held_in))
 
 
-def _evaluate(args: argparse.Namespace, loaded, library, embedder, writer) -> dict[str, dict[str, list[float]]]:
+def _instructions(args: argparse.Namespace) -> Path:
+    """The instruction writer's cache folder (smoke: under ``out``), absolute for the workers."""
+    from expertkit.route.api import instruction_cache
+
+    return (args.out / "instructions" if args.smoke else instruction_cache()).absolute()
+
+
+# (loaded, embedder, writer) per (smoke, instruction folder), filled by the first cell or the driver's
+# top-1 measurement; a Ray cell gets its own empty copy with its function, so it makes its own
+_TOOLS: dict[tuple[bool, str], tuple[object, object, object]] = {}
+
+
+def _tools(loaded: object, smoke: bool, instructions: str | Path) -> tuple[object, object]:
+    """(embedder, instruction writer) on ``loaded``, made once and shared by the local cells and the
+    driver, as one pair served the whole run before the cells (smoke: :class:`HashEmbedder` and a
+    4-token writer; real: MiniLM and the default writer)."""
+    from expertkit.models.embedder import load_embedder
+    from expertkit.route import InstructionWriter
+
+    key = (smoke, str(instructions))
+    held = _TOOLS.get(key)
+    if held is None or held[0] is not loaded:
+        if smoke:
+            made = (HashEmbedder(), InstructionWriter(loaded, cache_dir=instructions, max_new_tokens=4,
+                                                      template="Input: {query}\nTask:", max_query_chars=60))
+        else:
+            made = (load_embedder(), InstructionWriter(loaded, cache_dir=instructions))
+        held = _TOOLS[key] = (loaded, *made)
+    return held[1], held[2]
+
+
+def score_cell(loaded: object, library: str, config: dict, task: str, n: int, seed: int, batch_size: int,
+               smoke: bool, instructions: str, result: str, key: dict) -> dict:
+    """One (method, task) cell: the per-example scores of the router of ``config`` on the first ``n``
+    test examples (``seed``) of ``task``, written to ``result`` as ``{"key": key, "scores": [...]}``.
+
+    ``library`` is the library's folder (opened here, so that a Ray worker reads the same experts);
+    ``instructions`` the instruction writer's cache folder.
+    """
     from expertkit.fileio import write_atomic
-    from expertkit.route import RouteConfig
+    from expertkit.route import ExpertLibrary, RouteConfig
     from expertkit.route.api import make_router
     from expertkit.route.evaluate import evaluate_router
-    from expertkit.tasks.base import get_task
+    from expertkit.tasks import get_task
 
-    scores: dict[str, dict[str, list[float]]] = {m: {} for m in args.methods}
+    embedder, writer = _tools(loaded, smoke, instructions)
+    router = make_router(loaded, ExpertLibrary.load(library), RouteConfig.model_validate(config),
+                         embedder=embedder, writer=writer)
+    spec = get_task(task)
+    examples = spec.examples("test", n, seed)  # the same examples for every method
+    got = [r.score for r in evaluate_router(router, spec, examples, batch_size=batch_size)]
+    row = {"key": key, "scores": got}
+    Path(result).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(result), json.dumps(row))
+    return row
+
+
+def sweep(args: argparse.Namespace, model: str, library: object) -> list[Cell]:
+    """The cells in run order: per task (held-in, then held-out), every method (no oracle held-out).
+
+    A cell's result file is kept only when its ``key`` (library folder, route config, task, n) is the
+    one this run would write, as before the cells ran on an executor.
+    """
+    from expertkit.route import RouteConfig
+
+    cells = []
     for name in [*args.held_in, *args.held_out]:
-        task = get_task(name)
-        examples = task.examples("test", args.n, args.seed)  # the same examples for every method
         held_in = name in args.held_in
         for method in args.methods:
             if method == "oracle" and not held_in:
                 continue
             cfg = RouteConfig(method=method, top_k=args.top_k, alpha="held_in" if held_in else "held_out",
-                              seed=args.seed)
-            key = {"library": str(library.root), "config": cfg.model_dump(mode="json"), "task": name, "n": args.n}
-            cell = args.out / "cells" / f"{method}-{name}.json"  # a finished cell is kept: a rerun resumes
-            if cell.is_file() and json.loads(cell.read_text()).get("key") == key:
-                scores[method][name] = json.loads(cell.read_text())["scores"]
-            else:
-                router = make_router(loaded, library, cfg, embedder=embedder, writer=writer)
-                got = [r.score for r in evaluate_router(router, task, examples, batch_size=args.batch_size)]
-                cell.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(cell, json.dumps({"key": key, "scores": got}))
-                scores[method][name] = got
-            print(f"{method:>10} {name:<16} {np.mean(scores[method][name]):.3f}", flush=True)
+                              seed=args.seed).model_dump(mode="json")
+            key = {"library": str(library.root), "config": cfg, "task": name, "n": args.n}
+            result = args.out / "cells" / f"{method}-{name}.json"
+            cells.append(Cell(f"{method}-{name}", score_cell, result,
+                              {"library": str(Path(library.root).absolute()), "config": cfg, "task": name,
+                               "n": args.n, "seed": args.seed, "batch_size": args.batch_size, "smoke": args.smoke,
+                               "instructions": str(_instructions(args)), "result": str(result), "key": key},
+                              model, {"key": key}))
+    return cells
+
+
+def _evaluate(args: argparse.Namespace, models: object, model: str,
+              library: object) -> dict[str, dict[str, list[float]]]:
+    """``{method: {task: scores}}`` over every cell of :func:`sweep`, run on the executor of ``args``."""
+    cells = sweep(args, model, library)
+    executor = sweep_executor(args, models, args.out)
+    try:
+        rows = run_sweep("glider", cells, executor, args.out / "logs")
+    finally:
+        executor.close()
+    scores: dict[str, dict[str, list[float]]] = {m: {} for m in args.methods}
+    for cell, row in zip(cells, rows, strict=True):
+        method, name = cell.kwargs["config"]["method"], cell.kwargs["task"]
+        scores[method][name] = row["scores"]
+        print(f"{method:>10} {name:<16} {np.mean(row['scores']):.3f}", flush=True)
     return scores
 
 
@@ -150,15 +233,21 @@ def _plot(acc: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:  # noqa: PLR0915 - one linear experiment
-    args = _args()
+def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear experiment
+    args = _args(argv)
+    from expertkit.pipeline.executor import ModelCache, model_source
     from expertkit.route import RouteConfig
     from expertkit.route.api import global_top1, make_router
     from expertkit.tasks.paired import compare, verdict
 
     args.out.mkdir(parents=True, exist_ok=True)
-    loaded, library, embedder, writer = _setup(args)
-    scores = _evaluate(args, loaded, library, embedder, writer)
+    model = _model(args)
+    source = model_source(model)  # a folder made absolute, for the workers
+    models = ModelCache(source)  # local: the driver's model is the one every cell runs on
+    loaded = models.get(source)
+    library = _library(args, loaded, model)
+    scores = _evaluate(args, models, source, library)
+    embedder, writer = _tools(loaded, args.smoke, _instructions(args))
     settings = {"held_in": args.held_in, "held_out": args.held_out}
     acc = {m: {s: float(np.mean(_pooled(scores[m], ts))) for s, ts in settings.items() if _pooled(scores[m], ts)}
            for m in scores}

@@ -1,4 +1,5 @@
-"""experiments/glider.py --smoke: the whole experiment on a tiny random llama with two experts."""
+"""experiments/glider.py --smoke: the whole experiment on a tiny random llama with two experts; its cells
+(run on the sweep executor) hold the scores of the direct per-cell loop the script ran before."""
 
 from __future__ import annotations
 
@@ -31,3 +32,47 @@ def test_experiment_smoke_run_scores_every_method_on_the_same_examples(tmp_path,
     runpy.run_path(str(SCRIPT), run_name="__main__")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((tmp_path / "run" / "results.json").read_text())["scores"] == res["scores"]
+
+
+def _direct_cells(run: Path, script: dict, library_root: str) -> dict[str, dict]:
+    """Every cell of the smoke run above as the script computed it before its cells ran on an executor:
+    one loop in this process over tasks and methods, one embedder and one instruction writer (here with
+    an empty instruction cache, so the instructions are written again)."""
+    from expertkit.models import load_model
+    from expertkit.route import ExpertLibrary, InstructionWriter, RouteConfig
+    from expertkit.route.api import make_router
+    from expertkit.route.evaluate import evaluate_router
+    from expertkit.tasks.base import get_task
+
+    loaded = load_model(str(run / "tiny"))
+    library = ExpertLibrary.load(library_root)
+    embedder = script["HashEmbedder"]()
+    writer = InstructionWriter(loaded, cache_dir=run.parent / "fresh-instructions", max_new_tokens=4,
+                               template="Input: {query}\nTask:", max_query_chars=60)
+    held_in = ["reverse_words", "leap_year"]
+    cells = {}
+    for name in [*held_in, "gcd"]:
+        task = get_task(name)
+        examples = task.examples("test", 2, 0)
+        for method in ("glider", "arrow", "oracle", "base"):
+            if method == "oracle" and name not in held_in:
+                continue
+            cfg = RouteConfig(method=method, top_k=2, alpha="held_in" if name in held_in else "held_out", seed=0)
+            router = make_router(loaded, library, cfg, embedder=embedder, writer=writer)
+            cells[f"{method}-{name}.json"] = {
+                "key": {"library": library_root, "config": cfg.model_dump(mode="json"), "task": name, "n": 2},
+                "scores": [r.score for r in evaluate_router(router, task, examples, batch_size=16)]}
+    return cells
+
+
+def test_experiment_local_executor_cells_equal_the_direct_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["glider.py", "--smoke", "--n", "2", "--out", str(run), "--executor", "local",
+                                      "--methods", "glider", "arrow", "oracle", "base"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    library_root = json.loads((run / "results.json").read_text())["library"]
+    want = _direct_cells(run, runpy.run_path(str(SCRIPT)), library_root)
+    got = {p.name: json.loads(p.read_text()) for p in (run / "cells").glob("*.json")}
+    assert len(want) == 11 and got == want
+    assert len({tuple(c["scores"]) for c in want.values()}) > 1  # the cells differ: a mix-up would show
