@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "fl_pqc.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("fl_pqc_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_smoke_run_checks_round0_bitwise_claims_and_reads_runs_back(tmp_path, capsys):
-    exp = load_script()
+    exp = load_script("experiments/fl_pqc.py")
     out = tmp_path / "run"
     res = exp.main(["--smoke", "--out", str(out)])
     runs, found = res["runs"], res["claims"]

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("merge_bench", ROOT / "bench" / "merge_vs_mergekit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_a_timed_child_does_not_inherit_the_benchmarks_peak_memory():
-    bench = _bench()
+    bench = load_script("bench/merge_vs_mergekit.py")
     held = bytearray(400 * 1024 * 1024)  # the script's own memory, e.g. after comparing two outputs
     held[::4096] = b"\1" * len(held[::4096])  # touch every page: it counts in RSS
     wall, peak_mb = bench.timed([sys.executable, "-c", "x = bytearray(50 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"])
@@ -37,7 +28,7 @@ def test_every_benchmarked_config_is_valid_for_both_tools(tmp_path):
     from expertkit.merge.config import load_merge_config
 
     mergekit_config = pytest.importorskip("mergekit.config")
-    bench = _bench()
+    bench = load_script("bench/merge_vs_mergekit.py")
     base, experts = tmp_path / "base", [tmp_path / f"expert{i}" for i in range(3)]
     for method in bench.SETTINGS:
         for dtype in ("float32", None):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "zo_bench.py"
+from tests.scripts import load_script
 
 
 def test_smoke_run_writes_one_file_per_cell_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
@@ -14,9 +12,7 @@ def test_smoke_run_writes_one_file_per_cell_and_a_rerun_reuses_them(tmp_path, mo
     from expertkit.tasks.base import TASKS
 
     monkeypatch.setattr(TASKS, "_entries", dict(TASKS._entries))  # the smoke run registers its toy task
-    spec = importlib.util.spec_from_file_location("zo_bench_experiment", SCRIPT)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = load_script("experiments/zo_bench.py")
     out = tmp_path / "run"
     args = ["--smoke", "--out", str(out), "--methods", "zo-sgd"]
     res = exp.main(args)

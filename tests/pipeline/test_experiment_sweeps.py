@@ -9,11 +9,11 @@ compressions and held-out NLL are computed again in the worker.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "mc_smoe.py"
+from tests.scripts import load_script
+
+
 ARGV = ["--smoke", "--experts", "4", "--methods", "prune_frequency", "--sparse-shares", "0", "--kd-methods", "msmoe"]
 
 
@@ -25,9 +25,7 @@ def _numbers(res: dict) -> dict:
 
 def test_mc_smoe_smoke_on_ray_equals_the_local_run(local_ray, tmp_path, monkeypatch):
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location("mc_smoe_experiment", SCRIPT)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)  # not in sys.modules: its cells travel to the workers by value
+    exp = load_script("experiments/mc_smoe.py")
     here = exp.main([*ARGV, "--out", str(tmp_path / "local")])
     there = exp.main([*ARGV, "--out", str(tmp_path / "ray"), "--executor", "ray"])
     assert [r["label"] for r in here["systems"]] == ["prune_frequency-4", "prune_frequency-4-C"]

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "dp_flat.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("dp_flat_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import load_script
 
 
 def test_smoke_run_pairs_cells_accounts_and_plots(tmp_path, monkeypatch, capsys):
@@ -22,7 +13,7 @@ def test_smoke_run_pairs_cells_accounts_and_plots(tmp_path, monkeypatch, capsys)
     from expertkit.tasks.base import TASKS
 
     monkeypatch.setattr(TASKS, "_entries", dict(TASKS._entries))  # the smoke run registers its toy task
-    exp = load_script()
+    exp = load_script("experiments/dp_flat.py")
     out = tmp_path / "run"
     args = ["--smoke", "--out", str(out), "--systems", "dpsgd", "dpflat", "--epsilons", "3"]
     res = exp.main(args)

@@ -9,20 +9,13 @@ tests/pipeline/test_sweep.py and through mc_smoe in tests/moe/compress/test_expe
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "moe_quant.py"
+from tests.scripts import load_script
+
+
 ARGV = ["--smoke", "--policies", "block:attention", "--bits", "3", "--uniform-bits", "3"]
-
-
-def _experiment():
-    spec = importlib.util.spec_from_file_location("moe_quant_experiment", SCRIPT)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
-    return exp
 
 
 def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
@@ -33,7 +26,7 @@ def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
     from expertkit.tasks.perplexity import block_nll, heldout_blocks
 
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
-    exp = _experiment()
+    exp = load_script("experiments/moe_quant.py")
     argv = [*ARGV, "--out", str(tmp_path / "mq")]
     res = exp.main(argv)
     run = tmp_path / "mq_smoke"

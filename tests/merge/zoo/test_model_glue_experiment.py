@@ -4,18 +4,14 @@ equals the in-process planner's (the experiment's behaviour before ``--executor`
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 from expertkit.merge.zoo import plan_zoo
 
-SCRIPT = Path(__file__).resolve().parents[3] / "experiments" / "model_glue.py"
+from tests.scripts import load_script
 
 
 def test_make_plan_on_the_local_executor_equals_the_in_process_plan(tiny_zoo, tmp_path):
-    spec = importlib.util.spec_from_file_location("model_glue_experiment", SCRIPT)
-    exp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(exp)
+    exp = load_script("experiments/model_glue.py")
     members = [tiny_zoo["a0"], tiny_zoo["a1"], tiny_zoo["a2"]]
     args = argparse.Namespace(out=tmp_path / "glue", val_n=2, budget=6, group="all", search="grid",
                               executor="local", address=None, cpus_per_cell=1.0)
