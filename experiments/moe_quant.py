@@ -85,6 +85,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-blocks", type=int, default=32, help="validation blocks for selection")
     p.add_argument("--test-blocks", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--auto-round", action="store_true",
+                   help="add auto-round's uniform 3-bit (SignRound; the peer, from the `peers` extra) at equal bits")
+    p.add_argument("--ar-iters", type=int, default=200, help="auto-round's tuning iterations per block (its default 200)")
     p.add_argument("--out", type=Path, default=Path("runs/experiments/moe_quant"))
     p.add_argument("--smoke", action="store_true", help="tiny random Mixtral, tiny n: checks the script runs")
     add_executor_args(p)
@@ -152,12 +155,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     from expertkit.fileio import write_atomic
     from expertkit.models import load_model
     from expertkit.tasks.perplexity import block_nll
+    from expertkit.weights.fingerprint import model_digest
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"systems": {}}
     moe, cluster_tasks = _moe_folder(args)
     loaded = load_model(str(moe))
+    args.moe_digest = model_digest(loaded.model)  # every weight's bytes: results are reused only for this MoE
+    if results["systems"] and results.get("moe_digest") != args.moe_digest:
+        raise SystemExit(f"{path} holds results of another MoE (digest {results.get('moe_digest')}, this one "
+                         f"{args.moe_digest}); move {args.out} away or give another --out.")
+    results["moe_digest"] = args.moe_digest
     state, val_blocks, test_blocks = _calibrate_once(args, loaded, cluster_tasks, results)
 
     def record(name: str, model_loaded: Any, extra: dict) -> None:
@@ -180,6 +189,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         for cell, row in zip(cells, run_sweep("moe_quant", cells, executor, args.out / "logs"), strict=True):
             results["systems"][cell.key] = row["system"]
         write_atomic(path, json.dumps(results, indent=1) + "\n")
+        if args.auto_round:  # the peer at uniform 3 bits; its cell scores the test examples too
+            key = "auto-round-3"
+            cell = Cell(key, autoround_cell, _cell_file(args, key), {
+                "args": args, "moe": moe, "state": state, "name": key, "bits": 3, "result": _cell_file(args, key)},
+                match=_identity(args, key, "auto-round", {"bits": 3, "iters": args.ar_iters}, accuracy=True))
+            row = run_sweep("moe_quant auto-round", [cell], executor, args.out / "logs")[0]
+            results["systems"][key] = row["system"]
+            ar_scores = row["scores"]
+            write_atomic(path, json.dumps(results, indent=1) + "\n")
         mixed = _choose(args, results["systems"])
         results["selected"] = mixed
         acc = {"fp": _accuracy(args, loaded, cache=True)}
@@ -195,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
                  for name in names]
         for name, row in zip(names, run_sweep("moe_quant accuracy", cells, executor, args.out / "logs"), strict=True):
             acc[name] = row["scores"]
+        if args.auto_round:
+            acc["auto-round-3"] = ar_scores
     finally:
         executor.close()
     _report(args, results, acc, np)
@@ -255,9 +275,12 @@ def _cell_file(args: argparse.Namespace, name: str, prefix: str = "") -> Path:
 
 def _identity(args: argparse.Namespace, name: str, method: str, policy: dict, *,
               accuracy: bool = False) -> dict[str, Any]:
-    """What a cell's result depends on (a saved cell file is reused only when it matches): the system and
-    the calibration and block settings, and for an accuracy cell the test examples too."""
-    keys = ["group", "calib_blocks", "prompts", "min_tokens", "val_blocks", "test_blocks", "seed", "smoke"]
+    """What a cell's result depends on (a saved cell file is reused only when it matches): the MoE (its
+    weights' digest), the system and the calibration and block settings, and for an accuracy cell the
+    test examples too. With the digest, saved cells can be carried to another machine or session and
+    are reused only if the MoE rebuilt there is the same to the byte."""
+    keys = ["moe_digest", "group", "calib_blocks", "prompts", "min_tokens", "val_blocks", "test_blocks", "seed",
+            "smoke"]
     settings = {k: getattr(args, k) for k in keys + (["tasks", "n"] if accuracy else [])}
     return {"name": name, "method": method, "policy": policy, "settings": settings}
 
@@ -294,6 +317,67 @@ def accuracy_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str
     out = {**_identity(args, name, method, policy, accuracy=True), "scores": _accuracy(args, res.loaded, cache=False)}
     write_atomic(result, json.dumps(out, indent=1) + "\n")
     return out
+
+
+def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, bits: int,
+                   result: Path) -> dict[str, Any]:
+    """auto-round's uniform ``bits`` (SignRound, symmetric, the same group size) on a fresh copy of the MoE:
+    its bits, validation and test block NLL and its per-example test scores, written to ``result``.
+
+    Calibration: the same real tokens as GPTQ's (the text blocks and the cluster tasks' prompts, padding
+    dropped), concatenated and cut into blocks of the text blocks' length, given to auto-round as batches
+    of 8 token-id rows; the router and ``lm_head`` stay unquantized, as in expertkit's targets. Bits are counted as for
+    expertkit's symmetric grid: ``bits + 16 / group`` (one float16 scale per group).
+    """
+    import torch
+    from auto_round import AutoRound
+
+    from expertkit.fileio import write_atomic
+    from expertkit.models import load_model
+    from expertkit.tasks.perplexity import block_nll
+
+    _hessians, batches, data = _shared(state)
+    stream = torch.cat([ids[mask.bool()] for ids, mask in batches])  # every real calibration token, in order
+    seq = int(batches[0][0].shape[1])
+    blocks = stream[: stream.numel() // seq * seq].view(-1, seq)
+    loaded = load_model(str(moe))
+    model = loaded.model
+    t0 = time.perf_counter()
+    ar = AutoRound(model, tokenizer=loaded.tokenizer, bits=bits, group_size=args.group, sym=True,
+                   dataset=list(blocks.split(8)), nsamples=blocks.shape[0], seqlen=seq,
+                   iters=args.ar_iters, device_map="cpu", layer_config={"lm_head": {"bits": 16}})
+    model, _ = ar.quantize()
+    seconds = round(time.perf_counter() - t0, 1)
+    on_grid, off_grid = _on_grid(model, bits, args.group)
+    if not on_grid:
+        raise RuntimeError("auto-round left no decoder weight on a 3-bit grid: nothing was quantized (or the "
+                           "result is not in the model's weights); the comparison would be meaningless.")
+    row = {"method": "auto-round", "policy": {"bits": bits, "iters": args.ar_iters},
+           "bits": bits + 16 / args.group, "code_bits": float(bits), "quantized_tensors": len(on_grid),
+           "unquantized_tensors": off_grid,
+           "calibration_blocks": int(blocks.shape[0]), "seconds": seconds,
+           "val_nll": block_nll(model, data["val_blocks"]), "test_nll": block_nll(model, data["test_blocks"])}
+    loaded.model = model
+    print(f"{name}: {row['bits']:.4f} bits, {len(on_grid)} decoder matrices on the grid, not: {off_grid}, "
+          f"test ppl {_ppl(row['test_nll']):.3f}")
+    out = {**_identity(args, name, "auto-round", row["policy"], accuracy=True), "system": row,
+           "scores": _accuracy(args, loaded, cache=False)}
+    write_atomic(result, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _on_grid(model: Any, bits: int, group: int, rows: int = 64) -> tuple[list[str], list[str]]:
+    """The decoder's 2-D weights (auto-round unfuses the experts into ``nn.Linear``) whose groups of
+    ``group`` input columns hold at most ``2 ** bits`` distinct values (checked on the first ``rows``
+    rows), and those that do not (the routers should be the only ones)."""
+    on, off = [], []
+    for name, w in model.state_dict().items():
+        if "layers." not in name or w.ndim != 2 or w.shape[1] % group:
+            continue
+        g = w[:rows].float().reshape(min(rows, w.shape[0]), -1, group).sort(-1).values
+        distinct = 1 + (g[..., 1:] != g[..., :-1]).sum(-1)
+        (on if int(distinct.max()) <= 2 ** bits else off).append(name)
+    return on, off
 
 
 def _base_name() -> str:
@@ -347,6 +431,11 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
     lines.append("- " + verdict(f"{mixed} has lower test NLL than uniform GPTQ-3", c, test="Wilcoxon"))
     c = compare(acc[mixed], acc["gptq-3"], seed=args.seed)
     lines.append("- " + verdict(f"{mixed} is more accurate than GPTQ-3 on {', '.join(args.tasks)}", c))
+    if "auto-round-3" in acc:
+        c = compare_continuous(test["auto-round-3"], test[mixed], seed=args.seed)
+        lines.append("- " + verdict(f"{mixed} has lower test NLL than auto-round-3 (equal bits)", c, test="Wilcoxon"))
+        c = compare(acc[mixed], acc["auto-round-3"], seed=args.seed)
+        lines.append("- " + verdict(f"{mixed} is more accurate than auto-round-3 (equal bits)", c))
     c = compare(acc["gptq-3"], acc["rtn-3"], seed=args.seed)
     lines.append("- " + verdict("GPTQ-3 is more accurate than RTN-3", c))
     c = compare_continuous(test["rtn-3"], test["gptq-3"], seed=args.seed)
@@ -401,6 +490,10 @@ def _plots(args, systems: dict, mixed: str) -> None:
     for method in ("gptq", "rtn"):
         pts = sorted((v["bits"], _ppl(v["test_nll"])) for k, v in systems.items() if k.startswith(f"{method}-"))
         ax.plot(*zip(*pts, strict=True), marker="s", linestyle="--", label=f"{method} uniform")
+    if "auto-round-3" in systems:
+        ar = systems["auto-round-3"]
+        ax.plot([ar["bits"]], [_ppl(ar["test_nll"])], marker="*", markersize=12, linestyle="none",
+                color="k", label=f"auto-round uniform ({ar['policy']['iters']} iters)")
     ax.axhline(_ppl(systems["fp"]["test_nll"]), color="k", linewidth=0.8, label="unquantized")
     ax.set(xlabel="average bits per quantized weight (scales counted)", ylabel="test perplexity (BBC)", yscale="log")
     ax.legend(fontsize=7)

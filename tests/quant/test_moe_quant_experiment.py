@@ -56,3 +56,33 @@ def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
         assert block_nll(q.loaded.model, test_blocks) == saved["test_nll"]
         scores = exp._accuracy(a, q.loaded, cache=False)
         assert len(scores) == 2 * a.n and float(np.mean(scores)) == res["accuracy"][name]
+
+    # results are tied to the MoE's bytes: another MoE's results.json is refused, not mixed in
+    saved = __import__("json").loads((run / "cells" / "gptq-3.json").read_text())
+    assert saved["settings"]["moe_digest"] == res["moe_digest"]
+    path = run / "results.json"
+    path.write_text(path.read_text().replace(res["moe_digest"], "0" * 32))
+    import pytest
+
+    with pytest.raises(SystemExit, match="another MoE"):
+        exp.main(argv)
+
+
+def test_on_grid_counts_quantized_matrices_only():
+    """The auto-round cell's check: a matrix whose groups hold at most 2**bits values is on the grid."""
+    import torch
+
+    exp = load_script("experiments/moe_quant.py")
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=gen)
+    levels = torch.linspace(-1, 1, 8)  # 3-bit grid, one per group of 32
+    model.layers[0].q = torch.nn.Linear(64, 8, bias=False)
+    model.layers[0].q.weight.data = levels[torch.randint(0, 8, (8, 64), generator=gen)] * torch.tensor(
+        [1.0, 2.0]).repeat_interleave(32)
+    model.layers[0].router = torch.nn.Linear(64, 8, bias=False)
+    model.layers[0].router.weight.data = w
+    on, off = exp._on_grid(model, 3, 32)
+    assert on == ["layers.0.q.weight"] and off == ["layers.0.router.weight"]
+    assert exp._on_grid(model, 2, 32)[0] == []  # 8 levels do not fit 2 bits
