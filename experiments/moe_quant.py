@@ -3,6 +3,12 @@
     .venv/bin/python experiments/moe_quant.py [--moe PATH] [--bits 2.5 3 3.5 4] [--out runs/experiments/moe_quant]
     .venv/bin/python experiments/moe_quant.py --smoke      # a tiny random Mixtral: checks the script end to end
     .venv/bin/python experiments/moe_quant.py --executor ray [--address HOST:6379]   # the systems as Ray tasks
+    PY=/path/to/peers-venv/bin/python; $PY experiments/moe_quant.py --bits 3 --auto-round   # + auto-round-3
+
+``--auto-round`` adds the peer the issue names, auto-round's uniform 3-bit (SignRound, 200 tuning
+iterations per block by default) at equal bits, in a venv with the ``peers`` extra
+(``pip install -e '.[peers]'``: auto-round 0.16.1 installs beside our pins); it is one cell that also
+scores the test examples, and it adds two verdicts: the mix against auto-round-3 on test NLL and accuracy.
 
 The paper (Li et al. 2024, "Examining post-training quantization for mixture-of-experts") finds that
 bits spent by structure (attention over experts, frequently routed experts, the first layers, the
