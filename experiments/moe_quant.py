@@ -332,7 +332,8 @@ def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: st
 
     Calibration: the same real tokens as GPTQ's (the text blocks and the cluster tasks' prompts, padding
     dropped), concatenated and cut into blocks of the text blocks' length, given to auto-round as batches
-    of 8 token-id rows; the router and ``lm_head`` stay unquantized, as in expertkit's targets. Bits are counted as for
+    of 8 token-id rows; the router and ``lm_head`` stay unquantized, as in expertkit's targets (checked:
+    exactly as many decoder matrices end on the grid as expertkit quantizes). Bits are counted as for
     expertkit's symmetric grid: ``bits + 16 / group`` (one float16 scale per group).
     """
     import torch
@@ -340,6 +341,7 @@ def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: st
 
     from expertkit.fileio import write_atomic
     from expertkit.models import load_model
+    from expertkit.quant.targets import find_targets
     from expertkit.tasks.perplexity import block_nll
 
     _hessians, batches, data = _shared(state)
@@ -348,6 +350,7 @@ def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: st
     blocks = stream[: stream.numel() // seq * seq].view(-1, seq)
     loaded = load_model(str(moe))
     model = loaded.model
+    expected = len(find_targets(model))  # the matrices expertkit's systems quantize (experts counted one by one)
     t0 = time.perf_counter()
     ar = AutoRound(model, tokenizer=loaded.tokenizer, bits=bits, group_size=args.group, sym=True,
                    dataset=list(blocks.split(8)), nsamples=blocks.shape[0], seqlen=seq,
@@ -355,9 +358,10 @@ def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: st
     model, _ = ar.quantize()
     seconds = round(time.perf_counter() - t0, 1)
     on_grid, off_grid = _on_grid(model, bits, args.group)
-    if not on_grid:
-        raise RuntimeError("auto-round left no decoder weight on a 3-bit grid: nothing was quantized (or the "
-                           "result is not in the model's weights); the comparison would be meaningless.")
+    if len(on_grid) != expected:  # equal bits only if auto-round quantized the same matrices as our systems
+        raise RuntimeError(f"auto-round left {len(on_grid)} decoder matrices on a {bits}-bit grid, expertkit's "
+                           f"systems quantize {expected} (off the grid: {off_grid}); the comparison would not be "
+                           "at equal bits.")
     row = {"method": "auto-round", "policy": {"bits": bits, "iters": args.ar_iters},
            "bits": bits + 16 / args.group, "code_bits": float(bits), "quantized_tensors": len(on_grid),
            "unquantized_tensors": off_grid,
