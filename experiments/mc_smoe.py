@@ -25,6 +25,9 @@ scored on ``--val-n`` validation examples per task (the C and KD variants) and e
 
 Writes ``<out>/results.json`` and ``<out>/pareto.png`` and prints the markdown for docs/results.md.
 Compressed models are kept in ``<out>/models/<label>`` and evaluations are cached, so a run resumes.
+Cells and results carry the MoE's weight digest (``moe_digest``): cells saved in another session (for
+example those committed in ``experiments/results/mc_smoe/cells``, copied into ``<out>/cells``) are reused
+when the MoE is byte-identical, and another MoE's ``results.json`` is refused rather than mixed in.
 ``--smoke`` runs everything on a tiny random 8-expert Mixtral in seconds (a check of the script).
 
 Each (method, E') is a cell of a sweep (:mod:`expertkit.pipeline.sweep`): its compressions, its
@@ -225,7 +228,9 @@ def _distilled(a: argparse.Namespace, m: str) -> bool:
 def cell_settings(a: argparse.Namespace, folder: Path, tasks: list[str], m: str, e: int, n: int) -> dict[str, Any]:
     """What the result of the cell (``m``, ``e``) depends on: its saved file is reused only when they match."""
     keys = ("removed", "sparse_shares", "kd_steps", "kd_lrs", "kd_batch", "cal_n", "val_n", "blocks", "seed")
-    return {"moe": str(folder), "tasks": list(tasks), "method": m, "experts": e, "n": n,
+    # the MoE by its weights' digest, not its folder: saved cells can be carried to another machine or
+    # session and are reused only for a byte-identical MoE (a path names no weights)
+    return {"moe_digest": a.moe_digest, "tasks": list(tasks), "method": m, "experts": e, "n": n,
             "distilled": _distilled(a, m), **{k: getattr(a, k) for k in keys}}
 
 
@@ -333,8 +338,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     from expertkit.moe.compress.api import calibration_tasks
     from expertkit.moe.compress.config import CompressConfig
 
+    from expertkit.weights.fingerprint import model_digest
+
     tasks = list(args.tasks or calibration_tasks(CompressConfig(model=str(folder)), folder))
-    run = calibrate_once(args, folder, tasks, load_model(folder))
+    original = load_model(folder)
+    args.moe_digest = model_digest(original.model)  # every weight's bytes: cells are reused only for this MoE
+    saved = args.out / "results.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("moe_digest") not in (None, args.moe_digest):
+        raise SystemExit(f"{saved} holds results of another MoE (digest {json.loads(saved.read_text())['moe_digest']}, "
+                         f"this one {args.moe_digest}); move {args.out} away or give another --out.")
+    run = calibrate_once(args, folder, tasks, original)
     n, disc = choose_n(run)
     print(f"MoE {folder}: {len(tasks)} tasks; validation pilot discordance {disc:.3f} -> n = {n} per task")
     blocks = heldout_blocks(run.original.tokenizer, n_blocks=args.blocks)  # (blocks, 128)
@@ -403,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     for claim, r in claims.items():
         lines.append("- " + verdict(f"M-SMoE ahead of {claim.split(' vs ')[1]} at equal parameters", r))
     print("\n".join(lines))
-    out = {"moe": str(folder), "tasks": tasks, "n": n, "pilot_discordance": disc, "args": {
+    out = {"moe": str(folder), "moe_digest": args.moe_digest, "tasks": tasks, "n": n, "pilot_discordance": disc, "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "systems": rows,
         "original": {"accuracy": {t: _mean(v) for t, v in test["original"].items()}, "perplexity": perplexity(nll["original"])},
         "claims": {k: v.as_dict() for k, v in claims.items()}, "minutes": (time.perf_counter() - began) / 60,

@@ -7,6 +7,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 from expertkit.tasks.paired import mcnemar_sample_size
 
 SCRIPT = Path(__file__).resolve().parents[3] / "experiments" / "mc_smoe.py"
@@ -61,4 +63,9 @@ def test_experiment_smoke_run_compares_systems_at_equal_parameters(tmp_path, mon
     assert sorted(stamps) == ["msmoe-4.json", "prune_frequency-4.json"]
     runpy.run_path(str(SCRIPT), run_name="__main__")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "cells").iterdir()} == stamps
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["systems"] == res["systems"]
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["systems"] == res["systems"] and again["moe_digest"] == res["moe_digest"]
+    # the cells are tied to the MoE's weights: another MoE's results are refused, not mixed in
+    (tmp_path / "run" / "results.json").write_text(json.dumps({**again, "moe_digest": "0" * 32}))
+    with pytest.raises(SystemExit, match="holds results of another MoE"):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
