@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from expertkit.pipeline.executor import ModelCache
-from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, saved_results, sweep_executor
 
 BASELINES = ("average", "random_group", "hcsmoe", "prune_frequency", "reap")
 
@@ -343,10 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     tasks = list(args.tasks or calibration_tasks(CompressConfig(model=str(folder)), folder))
     original = load_model(folder)
     args.moe_digest = model_digest(original.model)  # every weight's bytes: cells are reused only for this MoE
-    saved = args.out / "results.json"
-    if saved.is_file() and json.loads(saved.read_text()).get("moe_digest") not in (None, args.moe_digest):
-        raise SystemExit(f"{saved} holds results of another MoE (digest {json.loads(saved.read_text())['moe_digest']}, "
-                         f"this one {args.moe_digest}); move {args.out} away or give another --out.")
+    saved_results(args.out / "results.json", args.moe_digest)  # refuses another MoE's results
     run = calibrate_once(args, folder, tasks, original)
     n, disc = choose_n(run)
     print(f"MoE {folder}: {len(tasks)} tasks; validation pilot discordance {disc:.3f} -> n = {n} per task")

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from expertkit.pipeline.executor import ModelCache
-from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
+from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, saved_results, sweep_executor
 
 POLICIES = {
     "random": {"kind": "random"},
@@ -165,13 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {"systems": {}}
     moe, cluster_tasks = _moe_folder(args)
     loaded = load_model(str(moe))
     args.moe_digest = model_digest(loaded.model)  # every weight's bytes: results are reused only for this MoE
-    if results["systems"] and results.get("moe_digest") != args.moe_digest:
-        raise SystemExit(f"{path} holds results of another MoE (digest {results.get('moe_digest')}, this one "
-                         f"{args.moe_digest}); move {args.out} away or give another --out.")
+    results = saved_results(path, args.moe_digest) or {"systems": {}}  # refuses another MoE's results
     results["moe_digest"] = args.moe_digest
     state, val_blocks, test_blocks = _calibrate_once(args, loaded, cluster_tasks, results)
 

@@ -12,7 +12,7 @@ import torch
 
 from expertkit.fileio import write_atomic
 from expertkit.pipeline.executor import ExecutorConfig, JobFailedError, LocalExecutor, ModelCache
-from expertkit.pipeline.sweep import Cell, SweepError, finished, run_sweep
+from expertkit.pipeline.sweep import Cell, SweepError, finished, run_sweep, saved_results
 
 
 def _square(x: int, result: Path, runs: Path) -> dict:
@@ -113,3 +113,16 @@ def test_a_sweep_on_ray_writes_the_in_process_files(local_ray, tmp_path, tiny_ch
     assert "the 1 other job(s) finished and are kept" in str(info.value)
     assert json.loads((ray_run / "x1.json").read_text()) == here[1]
     assert len((ray_run / "runs").read_text().splitlines()) == 4  # 3 cells, then x1 again
+
+
+def test_saved_results_are_reused_only_for_the_same_weights(tmp_path):
+    path = tmp_path / "results.json"
+    assert saved_results(path, "a" * 32) is None  # nothing saved yet
+    path.write_text(json.dumps({"moe_digest": "a" * 32, "systems": {"fp": 1}}))
+    assert saved_results(path, "a" * 32) == {"moe_digest": "a" * 32, "systems": {"fp": 1}}
+    with pytest.raises(SweepError, match=f"another MoE \\(digest {'a' * 32}, this one {'b' * 32}\\)"):
+        saved_results(path, "b" * 32)
+    path.write_text(json.dumps({"systems": {"fp": 1}}))  # results that name no weights cannot be reused
+    with pytest.raises(SweepError, match="digest not recorded"):
+        saved_results(path, "a" * 32)
+    assert json.loads(path.read_text()) == {"systems": {"fp": 1}}  # refused, not overwritten

@@ -9,8 +9,10 @@ tests/pipeline/test_sweep.py and through mc_smoe in tests/moe/compress/test_expe
 
 from __future__ import annotations
 
-
 import numpy as np
+import pytest
+
+from expertkit.pipeline.sweep import SweepError
 
 from tests.scripts import load_script
 
@@ -62,9 +64,8 @@ def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
     assert saved["settings"]["moe_digest"] == res["moe_digest"]
     path = run / "results.json"
     path.write_text(path.read_text().replace(res["moe_digest"], "0" * 32))
-    import pytest
 
-    with pytest.raises(SystemExit, match="another MoE"):
+    with pytest.raises(SweepError, match="another MoE"):
         exp.main(argv)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from expertkit.pipeline.sweep import SweepError
+
 from expertkit.tasks.paired import mcnemar_sample_size
 
 SCRIPT = Path(__file__).resolve().parents[3] / "experiments" / "mc_smoe.py"
@@ -67,5 +69,5 @@ def test_experiment_smoke_run_compares_systems_at_equal_parameters(tmp_path, mon
     assert again["systems"] == res["systems"] and again["moe_digest"] == res["moe_digest"]
     # the cells are tied to the MoE's weights: another MoE's results are refused, not mixed in
     (tmp_path / "run" / "results.json").write_text(json.dumps({**again, "moe_digest": "0" * 32}))
-    with pytest.raises(SystemExit, match="holds results of another MoE"):
+    with pytest.raises(SweepError, match="holds results of another MoE"):
         runpy.run_path(str(SCRIPT), run_name="__main__")
