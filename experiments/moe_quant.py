@@ -72,7 +72,7 @@ POLICIES = {
     "outlier": {"kind": "outlier"},
     "block_importance": {"kind": "block_importance", "predicted": True},
 }
-# next_number replaces session 11's leap_year, which every model here answered with its majority class
+# next_number replaces session 11's leap_year, which the MoE, the base and RTN-3 answered with its majority class
 # (docs/results.md): the accuracy cells of a rerun are new, the perplexity cells are reused
 TASKS = ("add_sub", "gcd", "next_number", "syllogism")
 

@@ -124,7 +124,7 @@ def sweep_executor(args: argparse.Namespace, models: ModelCache, out: Path) -> E
     return make_executor(config, models, out)
 
 
-def saved_results(path: Path, digest: str, what: str = "MoE") -> dict[str, Any] | None:
+def saved_results(path: Path, digest: str) -> dict[str, Any] | None:
     """The experiment results saved at ``path`` (None when there are none), refused unless they belong to
     the same subject: their ``moe_digest`` (the weights' digest, :func:`expertkit.weights.fingerprint.model_digest`)
     must equal ``digest`` (results without one cannot be tied to any weights). Read once."""
@@ -133,6 +133,6 @@ def saved_results(path: Path, digest: str, what: str = "MoE") -> dict[str, Any] 
     saved = json.loads(path.read_text())
     other = saved.get("moe_digest")
     if other != digest:
-        raise SweepError(f"{path} holds results of another {what} (digest {other or 'not recorded'}, this one "
+        raise SweepError(f"{path} holds results of another MoE (digest {other or 'not recorded'}, this one "
                          f"{digest}); move {path.parent} away or give another --out.")
     return saved

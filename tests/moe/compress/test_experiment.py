@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from expertkit.pipeline.sweep import SweepError
-
 from expertkit.tasks.paired import mcnemar_sample_size
 
 SCRIPT = Path(__file__).resolve().parents[3] / "experiments" / "mc_smoe.py"
