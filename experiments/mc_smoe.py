@@ -302,9 +302,14 @@ def pareto(points: list[dict[str, Any]], original: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = sorted({p["method"] for p in points})
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    labelled: set[str] = set()  # one legend entry per method, however many expert counts it was run at
     for p in points:
+        label = None
+        if p["stage"] == "" and p["method"] not in labelled:
+            label = p["method"]
+            labelled.add(label)
         ax.scatter(p["params"] / 1e6, p["accuracy"], color=colours[p["method"]], marker={"": "o", "C": "s", "C-KD": "*"}[p["stage"]],
-                   s=70 if p["stage"] == "C-KD" else 40, label=p["method"] if p["stage"] == "" else None)
+                   s=70 if p["stage"] == "C-KD" else 40, label=label)
     ax.axhline(original, color="grey", ls="--", lw=1, label="original MoE")
     ax.set_xlabel("expert parameters (millions)")
     ax.set_ylabel("test accuracy (pooled over tasks)")
