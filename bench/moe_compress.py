@@ -9,8 +9,8 @@ when it is in the cache (``<cache>/moe-build/<fingerprint>/moe``; the bench neve
 takes about an hour), else use ``--tiny``: a tiny random Mixtral (4 layers, 8 experts, hidden 64,
 intermediate 256) written to a temporary folder, for smoke tests.
 
-What is timed is :func:`expertkit.moe.compress.compress_checkpoint`, the streaming pass (one MoE
-layer in memory at a time, the output written as it goes, the stock transformers form beside it
+What is timed is :func:`expertkit.moe.compress.compress_checkpoint`, the streaming pass (one new
+expert in memory at a time, the output written as it goes, the stock transformers form beside it
 unless ``--no-stock``), for each method with its default parameters at the same expert budget.
 The calibration it needs (routing statistics and REAP scores of the subject's own build tasks,
 :func:`expertkit.moe.compress.calibrate`, cached) runs once before, in its own process, and is
@@ -22,9 +22,10 @@ Two limits, measured in the same run, make the figures ratios:
 * time: a plain streamed copy of the same checkpoint through the weights engine
   (``Checkpoint.iter_tensors`` -> ``ShardedWriter``, with its fsync): "time / copy" is the
   compression's wall time over it (the compression writes the model once, plus its stock form);
-* memory: the largest MoE layer's experts in float32 (what the pass holds of one layer) plus the
-  statistics: "peak / limit" is the pass's peak RSS above its import baseline over that (goal,
-  issue 13: at most 1).
+* memory: the largest MoE layer's experts in float32 plus the statistics: "peak / limit" is the
+  pass's peak RSS above its import baseline (expertkit, torch, and the scipy modules the methods
+  use) over that (goal, issue 13: at most 1). The pass holds one new expert and its members' matrices
+  one at a time, so it can stay below one layer.
 
 Every measured step is a fresh child process (the parent never imports torch, so a child's
 ``ru_maxrss`` starts low); its peak is ``VmHWM`` after a reset (``/proc/self/clear_refs``) minus
@@ -138,6 +139,9 @@ def _measured(kind: str, model: str, work: Path, lowrank: float | None, stock: b
         stats = LayerStats(arrays["frequencies"], arrays["logit_similarity"], arrays.get("output_mean"),
                            arrays.get("reap"), meta["layers"])
         params = CompressConfig(model=model, method=kind).method_params()
+        # the methods' libraries (assignment, clustering) are part of the import baseline, not the pass
+        import scipy.cluster.hierarchy  # noqa: F401
+        import scipy.optimize  # noqa: F401
     hwm_reset = reset_peak()
     baseline = status("VmRSS")
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -28,3 +28,31 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+_TRIM: list = []  # [malloc_trim or None], looked up once
+
+
+def release_free_memory() -> bool:
+    """Give the C allocator's free pages back to the system (glibc ``malloc_trim(0)``); False elsewhere.
+
+    glibc keeps freed blocks of up to 32 MB in its heap once it has seen one that size freed (its
+    mmap threshold adapts), and a heap fragmented by alternating big tensors only grows: in the MoE
+    compression pass that retained memory, not live tensors, was most of the peak (measured,
+    docs/benchmarks.md). Trimming after each unit of streamed work keeps the resident set to what
+    is alive, without changing the allocator's settings for the rest of the process.
+    """
+    if not _TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):  # not glibc
+            fn = None
+        _TRIM.append(fn)
+    if _TRIM[0] is None:
+        return False
+    _TRIM[0](0)
+    return True

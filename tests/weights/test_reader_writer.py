@@ -334,3 +334,48 @@ def test_background_fsync_failure_fails_the_write(tmp_path: Path, monkeypatch: p
         write_ckpt(tmp_path / "out", sample_tensors(), layout=layout, max_shard_size=300)
     assert any(n.startswith("expertkit-fsync") for n in threads)  # shards were flushed in the background
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- file-to-file copies
+@pytest.mark.parametrize("layout", [False, True])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_add_from_copies_tensors_file_to_file_without_reading_them(tmp_path: Path, layout: bool, kernel_copy: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = sample_tensors()
+    src = write_ckpt(tmp_path / "src", tensors, layout=False, max_shard_size=300)  # several source shards
+    if not kernel_copy:  # the pread / pwrite fallback gives the same bytes
+        def unsupported(*a: object) -> int:
+            raise OSError(38, "copy_file_range not supported")
+        monkeypatch.setattr("expertkit.weights._shardio.os.copy_file_range", unsupported)
+    with Checkpoint(src) as ckpt:
+        def no_read(*a: object, **k: object) -> None:
+            raise AssertionError("add_from read a tensor into memory")
+        monkeypatch.setattr(ckpt, "read", no_read)
+        names = list(reversed(ckpt.names()))  # any order
+        lay = [(("copy." + n), i.shape, i.dtype) for n, i in ((n, ckpt.info(n)) for n in names)] if layout else None
+        with ShardedWriter(tmp_path / "out", layout=lay, max_shard_size=500) as w:
+            for n in names:
+                w.add_from("copy." + n, ckpt, n)
+    assert_same(read_all(tmp_path / "out"), {"copy." + n: t for n, t in tensors.items()})
+    loaded: dict[str, torch.Tensor] = {}  # and the safetensors library reads what was copied
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        loaded.update(load_file(shard))
+    assert_same(loaded, {"copy." + n: t for n, t in tensors.items()})
+
+
+def test_add_from_checks_names_and_reads_pickles(tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    want = {"a": torch.arange(6.0).reshape(2, 3)}
+    torch.save(want, folder / "pytorch_model.bin")
+    with Checkpoint(folder, allow_pickle=True) as ckpt:
+        assert ckpt.file_range("a") is None  # no bytes on disk to copy: read and added instead
+        with ShardedWriter(tmp_path / "out") as w:
+            w.add_from("a", ckpt)
+        with pytest.raises(CheckpointError, match="already added"), ShardedWriter(tmp_path / "dup") as w:
+            w.add_from("a", ckpt)
+            w.add_from("a", ckpt)
+        with pytest.raises(UnknownNameError), ShardedWriter(tmp_path / "lay", layout=[("b", (2, 3), torch.float32)]) as w:
+            w.add_from("a", ckpt)
+    assert_same(read_all(tmp_path / "out"), want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pickled"]  # the failed writers left nothing

@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -65,21 +66,39 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> int:
     return done
 
 
-def copy_all(src: int, dst: int, count: int, dst_offset: int) -> None:
-    """Copy ``count`` bytes from the start of ``src`` to ``dst_offset`` in bounded chunks."""
+def copy_all(src: int, dst: int, count: int, dst_offset: int, src_offset: int = 0) -> None:
+    """Copy ``count`` bytes from ``src_offset`` in ``src`` to ``dst_offset`` in ``dst`` in bounded chunks."""
     done = 0
     while done < count:
         try:  # in-kernel copy; falls back to pread/pwrite where unsupported
-            n = os.copy_file_range(src, dst, min(CHUNK * 4, count - done), done, dst_offset + done)
+            n = os.copy_file_range(src, dst, min(CHUNK * 4, count - done), src_offset + done, dst_offset + done)
         except OSError:
             n = 0
         if n <= 0:
-            chunk = os.pread(src, min(CHUNK, count - done), done)
+            chunk = os.pread(src, min(CHUNK, count - done), src_offset + done)
             if not chunk:
-                raise CheckpointError("a spill file ended early while writing a shard; is the disk full?")
+                raise CheckpointError("a source file ended early while writing a shard; was it truncated, or "
+                                      "is the disk full?")
             pwrite_all(dst, memoryview(chunk), dst_offset + done)
             n = len(chunk)
         done += n
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at ``offset`` of the open file ``fd``: tensor data copied file to file."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
+def put(fd: int, data: memoryview | FileRange, offset: int) -> None:
+    """Write ``data`` (bytes in memory, or a :class:`FileRange` copied in the kernel) at ``offset``."""
+    if isinstance(data, FileRange):
+        copy_all(data.fd, fd, data.nbytes, offset, data.offset)
+    else:
+        pwrite_all(fd, data, offset)
 
 
 def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:

@@ -249,6 +249,15 @@ class Checkpoint:
             t = t.to(dtype)
         return t
 
+    def file_range(self, name: str) -> tuple[int, int, int] | None:
+        """``(fd, offset, nbytes)`` of one tensor's bytes in its open shard (for an in-kernel copy,
+        :meth:`ShardedWriter.add_from <expertkit.weights.ShardedWriter.add_from>`); ``None`` for a
+        pickled tensor, which has no bytes on disk to copy."""
+        info = self.info(name)
+        if info.shard in self._pickled:
+            return None
+        return self._handle(info.shard).fileno(), info.offset, info.nbytes
+
     def view(self, name: str) -> torch.Tensor:
         """One tensor as a copy-on-write memory map of its bytes: nothing is read or copied up front.
 

@@ -29,7 +29,7 @@ import shutil
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,7 +46,10 @@ from expertkit.weights._layout import (
     parse_size,
     shard_file_name,
 )
-from expertkit.weights._shardio import Flusher, copy_all, preallocate, pwrite_all, tensor_bytes
+if TYPE_CHECKING:
+    from expertkit.weights.reader import Checkpoint
+
+from expertkit.weights._shardio import FileRange, Flusher, copy_all, preallocate, put, pwrite_all, tensor_bytes
 
 __all__ = ["INDEX_NAME", "SINGLE_SHARD", "TEMPLATE_FILES", "ShardedWriter", "parse_size", "save_state_dict",
            "shard_file_name", "tensor_bytes"]
@@ -154,20 +157,20 @@ class ShardedWriter:
             self._shard_names.append(fname)
             self._pending.append(sum(1 for e in members if e.nbytes))
 
-    def _write_at(self, entry: Entry, shard: int, offset: int, data: memoryview) -> None:
+    def _write_at(self, entry: Entry, shard: int, offset: int, data: memoryview | FileRange) -> None:
         if not entry.nbytes:
             return
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(self.tmp_dir / self._shard_names[shard], os.O_WRONLY)
-        pwrite_all(fd, data, offset)
+        put(fd, data, offset)
         self._pending[shard] -= 1
         if self._pending[shard] == 0:  # shard complete: flush it in the background, release its handle
             self._flusher.submit(self._fds.pop(shard))
             self._flushed.add(shard)
 
     # ------------------------------------------------------------------ stream mode
-    def _append(self, entry: Entry, data: memoryview) -> None:
+    def _append(self, entry: Entry, data: memoryview | FileRange) -> None:
         if self._open.breaks_before(entry.nbytes, self.max_shard_size):
             self._seal()
         shard = self._open
@@ -177,7 +180,7 @@ class ShardedWriter:
             self._fds[key] = os.open(spill, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         entry.pos = shard.spills.get(entry.itemsize, 0)
         if entry.nbytes:
-            pwrite_all(self._fds[key], data, entry.pos)
+            put(self._fds[key], data, entry.pos)
         shard.spills[entry.itemsize] = entry.pos + entry.nbytes
         shard.add(entry)
 
@@ -219,8 +222,29 @@ class ShardedWriter:
             raise InputTypeError(f"tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor.")
         if self._layout is not None and name not in self._layout:
             raise unknown("tensor", name, self._layout)
-        entry = make_entry(name, tensor.shape, tensor.dtype)
-        data = tensor_bytes(tensor)
+        self._put(make_entry(name, tensor.shape, tensor.dtype), tensor_bytes(tensor))
+
+    def add_from(self, name: str, source: Checkpoint, source_name: str | None = None) -> None:
+        """Write tensor ``source_name`` (default ``name``) of ``source`` unchanged, under ``name``.
+
+        The bytes are copied file to file in the kernel (``copy_file_range``), so they never enter
+        this process's memory: a pass-through copy of a tensor larger than what a streaming pass
+        otherwise holds (a token embedding) does not raise its peak. A pickled source is read and added.
+        """
+        self._check_open()
+        if name in self._written:
+            raise CheckpointError(f"tensor '{name}' was already added; tensor names must be unique.")
+        if self._layout is not None and name not in self._layout:
+            raise unknown("tensor", name, self._layout)
+        where = source.file_range(source_name or name)
+        if where is None:
+            self.add(name, source.read(source_name or name))
+            return
+        info = source.info(source_name or name)
+        self._put(make_entry(name, info.shape, info.dtype), FileRange(*where))
+
+    def _put(self, entry: Entry, data: memoryview | FileRange) -> None:
+        name = entry.name
         if self._layout is not None:
             declared, shard, offset = self._layout[name]
             if (declared.shape, declared.dtype) != (entry.shape, entry.dtype):

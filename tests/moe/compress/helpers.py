@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expertkit.moe.compress import LayerInput
+from expertkit.moe.compress import LayerInput, StackedExperts
 
 
 def expert(inter: int = 24, hidden: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def layer(gate, up, down, *, keep: int, frequencies=None, similarity=None, outpu
     freq = np.full(e, 1.0 / e) if frequencies is None else np.asarray(frequencies, dtype=float)
     sim = np.eye(e) if similarity is None else np.asarray(similarity, dtype=float)
     router = torch.randn(e, h, generator=torch.Generator().manual_seed(seed))
-    return LayerInput("0", gate, up, down, router, freq, sim, output_mean, reap, keep, np.random.default_rng(seed))
+    return LayerInput("0", StackedExperts(gate, up, down), router, freq, sim, output_mean, reap, keep, np.random.default_rng(seed))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
 from expertkit.errors import ConfigError
-from expertkit.moe.compress import METHODS
-from expertkit.moe.compress.align import align_to
+from expertkit.moe.compress import METHODS, StackedExperts
+from expertkit.moe.compress.align import AnchorFeatures, align_to
 from expertkit.moe.compress.allocate import allocate
-from expertkit.moe.compress.base import dominant_groups, weighted_merge
+from expertkit.moe.compress.base import dominant_groups, merge_weights, merged_expert, weighted_merge
 from expertkit.moe.compress.lowrank import factorize, split_budget
 
 from .helpers import expert, layer, permuted_copies, swiglu
@@ -31,13 +33,12 @@ def test_msmoe_merges_permuted_copies_back_to_the_expert_exactly():
     plan = METHODS.get("msmoe")(lay, METHODS.get("msmoe").params())
     anchor = 1  # the most frequent expert is the dominant one; the others are aligned onto it
     assert plan.groups == [[1, 0, 2, 3]] and plan.routing == "group"
-    torch.testing.assert_close(plan.gate[0], gate[anchor], rtol=0, atol=1e-6)
-    torch.testing.assert_close(plan.up[0], up[anchor], rtol=0, atol=1e-6)
-    torch.testing.assert_close(plan.down[0], down[anchor], rtol=0, atol=1e-6)
+    for got, want in zip(plan.expert(0), (gate[anchor], up[anchor], down[anchor]), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     # without alignment the same copies average into a different function
     avg = METHODS.get("average")(lay, METHODS.get("average").params())
     x = torch.randn(5, 12)
-    assert (swiglu(avg.gate[0], avg.up[0], avg.down[0], x) - swiglu(gate[0], up[0], down[0], x)).abs().max() > 0.1
+    assert (swiglu(*avg.expert(0), x) - swiglu(gate[0], up[0], down[0], x)).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("name", ["msmoe", "average", "random_group", "hcsmoe"])
@@ -48,8 +49,9 @@ def test_merging_identical_experts_is_exact(name):
     lay = layer(gate, up, down, keep=2, frequencies=[0.4, 0.3, 0.2, 0.1], output_mean=out)
     plan = METHODS.get(name)(lay, METHODS.get(name).params())
     for i in range(2):
-        torch.testing.assert_close(plan.gate[i], g, rtol=0, atol=1e-6)
-        torch.testing.assert_close(plan.down[i], d, rtol=0, atol=1e-6)
+        merged = plan.expert(i)
+        torch.testing.assert_close(merged[0], g, rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[2], d, rtol=0, atol=1e-6)
 
 
 def test_one_hot_frequencies_make_the_weighted_merge_a_selection():
@@ -59,7 +61,8 @@ def test_one_hot_frequencies_make_the_weighted_merge_a_selection():
     gate, up, down = (torch.randn(3, 6, 4), torch.randn(3, 6, 4), torch.randn(3, 4, 6))
     lay = layer(gate, up, down, keep=1, frequencies=[0.0, 1.0, 0.0])
     plan = METHODS.get("msmoe")(lay, METHODS.get("msmoe").params(align=False))
-    assert torch.equal(plan.gate[0], gate[1]) and torch.equal(plan.down[0], down[1])
+    merged = plan.expert(0)
+    assert torch.equal(merged[0], gate[1]) and torch.equal(merged[2], down[1])
 
 
 def test_grouping_follows_router_logit_similarity():
@@ -86,11 +89,13 @@ def test_every_method_keeps_what_it_is_asked_and_is_the_identity_at_full_size(na
     freq = [0.1, 0.2, 0.3, 0.4]
     method = METHODS.get(name)
     plan = method(layer(gate, up, down, keep=2, frequencies=freq, **extra), method.params())
-    assert len(plan.groups) == 2 and plan.gate.shape == (2, 6, 4) and plan.down.shape == (2, 4, 6)
+    g_, _, d_ = plan.stacked()
+    assert len(plan.groups) == 2 and g_.shape == (2, 6, 4) and d_.shape == (2, 4, 6)
     full = method(layer(gate, up, down, keep=4, frequencies=freq, **extra), method.params())
     order = [g[0] for g in full.groups]
     assert sorted(order) == [0, 1, 2, 3]
-    assert torch.equal(full.gate, gate[order]) and torch.equal(full.down, down[order])
+    g_, _, d_ = full.stacked()
+    assert torch.equal(g_, gate[order]) and torch.equal(d_, down[order])
 
 
 def test_pruning_methods_keep_the_highest_scores():
@@ -99,7 +104,7 @@ def test_pruning_methods_keep_the_highest_scores():
     freq = METHODS.get("prune_frequency")(lay, METHODS.get("prune_frequency").params())
     reap = METHODS.get("reap")(lay, METHODS.get("reap").params())
     assert freq.groups == [[0], [2]] and reap.groups == [[1], [3]] and reap.routing == "prune"
-    assert torch.equal(reap.up, up[[1, 3]])
+    assert torch.equal(reap.stacked()[1], up[[1, 3]])
 
 
 def test_random_grouping_is_seeded():
@@ -142,3 +147,57 @@ def test_low_rank_plus_sparse_known_answers():
     assert r * (1536 + 576) + k * 1536 <= 0.4 * 1536 * 576 and k == int(0.2 * 0.4 * 1536 * 576 // 1536)
     with pytest.raises(ConfigError):
         split_budget(4, 4, 0.0, 0.2)
+
+
+class CountingSource:
+    """An expert source that hands out fresh copies and records how many expert matrices were alive at once."""
+
+    def __init__(self, gate, up, down):
+        self.stacks = StackedExperts(gate, up, down)
+        self.num_experts = self.stacks.num_experts
+        self.live = 0
+        self.peak = 0
+
+    def _track(self, t):
+        t = t.clone()
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._freed)
+        return t
+
+    def _freed(self):
+        self.live -= 1
+
+    def part(self, e, part):
+        return self._track(self.stacks.part(e, part))
+
+    def expert(self, e):
+        return tuple(self._track(t) for t in self.stacks.expert(e))
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_the_streamed_merge_equals_the_stacked_formula_holding_one_expert_at_a_time(align):
+    g = torch.Generator().manual_seed(3)
+    gate, up, down = torch.randn(6, 20, 8, generator=g), torch.randn(6, 20, 8, generator=g), torch.randn(6, 8, 20, generator=g)
+    source = CountingSource(gate, up, down)
+    members, freq = [2, 0, 5, 1], np.array([0.4, 0.1, 0.3, 0.2])
+    got = merged_expert(source, members, merge_weights(freq), align=align)
+    # the same merge written directly: align each member onto the anchor, stack, weighted average
+    aligned = []
+    for e in members:
+        ge, ue, de = gate[e], up[e], down[e]
+        if align and e != members[0]:
+            p = align_to(gate[members[0]], up[members[0]], down[members[0]], ge, ue, de)
+            ge, ue, de = ge[p], ue[p], de[:, p]
+        aligned.append((ge, ue, de))
+    for i in range(3):
+        torch.testing.assert_close(got[i], weighted_merge(torch.stack([a[i] for a in aligned]), freq),
+                                   rtol=1e-6, atol=1e-6)
+    # never the group at once: at most one expert's three matrices (the stacked merge held 3 x 4)
+    assert source.peak <= 3
+
+
+def test_anchor_features_match_align_to_on_unrelated_experts():
+    for seed in range(3):
+        a, b = expert(40, 16, seed), expert(40, 16, seed + 10)
+        assert torch.equal(AnchorFeatures(*a).match(iter(b)), align_to(*a, *b))

@@ -5,14 +5,23 @@
   (pruning). Every module of this package that is not infrastructure is imported here, so adding a
   method is one new file.
 * :func:`compress_moe` / :class:`CompressConfig`: calibrate, allocate experts per layer, compress
-  streaming one layer at a time, the C step (low rank + structured sparse), distillation recovery.
+  streaming one new expert at a time, the C step (low rank + structured sparse), distillation recovery.
 * The output loads through :func:`expertkit.models.load_model` (see :mod:`expertkit.moe.compressed`).
 """
 
 import importlib
 import pkgutil
 
-from expertkit.moe.compress.base import METHODS, CompressMethod, LayerInput, LayerPlan, MethodParams, compress_method
+from expertkit.moe.compress.base import (
+    METHODS,
+    CompressMethod,
+    ExpertSource,
+    LayerInput,
+    LayerPlan,
+    MethodParams,
+    StackedExperts,
+    compress_method,
+)
 
 _INFRASTRUCTURE = {"align", "allocate", "api", "base", "config", "kd", "layers", "lowrank", "run"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -24,6 +33,6 @@ from expertkit.moe.compress.config import CompressConfig  # noqa: E402
 from expertkit.moe.compress.run import CompressResult, LayerStats, compress_checkpoint  # noqa: E402
 
 __all__ = [
-    "METHODS", "CompressConfig", "CompressMethod", "CompressResult", "LayerInput", "LayerPlan", "LayerStats",
-    "MethodParams", "calibrate", "compress_checkpoint", "compress_method", "compress_moe", "keep_per_layer", "recover",
+    "METHODS", "CompressConfig", "CompressMethod", "CompressResult", "ExpertSource", "LayerInput", "LayerPlan", "LayerStats",
+    "MethodParams", "StackedExperts", "calibrate", "compress_checkpoint", "compress_method", "compress_moe", "keep_per_layer", "recover",
 ]

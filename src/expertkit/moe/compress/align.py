@@ -16,6 +16,8 @@ vectors are distinct, so the permutation is recovered exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -46,3 +48,37 @@ def permute_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                    perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same expert with its intermediate neurons reordered by ``perm`` (the function is unchanged)."""
     return gate[perm], up[perm], down[:, perm]
+
+
+class AnchorFeatures:
+    """An anchor expert's neuron vectors in float64, kept while its group's members are matched to it.
+
+    :meth:`match` gives the same permutation as :func:`align_to` with less memory (the streaming
+    pass's peak during M-SMoE's alignment was these temporaries; measured, bench/moe_compress.py):
+    the score matrix is accumulated in place part by part (gate, up, down) from one member matrix
+    at a time instead of from ``(I, 3H)`` feature copies of both experts, and negated in place for
+    the assignment.
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.parts = (gate.double(), up.double(), down.T.double())  # (I, H) each
+
+    def match(self, member: Iterable[torch.Tensor]) -> torch.Tensor:
+        """``(I,)`` permutation ``p``: the member's neuron ``p[i]`` is matched to the anchor's neuron ``i``.
+
+        ``member`` yields the member's gate ``(I, H)``, up ``(I, H)`` and down ``(H, I)`` in that
+        order (a generator reading them one at a time holds one matrix at a time).
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        n = self.parts[0].shape[0]
+        score = torch.zeros(n, n, dtype=torch.float64)  # (I, I): anchor neuron i . member neuron j
+        for a, (k, b) in zip(self.parts, enumerate(member), strict=True):
+            b64 = (b.T if k == 2 else b).double()  # (I, H)
+            del b
+            score.addmm_(a, b64.T)
+            del b64
+        rows, cols = linear_sum_assignment(score.neg_().numpy())  # maximise the summed inner products
+        perm = np.empty(len(rows), dtype=np.int64)
+        perm[rows] = cols
+        return torch.from_numpy(perm)

@@ -4,7 +4,7 @@
    the routing subsystem (:func:`expertkit.moe.routing_stats`, cached), and REAP scores when the
    method needs them.
 2. **Allocate** the experts each layer keeps (:func:`~expertkit.moe.compress.allocate.allocate`).
-3. **Compress** streaming, one layer in memory (:func:`~expertkit.moe.compress.run.compress_checkpoint`).
+3. **Compress** streaming, one new expert in memory at a time (:func:`~expertkit.moe.compress.run.compress_checkpoint`).
 4. **Distill** (``kd.steps > 0``): the compressed model learns from the original
    (:mod:`~expertkit.moe.compress.kd`); the folder written is then the recovered model.
 """

@@ -19,5 +19,4 @@ class AverageParams(MethodParams):
 def average(layer: LayerInput, params: AverageParams) -> LayerPlan:
     """Uniform, unaligned average of each M-SMoE group."""
     groups = dominant_groups(layer)
-    gate, up, down = merge_groups(layer, groups, weighting="uniform", align=False)
-    return LayerPlan(groups, gate, up, down, "group")
+    return merge_groups(layer, groups, weighting="uniform", align=False)

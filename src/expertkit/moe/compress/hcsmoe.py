@@ -45,5 +45,4 @@ def hcsmoe(layer: LayerInput, params: HcsmoeParams) -> LayerPlan:
         members = [int(e) for e in np.flatnonzero(labels == c)]
         anchor = max(members, key=lambda e: (layer.frequencies[e], -e))
         groups.append([anchor] + [e for e in members if e != anchor])
-    gate, up, down = merge_groups(layer, groups, weighting=params.weighting, align=False)
-    return LayerPlan(groups, gate, up, down, "group")
+    return merge_groups(layer, groups, weighting=params.weighting, align=False)

@@ -1,7 +1,7 @@
 """An MoE checkpoint on disk, one layer's experts at a time, found from the architecture descriptor.
 
 :class:`MoeCheckpoint` reads the routed experts of one MoE layer as SwiGLU matrices (gate and up
-``(E, I, H)``, down ``(E, H, I)``) plus the router's tensors (every router tensor whose first
+``(I, H)``, down ``(H, I)``), one expert at a time, plus the router's tensors (every router tensor whose first
 dimension is the expert count: the ``(E, H)`` weight, DeepSeek-V3's ``(E,)`` score bias), and names
 the tensors of a rewritten layer. Which on-disk module is the gate, the up and the down projection
 is data: the descriptor's fused in-memory entry with two ``parts`` holds ``[gate, up]`` in that order
@@ -30,28 +30,30 @@ FACTOR_SUFFIXES = ("lowrank_a", "lowrank_b", "sparse_values", "sparse_index")
 
 
 @dataclass
-class LayerWeights:
-    """One MoE layer's routed experts (float32) and its router tensors, as read from disk."""
+class LayerExperts:
+    """One MoE layer's routed experts on disk, read one expert (or one matrix) at a time as float32:
+    an :class:`~expertkit.moe.compress.base.ExpertSource` for the streaming pass."""
 
-    key: LayerKey
-    gate: torch.Tensor  # (E, I, H)
-    up: torch.Tensor  # (E, I, H)
-    down: torch.Tensor  # (E, H, I)
-    router: dict[str, torch.Tensor]  # on-disk name -> (E, H) weight / (E,) bias, first dim = experts
-
-    @property
-    def name(self) -> str:
-        """``"3"`` (or ``"encoder.3"``)."""
-        return layer_name(self.key)
+    ckpt: Checkpoint
+    names: dict[int, dict[str, str]]  # expert -> part -> tensor name
 
     @property
     def num_experts(self) -> int:
         """E."""
-        return int(self.gate.shape[0])
+        return len(self.names)
 
-    def router_weight(self) -> torch.Tensor:
-        """``(E, H)``: the router's weight matrix."""
-        return next(t for t in self.router.values() if t.dim() == 2)
+    def part(self, e: int, part: str) -> torch.Tensor:
+        """Expert ``e``'s ``gate`` / ``up`` ``(I, H)`` or ``down`` ``(H, I)``, read now."""
+        return self.ckpt.read(self.names[e][part], dtype=torch.float32)
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s ``(gate, up, down)``, read now."""
+        return self.part(e, "gate"), self.part(e, "up"), self.part(e, "down")
+
+
+def router_weight(router: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(E, H)``: the router's weight matrix among a layer's router tensors."""
+    return next(t for t in router.values() if t.dim() == 2)
 
 
 @dataclass
@@ -141,14 +143,13 @@ class MoeCheckpoint:
             out.update(layer.router)
         return out
 
-    def read_layer(self, key: LayerKey) -> LayerWeights:
-        """One layer's experts and router tensors, float32."""
-        names = self.layers[key]
-        read = self.ckpt.read
-        stacks = {p: torch.stack([read(names.experts[e][p], dtype=torch.float32) for e in sorted(names.experts)])
-                  for p in PARTS}  # gate/up (E, I, H), down (E, H, I)
-        router = {n: read(n, dtype=torch.float32) for n in names.router}
-        return LayerWeights(key, stacks["gate"], stacks["up"], stacks["down"], router)
+    def experts(self, key: LayerKey) -> LayerExperts:
+        """The layer's routed experts, to be read one at a time (nothing is read here)."""
+        return LayerExperts(self.ckpt, self.layers[key].experts)
+
+    def read_router(self, key: LayerKey) -> dict[str, torch.Tensor]:
+        """The layer's router tensors, float32: on-disk name -> ``(E, H)`` weight / ``(E,)`` bias."""
+        return {n: self.ckpt.read(n, dtype=torch.float32) for n in self.layers[key].router}
 
     def dtype(self, key: LayerKey) -> torch.dtype:
         """The stored dtype of the layer's expert tensors."""

@@ -35,5 +35,4 @@ class MsmoeParams(MethodParams):
 def msmoe(layer: LayerInput, params: MsmoeParams) -> LayerPlan:
     """M-SMoE's merge of one layer."""
     groups = dominant_groups(layer)
-    gate, up, down = merge_groups(layer, groups, weighting=params.weighting, align=params.align)
-    return LayerPlan(groups, gate, up, down, "group")
+    return merge_groups(layer, groups, weighting=params.weighting, align=params.align)

@@ -26,5 +26,4 @@ def random_group(layer: LayerInput, params: RandomGroupParams) -> LayerPlan:
         members = sorted(int(e) for e in chunk)
         anchor = max(members, key=lambda e: (layer.frequencies[e], -e))
         groups.append([anchor] + [e for e in members if e != anchor])
-    gate, up, down = merge_groups(layer, groups, weighting="frequency", align=True)
-    return LayerPlan(groups, gate, up, down, "group")
+    return merge_groups(layer, groups, weighting="frequency", align=True)

@@ -1,11 +1,13 @@
-"""The streaming compression pass: one MoE layer in memory at a time, straight into the output folder.
+"""The streaming compression pass: one new expert in memory at a time, straight into the output folder.
 
 :func:`compress_checkpoint` walks the source checkpoint tensor by tensor. Every tensor outside the
-MoE layers is copied as it is read; at the first tensor of an MoE layer the layer's experts and
-router are read (:class:`~expertkit.moe.compress.layers.MoeCheckpoint`), the method merges or prunes
-them (:mod:`~expertkit.moe.compress.base`), the C step factors the result when asked
-(:mod:`~expertkit.moe.compress.lowrank`), and the layer's new tensors are written before the next
-layer is read. Peak memory: one layer's experts plus the routing statistics.
+MoE layers is copied file to file in the kernel (its bytes never enter memory); at the first tensor
+of an MoE layer the method plans the layer from the routing statistics
+(:mod:`~expertkit.moe.compress.base`), then each new expert is made from its members, read one at a
+time (:class:`~expertkit.moe.compress.layers.MoeCheckpoint`), factored by the C step when asked
+(:mod:`~expertkit.moe.compress.lowrank`) and written before the next one is made. Peak memory: a
+few expert matrices plus the routing statistics, below one layer's experts (measured in
+docs/benchmarks.md).
 
 The folder (see :mod:`expertkit.moe.compressed` for its format) is installed atomically with
 ``compress.json`` (what was done, groups per layer, parameter and FLOP counts). When every layer
@@ -30,9 +32,10 @@ import torch
 
 from expertkit.errors import ConfigError
 from expertkit.moe.compress.base import METHODS, LayerInput, LayerPlan, MethodParams
-from expertkit.moe.compress.layers import PARTS, LayerWeights, MoeCheckpoint
-from expertkit.moe.compress.lowrank import Factors, factorize, split_budget
+from expertkit.moe.compress.layers import PARTS, MoeCheckpoint, router_weight
+from expertkit.moe.compress.lowrank import factorize, split_budget
 from expertkit.moe.compressed import FACTORS, FORMAT, LAYOUT_KEY
+from expertkit.moe.routing import layer_name
 
 RECORD = "compress.json"
 
@@ -69,66 +72,72 @@ class CompressResult:
         return self.path / "stock" if self.record.get("stock") else None
 
 
-def _factor(t: torch.Tensor, keep: float, share: float) -> list[Factors]:
-    """Factor each matrix of a ``(G, m, n)`` stack."""
-    r, k = split_budget(t.shape[1], t.shape[2], keep, share)
-    return [factorize(w, r, k) for w in t]
+def write_layer(moe: MoeCheckpoint, key: Any, plan: LayerPlan, router: dict[str, torch.Tensor],
+                lowrank: tuple[float, float] | None, dtype: torch.dtype, frequencies: np.ndarray,
+                writers: list[Any]) -> dict[str, Any]:
+    """Make and write one compressed layer, one new expert at a time; returns its layout entry.
 
-
-def layer_outputs(moe: MoeCheckpoint, weights: LayerWeights, plan: LayerPlan, lowrank: tuple[float, float] | None,
-                  dtype: torch.dtype, frequencies: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, Any],
-                                                                          dict[str, torch.Tensor]]:
-    """``(tensors, layout entry, stock tensors)`` of one compressed layer (``frequencies (E,)`` weigh the
-    members' router rows in the stock form)."""
+    ``writers[0]`` gets the compressed form, ``writers[1]`` (when given) the stock form;
+    ``frequencies (E,)`` weigh the members' router rows in the stock form.
+    """
     from expertkit.moe.compress.base import weighted_merge
+    from expertkit.procmem import release_free_memory
 
     tmpl = moe.templates()
-    layer = weights.key[1]
+    layer = key[1]
     g = len(plan.groups)
-    merged = {"gate": plan.gate, "up": plan.up, "down": plan.down}
-    out: dict[str, torch.Tensor] = {}
-    stock: dict[str, torch.Tensor] = {}
     params = 0
-    factored = {p: _factor(merged[p], *lowrank) for p in PARTS} if lowrank else None
+    ranks: dict[str, int] = {}
+    columns: dict[str, int] = {}
+    errors: dict[str, list[float]] = {p: [] for p in PARTS}
     for e in range(g):
-        for p in PARTS:
+        for p, w in zip(PARTS, plan.expert(e), strict=True):  # one new expert in memory at a time
             dense_name = tmpl[p].format(layer=layer, expert=e, suffix="weight")
-            if factored is None:
-                out[dense_name] = merged[p][e].to(dtype).contiguous()
-                params += merged[p][e].numel()
-                stock[dense_name] = out[dense_name]
+            if lowrank is None:
+                t = w.to(dtype).contiguous()
+                for wr in writers:
+                    wr.add(dense_name, t)
+                params += w.numel()
+                del t, w
                 continue
-            f = factored[p][e]
+            f = factorize(w, *split_budget(w.shape[0], w.shape[1], *lowrank))
             for suffix, t in zip(FACTORS, (f.a, f.b, f.values, f.index), strict=True):
-                out[tmpl[p].format(layer=layer, expert=e, suffix=suffix)] = t if suffix == "sparse_index" else t.to(dtype)
+                writers[0].add(tmpl[p].format(layer=layer, expert=e, suffix=suffix),
+                               t if suffix == "sparse_index" else t.to(dtype))
             params += f.parameters()
-            stock[dense_name] = f.dense().to(dtype)
-    for name, t in weights.router.items():
+            ranks[p], columns[p] = f.a.shape[0], f.index.numel()
+            dense = f.dense()
+            # ||W - (B A + S)||_F / ||W||_F: how much of each matrix the C step keeps (a model's flat
+            # spectra show here long before its accuracy is measured); averaged per part below
+            errors[p].append(float((dense.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12)))
+            if len(writers) > 1:
+                writers[1].add(dense_name, dense.to(dtype))
+            del f, dense, w
+        release_free_memory()  # what the allocator kept of this expert's temporaries, not just what is alive
+    for name, t in router.items():
         rows = t if plan.routing == "group" else t[[m[0] for m in plan.groups]]
-        out[name] = rows.to(dtype).contiguous()
+        writers[0].add(name, rows.to(dtype).contiguous())
+        if len(writers) < 2:
+            continue
         if plan.routing == "prune":
-            stock[name] = out[name]
+            writers[1].add(name, rows.to(dtype).contiguous())
         else:  # combined rows for the stock form: frequency-weighted mean of each group's members
-            stock[name] = torch.stack([weighted_merge(t[m], frequencies[m]) for m in plan.groups]).to(dtype)
+            writers[1].add(name, torch.stack([weighted_merge(t[m], frequencies[m]) for m in plan.groups]).to(dtype))
     entry: dict[str, Any] = {"experts": g, "routing": plan.routing, "groups": plan.groups,
-                             "factored": factored is not None, "expert_parameters": params}
+                             "factored": lowrank is not None, "expert_parameters": params}
     if plan.routing == "group":
-        entry["group_map"] = plan.group_map(weights.num_experts)
-    if factored is not None:
-        entry["ranks"] = {p: [f.a.shape[0] for f in factored[p]][0] for p in PARTS}
-        entry["columns"] = {p: [f.index.numel() for f in factored[p]][0] for p in PARTS}
-        # ||W - (B A + S)||_F / ||W||_F per part, mean over the layer's merged experts: how much of each
-        # matrix the C step keeps (a model's flat spectra show here long before its accuracy is measured)
-        entry["relative_error"] = {p: float(np.mean([float((f.dense().float() - w.float()).norm() / w.float().norm().clamp_min(1e-12))
-                                                     for f, w in zip(factored[p], merged[p], strict=True)])) for p in PARTS}
-    return out, entry, stock
+        entry["group_map"] = plan.group_map(len(frequencies))
+    if lowrank is not None:
+        entry["ranks"], entry["columns"] = ranks, columns
+        entry["relative_error"] = {p: float(np.mean(errors[p])) for p in PARTS}
+    return entry
 
 
 def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[str], *, method: str,
                         params: MethodParams, stats: LayerStats, keep: list[int],
                         lowrank: tuple[float, float] | None = None, stock: bool = True, seed: int = 0,
                         overwrite: bool = False, extra: dict[str, Any] | None = None) -> CompressResult:
-    """Compress the MoE at ``source`` into ``out``, streaming one layer at a time (see the module docstring)."""
+    """Compress the MoE at ``source`` into ``out``, streaming one new expert at a time (see the module docstring)."""
     from expertkit.fileio import install_folder, write_atomic
     from expertkit.progress import track
     from expertkit.weights import Checkpoint, ShardedWriter
@@ -167,17 +176,16 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
             done: set[Any] = set()
             for name in track(ckpt.names(), f"Compressing ({method})"):
                 key = layer_of.get(name)
-                if key is None:
-                    tensor = ckpt.read(name)
+                if key is None:  # copied file to file: a big tensor (the embedding) never enters memory
                     for w in writers:
-                        w.add(name, tensor)
+                        w.add_from(name, ckpt)
                     continue
                 if key in done:
                     continue
                 i = keys.index(key)
-                weights = moe.read_layer(key)
-                layer = LayerInput(weights.name, weights.gate, weights.up, weights.down, weights.router_weight(),
-                                   stats.frequencies[i], stats.logit_similarity[i],
+                router = moe.read_router(key)
+                layer = LayerInput(layer_name(key), moe.experts(key), router_weight(router), stats.frequencies[i],
+                                   stats.logit_similarity[i],
                                    None if stats.output_mean is None else stats.output_mean[i],
                                    None if stats.reap is None else stats.reap[i], keep[i], rng)
                 plan = fn(layer, params)
@@ -185,16 +193,10 @@ def compress_checkpoint(source: str | os.PathLike[str], out: str | os.PathLike[s
                     raise ConfigError(f"{method} keeps {len(plan.groups)} experts in layer {key[1]}, fewer than the "
                                       f"model's top-k ({moe.top_k}): a pruned router cannot route a token to "
                                       f"{moe.top_k} experts; keep at least {moe.top_k} per layer (min_experts).")
-                tensors, entry, stock_tensors = layer_outputs(moe, weights, plan, lowrank, moe.dtype(key),
-                                                              stats.frequencies[i])
-                for n, t in tensors.items():
-                    writers[0].add(n, t)
-                if write_stock:
-                    for n, t in stock_tensors.items():
-                        writers[1].add(n, t)
-                layout["layers"][str(key[1])] = entry
+                layout["layers"][str(key[1])] = write_layer(moe, key, plan, router, lowrank, moe.dtype(key),
+                                                            stats.frequencies[i], writers)
                 done.add(key)
-                del weights, layer, plan, tensors, stock_tensors
+                del layer, plan, router
             for w in writers:
                 w.finish()
             record = _record(moe, layout, keep, method, params, lowrank, write_stock, began, extra)
