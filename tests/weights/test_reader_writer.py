@@ -352,7 +352,7 @@ def test_add_from_copies_tensors_file_to_file_without_reading_them(tmp_path: Pat
             raise AssertionError("add_from read a tensor into memory")
         monkeypatch.setattr(ckpt, "read", no_read)
         names = list(reversed(ckpt.names()))  # any order
-        lay = [(("copy." + n), i.shape, i.dtype) for n, i in ((n, ckpt.info(n)) for n in names)] if layout else None
+        lay = [("copy." + n, ckpt.info(n).shape, ckpt.info(n).dtype) for n in names] if layout else None
         with ShardedWriter(tmp_path / "out", layout=lay, max_shard_size=500) as w:
             for n in names:
                 w.add_from("copy." + n, ckpt, n)

@@ -215,13 +215,9 @@ class ShardedWriter:
 
         The tensor's bytes are written before this returns: the caller may reuse its memory.
         """
-        self._check_open()
-        if name in self._written:
-            raise CheckpointError(f"tensor '{name}' was already added; tensor names must be unique.")
+        self._check_new(name)
         if not isinstance(tensor, torch.Tensor):
             raise InputTypeError(f"tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor.")
-        if self._layout is not None and name not in self._layout:
-            raise unknown("tensor", name, self._layout)
         self._put(make_entry(name, tensor.shape, tensor.dtype), tensor_bytes(tensor))
 
     def add_from(self, name: str, source: Checkpoint, source_name: str | None = None) -> None:
@@ -231,17 +227,21 @@ class ShardedWriter:
         this process's memory: a pass-through copy of a tensor larger than what a streaming pass
         otherwise holds (a token embedding) does not raise its peak. A pickled source is read and added.
         """
-        self._check_open()
-        if name in self._written:
-            raise CheckpointError(f"tensor '{name}' was already added; tensor names must be unique.")
-        if self._layout is not None and name not in self._layout:
-            raise unknown("tensor", name, self._layout)
+        self._check_new(name)
         where = source.file_range(source_name or name)
         if where is None:
             self.add(name, source.read(source_name or name))
             return
         info = source.info(source_name or name)
         self._put(make_entry(name, info.shape, info.dtype), FileRange(*where))
+
+    def _check_new(self, name: str) -> None:
+        """Refuse a tensor the writer cannot take: closed writer, duplicate, or a name the layout lacks."""
+        self._check_open()
+        if name in self._written:
+            raise CheckpointError(f"tensor '{name}' was already added; tensor names must be unique.")
+        if self._layout is not None and name not in self._layout:
+            raise unknown("tensor", name, self._layout)
 
     def _put(self, entry: Entry, data: memoryview | FileRange) -> None:
         name = entry.name

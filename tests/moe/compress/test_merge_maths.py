@@ -10,7 +10,7 @@ import torch
 
 from expertkit.errors import ConfigError
 from expertkit.moe.compress import METHODS, StackedExperts
-from expertkit.moe.compress.align import AnchorFeatures, align_to
+from expertkit.moe.compress.align import align_to
 from expertkit.moe.compress.allocate import allocate
 from expertkit.moe.compress.base import dominant_groups, merge_weights, merged_expert, weighted_merge
 from expertkit.moe.compress.lowrank import factorize, split_budget
@@ -196,8 +196,3 @@ def test_the_streamed_merge_equals_the_stacked_formula_holding_one_expert_at_a_t
     # never the group at once: at most one expert's three matrices (the stacked merge held 3 x 4)
     assert source.peak <= 3
 
-
-def test_anchor_features_match_align_to_on_unrelated_experts():
-    for seed in range(3):
-        a, b = expert(40, 16, seed), expert(40, 16, seed + 10)
-        assert torch.equal(AnchorFeatures(*a).match(iter(b)), align_to(*a, *b))

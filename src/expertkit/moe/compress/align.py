@@ -22,42 +22,22 @@ import numpy as np
 import torch
 
 
-def neuron_features(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """``(I, 3H)``: each intermediate neuron's gate row, up row and down column, side by side."""
-    return torch.cat([gate, up, down.T], dim=1)  # (I, H) + (I, H) + (I, H)
-
-
 def align_to(gate_a: torch.Tensor, up_a: torch.Tensor, down_a: torch.Tensor,
              gate_b: torch.Tensor, up_b: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     """``(I,)`` permutation ``p`` such that expert B's neuron ``p[i]`` is matched to A's neuron ``i``.
 
     Apply it as ``gate_b[p], up_b[p], down_b[:, p]``.
     """
-    from scipy.optimize import linear_sum_assignment
-
-    fa = neuron_features(gate_a, up_a, down_a).double()  # (I, 3H)
-    fb = neuron_features(gate_b, up_b, down_b).double()  # (I, 3H)
-    score = (fa @ fb.T).numpy()  # (I, I): inner product of A's neuron i with B's neuron j
-    rows, cols = linear_sum_assignment(score, maximize=True)
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
-    return torch.from_numpy(perm)
-
-
-def permute_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                   perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same expert with its intermediate neurons reordered by ``perm`` (the function is unchanged)."""
-    return gate[perm], up[perm], down[:, perm]
+    return AnchorFeatures(gate_a, up_a, down_a).match((gate_b, up_b, down_b))
 
 
 class AnchorFeatures:
     """An anchor expert's neuron vectors in float64, kept while its group's members are matched to it.
 
-    :meth:`match` gives the same permutation as :func:`align_to` with less memory (the streaming
-    pass's peak during M-SMoE's alignment was these temporaries; measured, bench/moe_compress.py):
-    the score matrix is accumulated in place part by part (gate, up, down) from one member matrix
-    at a time instead of from ``(I, 3H)`` feature copies of both experts, and negated in place for
-    the assignment.
+    The score matrix (inner products of neuron vectors ``[gate[j], up[j], down[:, j]]``) is
+    accumulated in place part by part from one member matrix at a time, not from ``(I, 3H)``
+    feature copies of both experts, and negated in place for the assignment: those copies were the
+    streaming pass's peak during M-SMoE's alignment (measured, bench/moe_compress.py).
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
