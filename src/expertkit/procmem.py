@@ -7,6 +7,9 @@ peak of one piece of work can be read alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def status(key: str) -> int:
     """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``, ...) in bytes; 0 when absent."""
@@ -30,7 +33,22 @@ def reset_peak() -> bool:
         return False
 
 
-_TRIM: list = []  # [malloc_trim or None], looked up once
+_LIBC: list = []  # [glibc or None], looked up once
+
+
+def _glibc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or None)
+            lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):  # not glibc
+            lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
 
 
 def release_free_memory() -> bool:
@@ -42,17 +60,34 @@ def release_free_memory() -> bool:
     docs/benchmarks.md). Trimming after each unit of streamed work keeps the resident set to what
     is alive, without changing the allocator's settings for the rest of the process.
     """
-    if not _TRIM:
-        import ctypes
-        import ctypes.util
-
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):  # not glibc
-            fn = None
-        _TRIM.append(fn)
-    if _TRIM[0] is None:
+    lib = _glibc()
+    if lib is None:
         return False
-    _TRIM[0](0)
+    lib.malloc_trim(0)
     return True
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for its adaptive threshold on 64-bit systems
+
+
+@contextmanager
+def mapped_large_allocations(threshold: int = 1 << 20) -> Iterator[bool]:
+    """Within the block, blocks of at least ``threshold`` bytes get their own mapping (glibc).
+
+    Freed, such a block goes back to the system at once, so the resident set follows what is alive.
+    Without this glibc raises its mmap threshold to the size of each mapped block freed (up to
+    32 MB) and serves later big tensors from its heap, whose freed holes stay resident: in the MoE
+    compression pass that retained memory, between trims, was a fifth of the peak (measured,
+    docs/benchmarks.md). glibc cannot turn the adaptation back on, so on leaving the threshold is
+    set to 32 MB, the value it adapts to under tensor work (big blocks come from the heap, as
+    before; only the first ones differ). Yields False, changing nothing, where the C library is not glibc.
+    """
+    lib = _glibc()
+    if lib is None or not lib.mallopt(_M_MMAP_THRESHOLD, int(threshold)):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)

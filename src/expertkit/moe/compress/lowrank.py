@@ -74,7 +74,10 @@ def factorize(w: torch.Tensor, rank: int, columns: int) -> Factors:
     u, s, vh = torch.linalg.svd(w64, full_matrices=False)  # (m, q), (q,), (q, n)
     b = u[:, :rank] * s[:rank]  # (m, r)
     a = vh[:rank]  # (r, n)
-    residual = w64 - b @ a  # (m, n)
+    del u, s  # what is not needed is freed before the residual (the pass streams, bench/moe_compress.py)
+    residual = b @ a  # (m, n)
+    torch.sub(w64, residual, out=residual)  # w64 - b a, in place: the same values as a new tensor
+    del w64
     index = torch.sort(torch.topk(residual.norm(dim=0), columns).indices).values if columns else torch.zeros(
         0, dtype=torch.long)
     values = residual[:, index]  # (m, k)
