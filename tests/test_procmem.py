@@ -24,7 +24,9 @@ def test_peak_follows_a_large_allocation_and_reset_brings_it_down():
         pytest.skip("clear_refs is not permitted here")
     before = status("VmHWM")
     block = mmap.mmap(-1, 64 * 2**20)  # fresh anonymous pages (malloc could reuse resident ones)
-    block.write(b"\1" * len(block))  # every page touched
+    chunk = b"\1" * 2**20  # every page touched through a small buffer: a 64 MB temporary would come
+    for offset in range(0, len(block), len(chunk)):  # from malloc, whose heap may keep it resident once freed
+        block[offset:offset + len(chunk)] = chunk
     assert status("VmHWM") >= before + 60 * 2**20
     block.close()
     assert reset_peak()
