@@ -80,8 +80,10 @@ def mapped_large_allocations(threshold: int = 1 << 20) -> Iterator[bool]:
     32 MB) and serves later big tensors from its heap, whose freed holes stay resident: in the MoE
     compression pass that retained memory, between trims, was a fifth of the peak (measured,
     docs/benchmarks.md). glibc cannot turn the adaptation back on, so on leaving the threshold is
-    set to 32 MB, the value it adapts to under tensor work (big blocks come from the heap, as
-    before; only the first ones differ). Yields False, changing nothing, where the C library is not glibc.
+    set to 32 MB, its adaptive ceiling; the process keeps that fixed value (and a trim threshold
+    that no longer adapts), so its heap may keep more freed memory resident than before: seen
+    once, a 64 MB temporary stayed resident in a long pytest process. Yields False, changing
+    nothing, where the C library is not glibc.
     """
     lib = _glibc()
     if lib is None or not lib.mallopt(_M_MMAP_THRESHOLD, int(threshold)):
