@@ -21,6 +21,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+CHUNK = 64  # hidden features per float64 product in AnchorFeatures.match
+
 
 def align_to(gate_a: torch.Tensor, up_a: torch.Tensor, down_a: torch.Tensor,
              gate_b: torch.Tensor, up_b: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
@@ -32,16 +34,18 @@ def align_to(gate_a: torch.Tensor, up_a: torch.Tensor, down_a: torch.Tensor,
 
 
 class AnchorFeatures:
-    """An anchor expert's neuron vectors in float64, kept while its group's members are matched to it.
+    """An anchor expert's neuron vectors, kept while its group's members are matched to it.
 
     The score matrix (inner products of neuron vectors ``[gate[j], up[j], down[:, j]]``) is
-    accumulated in place part by part from one member matrix at a time, not from ``(I, 3H)``
-    feature copies of both experts, and negated in place for the assignment: those copies were the
-    streaming pass's peak during M-SMoE's alignment (measured, bench/moe_compress.py).
+    accumulated in float64, in place, part by part from one member matrix at a time and
+    :data:`CHUNK` hidden features at a time, so the float64 copies of the anchor's and the member's
+    matrices are never whole: whole ``(I, 3H)`` float64 feature copies of both experts, then a
+    float64 anchor beside a float64 member matrix, were the streaming pass's peak during M-SMoE's
+    alignment (measured per phase, bench/moe_compress.py and docs/benchmarks.md).
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.parts = (gate.double(), up.double(), down.T.double())  # (I, H) each
+        self.parts = (gate, up, down.T)  # (I, H) each, as given (down.T is a view); float64 per chunk
 
     def match(self, member: Iterable[torch.Tensor]) -> torch.Tensor:
         """``(I,)`` permutation ``p``: the member's neuron ``p[i]`` is matched to the anchor's neuron ``i``.
@@ -53,11 +57,13 @@ class AnchorFeatures:
 
         n = self.parts[0].shape[0]
         score = torch.zeros(n, n, dtype=torch.float64)  # (I, I): anchor neuron i . member neuron j
-        for a, (k, b) in zip(self.parts, enumerate(member), strict=True):
-            b64 = (b.T if k == 2 else b).double()  # (I, H)
+        matrices = iter(member)
+        for k, a in enumerate(self.parts):  # not zip: zip keeps its last items until it makes the next ones
+            b = next(matrices)
+            b = b.T if k == 2 else b  # (I, H)
+            for h in range(0, b.shape[1], CHUNK):
+                score.addmm_(a[:, h:h + CHUNK].double(), b[:, h:h + CHUNK].double().T)
             del b
-            score.addmm_(a, b64.T)
-            del b64
         rows, cols = linear_sum_assignment(score.neg_().numpy())  # maximise the summed inner products
         perm = np.empty(len(rows), dtype=np.int64)
         perm[rows] = cols

@@ -24,7 +24,7 @@ declaring a pydantic parameter model and the statistics it needs beyond the rout
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -130,6 +130,10 @@ class LayerPlan:
         """New expert ``g``, made now from its members (one member's matrices in memory at a time)."""
         return merged_expert(self.source, self.groups[g], self.weights[g], align=self.align)
 
+    def parts(self, g: int) -> Iterator[torch.Tensor]:
+        """New expert ``g``'s gate, up and down, one at a time (:func:`merged_parts`)."""
+        return merged_parts(self.source, self.groups[g], self.weights[g], align=self.align)
+
     def stacked(self) -> Expert:
         """Every new expert, stacked: ``gate (G, I, H), up (G, I, H), down (G, H, I)`` (in-memory use)."""
         made = [self.expert(g) for g in range(len(self.groups))]
@@ -191,26 +195,36 @@ def weighted_merge(tensors: torch.Tensor, weights: np.ndarray | Sequence[float])
 
 
 def merged_expert(source: ExpertSource, members: list[int], weights: np.ndarray, *, align: bool) -> Expert:
-    """``sum_i w_i members[i]`` (members after the first permuted onto it when ``align``), float32.
+    """``sum_i w_i members[i]`` (members after the first permuted onto it when ``align``), float32."""
+    gate, up, down = merged_parts(source, members, weights, align=align)
+    return gate, up, down
+
+
+def merged_parts(source: ExpertSource, members: list[int], weights: np.ndarray, *,
+                 align: bool) -> Iterator[torch.Tensor]:
+    """:func:`merged_expert`'s gate, up and down, made one at a time as the caller asks for them.
 
     Streamed, not stacked (a measured choice, bench/moe_compress.py): each member is aligned, then
     each matrix is summed member by member into one float64 accumulator, so memory holds the
-    anchor's alignment features, one member's matrix and the accumulator, never the group stacked.
+    anchor's matrices, one member's matrix and the accumulator, never the group stacked; a caller
+    that drops each matrix before asking for the next (the compression pass) never holds two.
     """
     from expertkit.moe.compress.align import AnchorFeatures
     from expertkit.procmem import release_free_memory
 
+    parts = ("gate", "up", "down")
     if len(members) == 1 and float(weights[0]) == 1.0:
-        return source.expert(members[0])
+        for part in parts:
+            yield source.part(members[0], part)
+        return
     perms: dict[int, torch.Tensor] = {}
     if align and len(members) > 1:
         anchor = AnchorFeatures(*source.expert(members[0]))
         for e in members[1:]:
-            perms[e] = anchor.match(source.part(e, p) for p in ("gate", "up", "down"))
+            perms[e] = anchor.match(source.part(e, p) for p in parts)
             release_free_memory()  # the alignment's big temporaries (see expertkit.procmem)
         del anchor
-    out = []
-    for part in ("gate", "up", "down"):
+    for part in parts:
         acc = None
         for e, w in zip(members, weights, strict=True):
             t = source.part(e, part)
@@ -221,9 +235,10 @@ def merged_expert(source: ExpertSource, members: list[int], weights: np.ndarray,
             else:
                 acc.add_(t, alpha=float(w))  # float32 into the float64 sum, computed in float64
             del t
-        out.append(acc.to(torch.float32))  # type: ignore[union-attr]
+        out = acc.to(torch.float32)  # type: ignore[union-attr]
         del acc
-    return out[0], out[1], out[2]
+        yield out
+        del out  # dropped here too before the next part is summed
 
 
 def merge_groups(layer: LayerInput, groups: list[list[int]], *, weighting: Literal["frequency", "uniform"],

@@ -91,7 +91,9 @@ def write_layer(moe: MoeCheckpoint, key: Any, plan: LayerPlan, router: dict[str,
     columns: dict[str, int] = {}
     errors: dict[str, list[float]] = {p: [] for p in PARTS}
     for e in range(g):
-        for p, w in zip(PARTS, plan.expert(e), strict=True):  # one new expert in memory at a time
+        made = plan.parts(e)
+        for p in PARTS:  # one new matrix in memory at a time (not zip: it keeps its last items until the next)
+            w = next(made)
             dense_name = tmpl[p].format(layer=layer, expert=e, suffix="weight")
             if lowrank is None:
                 t = w.to(dtype).contiguous()
