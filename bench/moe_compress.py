@@ -2,7 +2,7 @@
 
     flock /tmp/expertkit-bench.lock .venv/bin/python bench/moe_compress.py [--model FOLDER | --tiny] \\
         [--methods msmoe average hcsmoe prune_frequency reap] [--experts-per-layer 4] [--lowrank KEEP] \\
-        [--repeats 3] [--json OUT]
+        [--repeats 3] [--json OUT] [--profile METHOD]
 
 Subject: ``--model`` (an MoE folder), else the MoE of the default recipe of ``expertkit moe build``
 when it is in the cache (``<cache>/moe-build/<fingerprint>/moe``; the bench never builds it: that
@@ -26,6 +26,13 @@ Two limits, measured in the same run, make the figures ratios:
   pass's peak RSS above its import baseline (expertkit, torch, and the scipy modules the methods
   use) over that (goal, issue 13: at most 1). The pass holds one new expert and its members' matrices
   one at a time, so it can stay below one layer.
+
+``--profile METHOD`` runs one pass of that method instead, with the resident set sampled every 2 ms
+in a thread and each sample labelled by the pass's phase (the alignment's anchor and matching, the
+C step's factorisation, the writer, the rest of ``write_layer``, the planning before it): the table
+gives each phase's peak above the import baseline, split into anonymous and file-backed pages (code
+pages of libraries loaded on first use show as file-backed). That is how the peaks in
+docs/benchmarks.md were placed.
 
 Every measured step is a fresh child process (the parent never imports torch, so a child's
 ``ru_maxrss`` starts low); its peak is ``VmHWM`` after a reset (``/proc/self/clear_refs``) minus
@@ -129,6 +136,7 @@ def _measured(kind: str, model: str, work: Path, lowrank: float | None, stock: b
     from expertkit.weights import Checkpoint, ShardedWriter
 
     set_quiet(True)
+    profile, kind = kind.startswith("profile:"), kind.removeprefix("profile:")
     out = work / f"out-{kind}"
     if kind != "copy":
         from expertkit.moe.compress import CompressConfig, LayerStats, compress_checkpoint
@@ -142,8 +150,11 @@ def _measured(kind: str, model: str, work: Path, lowrank: float | None, stock: b
         # the methods' libraries (assignment, clustering) are part of the import baseline, not the pass
         import scipy.cluster.hierarchy  # noqa: F401
         import scipy.optimize  # noqa: F401
+    phases = _phase_sampler() if profile else None
     hwm_reset = reset_peak()
     baseline = status("VmRSS")
+    if phases is not None:
+        phases.start(status("RssAnon"), status("RssFile"))
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if kind == "copy":
         with Checkpoint(Path(model)) as ckpt, ShardedWriter(out, layout=ckpt.infos(), max_shard_size="2GB") as w:
@@ -156,8 +167,67 @@ def _measured(kind: str, model: str, work: Path, lowrank: float | None, stock: b
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = status("VmHWM") if hwm_reset else cpu1.ru_maxrss * 1024
     shutil.rmtree(out, ignore_errors=True)
+    if phases is not None:
+        return {"kind": kind, "wall_s": wall, "peak_above_baseline": peak - baseline, "phases": phases.stop()}
     return {"kind": kind, "wall_s": wall, "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
             "baseline_rss": baseline, "peak_above_baseline": peak - baseline}
+
+
+class _Phases:
+    """Samples ``RssAnon`` / ``RssFile`` every 2 ms in a thread; keeps each phase's peak."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.peaks: dict[str, tuple[int, int]] = {}
+        self.running = False
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        def labelled(*a: object, **k: object) -> object:
+            self.stack.append(label)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.stack.pop()
+
+        setattr(owner, name, labelled)
+
+    def start(self, anon0: int, file0: int) -> None:
+        import threading
+
+        from expertkit.procmem import status
+
+        def sample() -> None:
+            while self.running:
+                phase = " / ".join(self.stack) or "planning, reading, other"
+                anon, file = status("RssAnon") - anon0, status("RssFile") - file0
+                if anon + file > sum(self.peaks.get(phase, (-(1 << 62), 0))):
+                    self.peaks[phase] = (anon, file)
+                time.sleep(0.002)
+
+        self.running = True
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> dict[str, tuple[int, int]]:
+        self.running = False
+        self.thread.join()
+        return self.peaks
+
+
+def _phase_sampler() -> _Phases:
+    """A sampler whose phases are the compression pass's steps (its functions wrapped in place)."""
+    from expertkit.moe.compress import align, run
+    from expertkit.weights import ShardedWriter
+
+    phases = _Phases()
+    phases.wrap(align.AnchorFeatures, "__init__", "alignment: anchor")
+    phases.wrap(align.AnchorFeatures, "match", "alignment: match")
+    phases.wrap(run, "factorize", "C: factorize")
+    phases.wrap(run, "write_layer", "write_layer")
+    phases.wrap(ShardedWriter, "add", "writer")
+    return phases
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -195,6 +265,8 @@ def main() -> None:
     ap.add_argument("--no-stock", action="store_true", help="do not write the stock transformers form")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="METHOD", choices=METHODS,
+                    help="one pass of METHOD with its peak memory per phase, instead of the timings")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)
@@ -206,6 +278,8 @@ def main() -> None:
     try:
         model = _run("tiny", args, work, "")["model"] if args.tiny else args.model
         prep = _run("prepare", args, work, model, *(["--synthetic"] if args.tiny else []))
+        if args.profile:
+            return _report_profile(args, prep, _run(f"profile:{args.profile}", args, work, prep["model"]))
         steps = ["copy", *args.methods]
         runs: dict[str, list[dict]] = {s: [] for s in steps}
         for r in range(args.repeats):
@@ -239,6 +313,21 @@ def _report(args: argparse.Namespace, prep: dict, runs: dict[str, list[dict]], b
     if args.json:
         Path(args.json).write_text(json.dumps({"prepare": prep, "runs": runs, "load_before": before,
                                                "load_after": after}, indent=1))
+
+
+def _report_profile(args: argparse.Namespace, prep: dict, run: dict) -> None:
+    limit = prep["layer_expert_bytes"] + prep["stats_bytes"]
+    print(f"subject {prep['model']}; method {run['kind']}; lowrank {args.lowrank}; "
+          f"stock {'no' if args.no_stock else 'yes'}; one pass, {run['wall_s']:.1f} s")
+    print(f"peak above baseline {run['peak_above_baseline'] / 1e6:.1f} MB = "
+          f"{run['peak_above_baseline'] / limit:.2f}x the limit ({limit / 1e6:.1f} MB)")
+    print("| phase (innermost last) | peak above baseline | anonymous | file-backed | peak / limit |")
+    print("|---|---:|---:|---:|---:|")
+    for phase, (anon, file) in sorted(run["phases"].items(), key=lambda kv: -sum(kv[1])):
+        print(f"| {phase} | {(anon + file) / 1e6:.1f} MB | {anon / 1e6:.1f} MB | {file / 1e6:.1f} MB | "
+              f"{(anon + file) / limit:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prepare": prep, "profile": run}, indent=1))
 
 
 if __name__ == "__main__":
