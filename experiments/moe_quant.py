@@ -4,6 +4,7 @@
     .venv/bin/python experiments/moe_quant.py --smoke      # a tiny random Mixtral: checks the script end to end
     .venv/bin/python experiments/moe_quant.py --executor ray [--address HOST:6379]   # the systems as Ray tasks
     PY=/path/to/peers-venv/bin/python; $PY experiments/moe_quant.py --bits 3 --auto-round   # + auto-round-3
+    .venv/bin/python experiments/moe_quant.py --clip-grid 20 --out runs/experiments/moe_quant_clip  # clipped scales
 
 ``--auto-round`` adds the peer the issue names, auto-round's uniform 3-bit (SignRound, 200 tuning
 iterations per block by default) at equal bits, in a venv with the ``peers`` extra
@@ -87,6 +88,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--n", type=int, default=0, help="test examples per task (0: from mcnemar_sample_size, >= 300)")
     p.add_argument("--group", type=int, default=64, help="group size (64 divides SmolLM2's 576 and 1536)")
+    p.add_argument("--clip-grid", type=int, default=0,
+                   help="the scales' clipping search for RTN and GPTQ (QuantizeConfig.clip_grid; 0: full range, "
+                        "as the committed cells)")
     p.add_argument("--calib-blocks", type=int, default=32)
     p.add_argument("--prompts", type=int, default=16, help="calibration prompts per cluster task")
     p.add_argument("--min-tokens", type=int, default=128, help="calibration tokens every expert sees at least")
@@ -139,7 +143,8 @@ def _config(moe: Path, args: argparse.Namespace, method: str, policy: dict) -> o
     from expertkit.quant.config import QuantizeConfig
 
     return QuantizeConfig.model_validate({"model": str(moe), "method": method, "group_size": args.group,
-                                          "policy": policy, "calibration": {"min_tokens_per_expert": args.min_tokens}})
+                                          "clip_grid": args.clip_grid, "policy": policy,
+                                          "calibration": {"min_tokens_per_expert": args.min_tokens}})
 
 
 def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
@@ -287,6 +292,8 @@ def _identity(args: argparse.Namespace, name: str, method: str, policy: dict, *,
     keys = ["moe_digest", "group", "calib_blocks", "prompts", "min_tokens", "val_blocks", "test_blocks", "seed",
             "smoke"]
     settings = {k: getattr(args, k) for k in keys + (["tasks", "n"] if accuracy else [])}
+    if args.clip_grid and method != "auto-round":  # named only when used, so cells saved before it still match
+        settings["clip_grid"] = args.clip_grid
     return {"name": name, "method": method, "policy": policy, "settings": settings}
 
 

@@ -45,12 +45,13 @@ class Format:
     group_size: int = 128
     symmetric: bool = True
     scale_dtype: str = "float16"
+    clip_grid: int = 0  # the scales' clipping search (Scheme.clip_grid); stored bits do not depend on it
 
     def scheme(self, bits: int, cols: int) -> Scheme:
         """The scheme of a ``bits``-bit matrix with ``cols`` input columns (per channel when the group
         size does not divide ``cols``)."""
         group = self.group_size if self.group_size == -1 or cols % self.group_size == 0 else -1
-        return Scheme(bits, group, self.symmetric, self.scale_dtype)
+        return Scheme(bits, group, self.symmetric, self.scale_dtype, self.clip_grid)
 
     def bits(self, unit: Unit, bits: int) -> int:
         """Stored bits of ``unit`` at ``bits``."""

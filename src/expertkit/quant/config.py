@@ -60,6 +60,8 @@ class QuantizeConfig(Config):
                                              "whose width it does not divide gets one scale per channel")
     symmetric: bool = Field(True, description="symmetric grid (no zero-points)")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of stored scales")
+    clip_grid: int = Field(0, ge=0, description="ranges tried per group for its scale, from the full range down "
+                                                "to 40% of it, keeping the least squared error (0: full range)")
     gptq: GptqSpec = Field(default_factory=GptqSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     policy: Policy = Field(default_factory=UniformPolicy, description="bits per matrix (see docs/quant.md)")

@@ -123,7 +123,7 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
     loaded = loaded if loaded is not None else load_model(config.model)
     model, cal = loaded.model, config.calibration
     targets = find_targets(model)
-    fmt = Format(config.group_size, config.symmetric, config.scale_dtype)
+    fmt = Format(config.group_size, config.symmetric, config.scale_dtype, config.clip_grid)
     policy = config.policy
     needs_data = config.method == "gptq" or isinstance(policy, (ExpertFrequencyPolicy, BlockImportancePolicy))
     observe = isinstance(policy, BlockImportancePolicy)  # block inputs and outputs: always a pass of its own data
