@@ -15,7 +15,8 @@ Accuracy (``--part accuracy``; everything cached under --out, so a rerun only ev
 4. the same ``n`` test examples of each task scored for: new base zero-shot, new base + ported patch,
    new base + LoRA fine-tuned (and the old base + patch once); per level, pooled over the tasks, paired
    tests (exact McNemar, paired bootstrap interval): does fine-tuning beat the port, is the port within
-   ``--margin`` of fine-tuning (the interval's lower end above ``-margin``), does the port beat zero-shot;
+   ``--margin`` of fine-tuning (the interval's lower end above ``-margin``), does the port beat zero-shot,
+   does the patch lose accuracy by moving (old base + patch against new base + ported patch);
 5. what ``port diagnose``'s risky-drift threshold should be, read off those verdicts.
 
 Why n = 300 per task: 900 pooled pairs per level detect a 3-point difference when 10% of the pairs
@@ -217,14 +218,17 @@ def _paired(rows: dict[str, dict[str, list[float]]], a: argparse.Namespace) -> d
 
     tuned_vs_port = compare(pooled("finetuned"), pooled("ported"), seed=a.seed)
     port_vs_zero = compare(pooled("ported"), pooled("zero_shot"), seed=a.seed)
+    old_vs_port = compare(pooled("old_patch"), pooled("ported"), seed=a.seed)  # does the patch lose by moving?
     non_inferior = tuned_vs_port.diff_high < a.margin  # the port is at most `margin` below fine-tuning
     lines = [verdict("LoRA fine-tuning on the new base beats the ported patch", tuned_vs_port),
              verdict("the ported patch beats the new base zero-shot", port_vs_zero),
+             verdict("the patch on its own (old) base beats the same patch ported to the new base", old_vs_port),
              f"the ported patch is within {a.margin:.2f} of fine-tuning (upper end of the interval of "
              f"fine-tuned - ported below {a.margin:.2f}): {'shown' if non_inferior else 'not shown'} "
              f"({tuned_vs_port.diff_high:+.3f})."]
     return {"accuracy": {s: float(np.mean(pooled(s))) for s in ("zero_shot", "ported", "finetuned", "old_patch")},
             "finetuned_vs_ported": tuned_vs_port.as_dict(), "ported_vs_zero_shot": port_vs_zero.as_dict(),
+            "old_patch_vs_ported": old_vs_port.as_dict(),
             "non_inferior": non_inferior, "verdicts": lines}
 
 
@@ -361,13 +365,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"Accuracy, pooled over {', '.join(acc['tasks'])} (n = {acc['n']} per task, the same examples for "
                   f"every system); old base + patch: {acc['levels'][0]['accuracy']['old_patch']:.3f}.", "",
                   "| level (steps:lr) | drift (median rel.) | evolve loss first -> last | new base zero-shot | "
-                  "+ ported patch | + LoRA fine-tuned | fine-tuned - ported [95%] | McNemar p |",
-                  "|---|---:|---|---:|---:|---:|---|---:|"]
+                  "+ ported patch | + LoRA fine-tuned | fine-tuned - ported [95%] | McNemar p | old base + patch - ported [95%] "
+                  "| McNemar p |", "|---|---:|---|---:|---:|---:|---|---:|---|---:|"]
         for lv in acc["levels"]:
-            c, d = lv["accuracy"], lv["finetuned_vs_ported"]
+            c, d, o = lv["accuracy"], lv["finetuned_vs_ported"], lv["old_patch_vs_ported"]
             lines.append(f"| {lv['level']} | {100 * lv['drift']:.2f}% | {lv['loss_first']:.2f} -> {lv['loss_last']:.2f} | "
-                         f"{c['zero_shot']:.3f} | {c['ported']:.3f} | {c['finetuned']:.3f} | "
-                         f"{d['diff']:+.3f} [{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}] | {d['p_value']:.2g} |")
+                         f"{c['zero_shot']:.3f} | {c['ported']:.3f} | {c['finetuned']:.3f} | {_diff(d)} | "
+                         f"{d['p_value']:.2g} | {_diff(o)} | {o['p_value']:.2g} |")
         lines.append("")
         for lv in acc["levels"]:
             lines += [f"- drift {100 * lv['drift']:.2f}%: {v}" for v in lv["verdicts"]]
@@ -389,6 +393,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"The paper's {PAPER_RATIO}x, from lines fitted to the peaks: whole process at "
                   f"{_params(at['whole'])}, above the import baselines at {_params(at['above'])}."]
     return "\n".join(lines)
+
+
+def _diff(d: dict[str, Any]) -> str:
+    return f"{d['diff']:+.3f} [{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}]"
 
 
 def _pct(x: float | None) -> str:

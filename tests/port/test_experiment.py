@@ -29,7 +29,7 @@ def test_smoke_run_pairs_every_system_per_level(exp, tmp_path, monkeypatch, caps
         systems = lv["tasks"]["lo-hi"]
         assert set(systems) == {"zero_shot", "ported", "finetuned", "old_patch"}
         assert {len(s) for s in systems.values()} == {8}  # the same examples for every system
-        assert lv["finetuned_vs_ported"]["n"] == 8 and len(lv["verdicts"]) == 3
+        assert lv["finetuned_vs_ported"]["n"] == 8 and len(lv["verdicts"]) == 4
     assert json.loads((out / "results.json").read_text()) == res
     assert (out / "portllm.png").stat().st_size > 1000
     assert "LoRA fine-tuning on the new base beats the ported patch" in capsys.readouterr().out
