@@ -72,9 +72,12 @@ def test_memory_part_probes_each_size_in_fresh_processes(exp, tmp_path, monkeypa
 
 
 def test_threshold_and_the_papers_ratio_from_known_numbers(exp):
-    levels = [{"drift": 0.002, "non_inferior": True}, {"drift": 0.01, "non_inferior": True},
-              {"drift": 0.05, "non_inferior": False}]
-    assert exp._threshold(levels, 0.03) == {"largest_safe_drift": 0.01, "smallest_unsafe_drift": 0.05}
+    def level(drift, diff, p):
+        return {"drift": drift, "old_patch_vs_ported": {"diff": diff, "p_value": p}}
+
+    # lost: the patch on its own base significantly ahead; a port ahead or a difference within noise is not
+    levels = [level(0.002, -0.02, 0.02), level(0.01, 0.05, 0.2), level(0.05, 0.4, 1e-9), level(0.02, 0.2, 1e-4)]
+    assert exp._threshold(levels) == {"largest_safe_drift": 0.01, "smallest_unsafe_drift": 0.02}
     # fine-tuning 400 MB + 4 bytes per parameter, porting a flat 360 MB: 12.2 x 360 = 400 + 4e-6 N
     rows = [{"parameters": n, "train_mb": 400 + 4e-6 * n, "port_mb": 360.0,
              "train_above_mb": 4e-6 * n, "port_above_mb": 10.0} for n in (1e8, 5e8, 1e9)]
