@@ -253,3 +253,20 @@ def test_missing_quickstart_experts_point_to_make_run(tmp_path, cli, monkeypatch
     assert "written by `make run`" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli(["port", "extract", "elsewhere/gcd", "patch"])
     assert code == 2 and "adapter or model folder not found: elsewhere/gcd (check the path)" in err
+
+
+def test_risky_drift_warning_follows_the_median_and_lists_the_tensors_above():
+    from expertkit.port.diagnose import RISKY_DRIFT, TensorDrift, _verdict
+
+    def rows(rels):
+        return [TensorDrift(f"t{i}", i, 1.0, r, r, 0.1, 0.1 / r) for i, r in enumerate(rels)]
+
+    # like the measured-safe base: median 0.22%, one tensor above the threshold
+    safe = _verdict("a", "b", "exact", rows([0.002, 0.0022, 0.0025, 0.009]))
+    assert safe.relation == "evolved" and safe.risky == ["t3"]
+    assert "a modest update" in safe.message and "1 of 4 tensors moved by more than 0.5%" in safe.message
+    assert "evaluate" not in safe.message
+    # like the measured-unsafe base: median 0.96%
+    unsafe = _verdict("a", "b", "exact", rows([0.0072, 0.0096, 0.0122]))
+    assert unsafe.median_rel_drift > RISKY_DRIFT and len(unsafe.risky) == 3
+    assert "evaluate the ported model" in unsafe.message and "modest" not in unsafe.message
