@@ -1,35 +1,65 @@
-"""ZO-Bench at small scale: zeroth-order LoRA fine-tuning vs first-order Adam vs zero-shot.
+"""ZO-Bench on SmolLM2-135M: zeroth-order LoRA fine-tuning given thousands of steps, against AdamW.
 
-    .venv/bin/python experiments/zo_bench.py [--tasks family_relation leap_year] [--budget 40]
-        [--batch 4] [--n 50] [--methods ...] [--out runs/experiments/zo_bench]
-        [--executor {local,ray}] [--address HOST:6379] [--smoke]
+    .venv/bin/python experiments/zo_bench.py [--budget 4000] [--batch 8] [--n-val 200] [--n-test 426]
+        [--methods zo-sgd zo-adam forward-grad zo-sgd-block zo-sgd-sparse adamw] [--sweep-frac 0.25]
+        [--out runs/experiments/zo_bench_bbc] [--executor {local,ray}] [--address HOST:6379]
+    .venv/bin/python experiments/zo_bench.py --smoke      # tiny random Llama, toy choice task: checks the script
 
-On the bundled SmolLM2-135M-Instruct, LoRA (rank 8 on q_proj/v_proj) is trained on each task
-by every zeroth-order method and by first-order AdamW under the **same budget of forward
-passes** (``--budget``): a ZO-SGD-type step costs two forwards, ZO-SGD-Cons five (two for
-the estimate, three to pick among θ, θ - step, θ + step), a Forward-Grad step one jvp
-(counted as one forward, though it costs about two), and an AdamW step one forward (its
-backward pass comes on top and is not counted). Every method sees the same data order
-(seed 0). Accuracy on the task's test split (``--n`` examples, 95% Wilson interval) is
-compared with the base model zero-shot.
+**Task.** ``bbc_topic`` (five topics) scored by label words, as MeZO scores classification: each
+topic word's summed log-probability after the article's prompt, the highest wins; training puts the
+loss on the answer word. LoRA rank 8 on q_proj/v_proj of the bundled SmolLM2-135M-Instruct; the
+training pool is the whole train split (1,487 articles), walked in seeded epochs (seed 0, the same
+data order for every method).
 
-Learning rates: the ZO-SGD family and Forward-Grad use MeZO/ZO-Bench's LoRA default
-(lr 1e-4, ε 1e-2); ZO-Adam and AdamW use 1e-3 and 2e-3 (Adam steps are scale-free).
-Trained adapters and their evaluations are kept under ``--out``, so a rerun only prints.
-Writes ``<out>/results.json``, ``<out>/cells/<task>-<method>.json`` (one per cell: an interrupted
-run resumes) and prints the markdown table for docs/results.md.
+**Methods** (``VARIANTS``): ZO-SGD (MeZO), ZO-Adam, Forward-Grad, block-wise ZO-SGD (one estimate
+per transformer layer), sparse ZO-SGD (the 25% smallest-magnitude coordinates perturbed, Sparse
+MeZO's choice), ZO-SGD-Sign and ZO-SGD-Cons (opt-in), and first-order AdamW. ZO methods use ε = 1e-2
+(MeZO's LoRA setting).
 
-Every (task, method) pair and every task's zero-shot score is an independent cell: ``--executor
-ray`` runs them as Ray tasks (:mod:`expertkit.pipeline.sweep`; per-cell logs in ``<out>/logs``); the
-default runs them one after the other in this process (per task: zero-shot, then the methods in
-order). ``--smoke`` runs the script on a tiny random Llama and a toy task in seconds (a check of
-the script, not a result).
+**Equal forward budgets.** Every method gets ``--budget`` forward units: a forward pass is 1, a
+backward pass 2 (an AdamW step costs 3), a jvp 2 (its primal and tangent passes), a two-sided ZO
+estimate 2 per block (ZO-SGD-Cons 5: two for the estimate, three to pick among θ, θ - step, θ + step;
+block-wise ZO runs one estimate per layer, so 2 x layers per step). ``steps = budget // units``.
+
+**Learning rate on validation only.** For each method, every lr of its grid (``GRIDS``) runs the
+method's full-budget configuration, stopped after ``--sweep-frac`` of its steps (the lr is constant,
+so those steps are exactly the start of the full run); that point is scored on the validation
+split (``--n-val``). The best (accuracy, then the mean log-probability of the right label) is
+resumed from its checkpoint to the full budget, so the chosen run's start is not trained twice.
+"Best ZO method", for the claim against AdamW, is the ZO method with the highest final validation
+accuracy.
+
+**Equal wall time.** Every run saves its LoRA weights 20 times with the training seconds so far
+(``<out>/runs/<method>/lr-<lr>/snapshots``, beside its ``adapter``). W is the shortest full-run training time of all
+methods; each method is also scored on test at its last snapshot within W (its LoRA start, which
+equals the base model, if none is). Seconds are training time only (no evaluation), so this
+comparison means something only when the run had the machine to itself; the load average is
+recorded at the start and at the end.
+
+**Paired tests.** Every system scores the same ``--n-test`` test examples (all 426 by default);
+exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim, at
+equal forwards and at equal wall time, one verdict line each. Why n = 426: with 15% of the pairs
+discordant, ``mcnemar_sample_size(0.06, 0.15)`` = 325 pairs detect a 6-point difference at 80%
+power, and ``mcnemar_sample_size(0.05, 0.15)`` = 469 a 5-point one: differences under about 5 points
+between two ZO methods are below what this split can tell.
+
+Resumable: every cell (a zero-shot score, a sweep point, a full run, an equal-wall score) writes its
+file under ``<out>/cells`` atomically and every run checkpoints 20 times, so rerunning the same
+command continues where it stopped. Writes ``<out>/results.json`` and ``<out>/zo_bench.png`` and
+prints the markdown for docs/results.md.
+
+Cost on 2 quiet cores (from the step times in docs/benchmarks.md, not measured end to end): a ZO-SGD
+step on 8 articles about 1.2 s, so the default budget (2,000 ZO-SGD steps) takes about 40 min per ZO
+method, plus half that again for the two other learning rates of its sweep, plus about 1 min per
+validation or test scoring: 5-6 h for the six default methods. ``--executor ray`` runs the cells of
+each phase side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,20 +67,63 @@ from typing import Any
 
 from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
 
-TASKS = ["family_relation", "leap_year"]
-METHODS = ["zo-sgd", "zo-sgd-sign", "zo-sgd-scalar-sign", "zo-sgd-mmt", "zo-sgd-cons", "zo-adam", "forward-grad",
-           "adamw"]
-FORWARDS_PER_STEP = {"zo-sgd-cons": 5, "forward-grad": 1, "adamw": 1}  # the rest: 2 (two-sided estimate)
-LR = {"zo-adam": 1e-3, "adamw": 2e-3}  # the rest: 1e-4
-LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "max_prompt_tokens": 96}
+TASK = "bbc_topic"
+#: name -> (registered optimizer, extra ZOParams)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "zo-sgd": ("zo-sgd", {}),
+    "zo-adam": ("zo-adam", {}),
+    "forward-grad": ("forward-grad", {}),
+    "zo-sgd-block": ("zo-sgd", {"block": "layer"}),
+    "zo-sgd-sparse": ("zo-sgd", {"sparsity": 0.75, "sparsity_by": "magnitude"}),
+    "zo-sgd-sign": ("zo-sgd-sign", {}),
+    "zo-sgd-cons": ("zo-sgd-cons", {}),
+    "adamw": ("adamw", {}),
+}
+METHODS = ["zo-sgd", "zo-adam", "forward-grad", "zo-sgd-block", "zo-sgd-sparse", "adamw"]
+ZO_GRID = (1e-4, 3e-4, 1e-3)  # MeZO's LoRA lr (1e-4) and two above it: thousands of steps, not tens of thousands
+GRIDS: dict[str, tuple[float, ...]] = {"zo-sgd-sign": (1e-5, 3e-5, 1e-4), "zo-adam": (1e-4, 3e-4, 1e-3),
+                                       "adamw": (3e-4, 1e-3, 3e-3)}
+UNITS = {"zo-sgd-cons": 5, "forward-grad": 2, "adamw": 3}  # forward units per estimate (the rest: 2)
+LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "max_prompt_tokens": 128}
+SNAPSHOTS = 20
+ZO_EPS = 1e-2
+CLAIMS = [  # (claim, method A, method B): A beats B
+    ("ZO-SGD (MeZO) beats zero-shot", "zo-sgd", "zero-shot"),
+    ("ZO-Adam beats ZO-SGD", "zo-adam", "zo-sgd"),
+    ("Forward-Grad beats ZO-SGD", "forward-grad", "zo-sgd"),
+    ("block-wise ZO-SGD beats ZO-SGD", "zo-sgd-block", "zo-sgd"),
+    ("sparse ZO-SGD beats ZO-SGD", "zo-sgd-sparse", "zo-sgd"),
+    ("ZO-SGD-Sign beats ZO-SGD", "zo-sgd-sign", "zo-sgd"),
+    ("ZO-SGD-Cons beats ZO-SGD", "zo-sgd-cons", "zo-sgd"),
+    ("AdamW beats the best ZO method", "adamw", "best-zo"),
+]
 
 
-def settings(method: str, budget: int, batch: int, n: int) -> dict:
-    """The train_lora settings of ``method`` under a budget of ``budget`` forward passes."""
-    steps = max(1, budget // FORWARDS_PER_STEP.get(method, 2))
-    params = {} if method == "adamw" else {"eps": 1e-2}
-    return {**LORA, "steps": steps, "batch_size": batch, "lr": LR.get(method, 1e-4), "optimizer": method,
-            "optimizer_params": params, "eval_n": n, "eval_split": "test", "save_every": 0, "seed": 0}
+def grid(method: str) -> tuple[float, ...]:
+    """The learning rates swept for ``method``."""
+    return GRIDS.get(method, ZO_GRID)
+
+
+def units_per_step(method: str, n_layers: int) -> int:
+    """Forward units one step of ``method`` costs (block-wise: one estimate per layer)."""
+    opt, extra = VARIANTS[method]
+    blocks = n_layers if extra.get("block", "none") != "none" else 1
+    return UNITS.get(opt, 2) * blocks
+
+
+def settings(method: str, lr: float, budget: int, batch: int, n_layers: int, pool: int | None) -> dict:
+    """The train_lora settings of ``method`` at ``lr`` under ``budget`` forward units."""
+    opt, extra = VARIANTS[method]
+    steps = max(1, budget // units_per_step(method, n_layers))
+    params = {} if opt == "adamw" else {"eps": ZO_EPS, **extra}
+    return {**LORA, "steps": steps, "batch_size": batch, "lr": lr, "optimizer": opt, "optimizer_params": params,
+            "save_every": max(1, steps // SNAPSHOTS), "seed": 0, "train_examples": pool}
+
+
+def sweep_stop(cfg: dict, frac: float) -> int:
+    """The step at which a sweep point is scored: ``frac`` of the run, on the snapshot grid."""
+    every = cfg["save_every"]
+    return min(cfg["steps"], max(every, every * round(frac * cfg["steps"] / every)))
 
 
 def _task(name: str, smoke: bool) -> Any:
@@ -63,74 +136,341 @@ def _task(name: str, smoke: bool) -> Any:
     return get_task(name)
 
 
-def zero_shot_cell(base: Any, name: str, n: int, result: Path, smoke: bool = False) -> dict:
-    """The base model zero-shot on ``n`` test examples of task ``name``; written to ``result``."""
+# ---------------------------------------------------------------------------------------------- runs
+class _Stop(Exception):
+    """Raised by the snapshot callback to end a sweep run at its scoring step (its checkpoint is saved)."""
+
+
+def _write_snapshot(path: Path, tensors: dict, seconds: float) -> None:
+    from safetensors.torch import save
+
     from expertkit.fileio import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"seconds": repr(seconds)}))
+
+
+def snapshots(run: Path) -> list[tuple[int, float, Path]]:
+    """``(step, training seconds, file)`` of every snapshot of ``run``, by step."""
+    from safetensors import safe_open
+
+    out = []
+    for p in sorted((run / "snapshots").glob("step-*.safetensors")):
+        with safe_open(str(p), framework="pt") as fh:
+            out.append((int(p.stem.split("-")[1]), float((fh.metadata() or {})["seconds"]), p))
+    return out
+
+
+def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None) -> Any:
+    """Train (or resume) ``cfg`` into ``run``, snapshotting the LoRA weights at every checkpoint;
+    stop after step ``stop`` when given (its checkpoint and snapshot written). The TrainResult, or
+    None when stopped early."""
+    from expertkit.train import train_lora
+    from expertkit.train.lora import CHECKPOINT
+    from expertkit.train.state import load_checkpoint
+
+    adapter = run / "adapter"  # train_lora owns this folder (the finished adapter replaces it whole)
+    ckpt = adapter / CHECKPOINT
+
+    def snap(step: int, seconds: float) -> None:
+        target = run / "snapshots" / f"step-{step:06d}.safetensors"
+        if not target.is_file():
+            trainable, _, _, _ = load_checkpoint(ckpt)
+            _write_snapshot(target, trainable, seconds)
+
+    if ckpt.is_file() and not (adapter / "adapter_config.json").is_file():
+        record = load_checkpoint(ckpt)[3]  # killed between a checkpoint and its snapshot: write it now
+        snap(int(record["step"]), float(record["seconds"]))
+
+    def callback(info: Any) -> None:
+        if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:
+            snap(info.step, info.seconds)
+        if stop is not None and info.step >= stop:
+            raise _Stop
+
+    if stop is not None and stop < cfg["steps"]:
+        done = snapshots(run)
+        if any(s == stop for s, _, _ in done) or (adapter / "adapter_config.json").is_file():
+            return None  # this point was reached before
+    try:
+        return train_lora(loaded, task, adapter, callbacks=[callback], **cfg)
+    except _Stop:
+        return None
+
+
+def scored(result: Any, examples: list) -> dict:
+    """Per-example scores, and for a choice task each example's log-probability of its right label
+    normalised over its choices (the sweep's tie-breaker)."""
+    import math
+
+    gold = []
+    for r, ex in zip(result.examples, examples, strict=True):
+        if r.choice_logprobs and ex.choices:
+            m = max(r.choice_logprobs)
+            norm = m + math.log(sum(math.exp(v - m) for v in r.choice_logprobs))
+            gold.append(r.choice_logprobs[list(ex.choices).index(ex.answer)] - norm)
+    return {"scores": [float(r.score) for r in result.examples], "gold_lp": gold, "accuracy": float(result.accuracy)}
+
+
+def evaluate_weights(loaded: Any, task: Any, cfg: dict, tensors: dict | None, split: str, n: int) -> dict:
+    """Score the LoRA of ``cfg`` holding the trained tensors ``tensors`` (names as training saw them;
+    None: the LoRA start, which equals the base model) on ``n`` examples of ``split``."""
+    import torch
+
+    from expertkit.errors import ConfigError
+    from expertkit.tasks import evaluate
+    from expertkit.train.config import LoraTrainConfig
+    from expertkit.train.schemes import wrap
+
+    config = LoraTrainConfig(**cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, give_back = wrap(loaded.model, config, loaded.path)
+    try:
+        if tensors is not None:
+            named = dict(model.named_parameters())
+            if set(tensors) != {k for k, p in named.items() if p.requires_grad}:
+                raise ConfigError("a snapshot's tensors are not the trainable tensors of this LoRA configuration; "
+                                  "it was made with other settings: delete its run folder and train again.")
+            with torch.no_grad():
+                for k, t in tensors.items():
+                    named[k].copy_(t)
+        result = evaluate(model, loaded.tokenizer, task, split=split, n=n, seed=0)
+    finally:
+        give_back()
+    return scored(result, task.examples(split, n, 0))
+
+
+def evaluate_adapter(loaded: Any, task: Any, adapter: Path | None, split: str, n: int) -> dict:
+    """Score a finished adapter folder (None: the base model) on ``n`` examples of ``split``."""
     from expertkit.tasks import evaluate
 
-    zero = evaluate(base, None, _task(name, smoke), split="test", n=n, seed=0)
-    row = {"accuracy": zero.accuracy, "ci": [zero.ci_low, zero.ci_high], "steps": 0, "forwards": 0, "seconds": 0.0,
-           "n": n}
-    write_atomic(result, json.dumps(row, indent=1).encode())
-    return row
+    result = evaluate(loaded, None, task, split=split, n=n, seed=0, adapter=adapter)
+    return scored(result, task.examples(split, n, 0))
 
 
-def method_cell(base: Any, name: str, method: str, cfg: dict, out: Path, result: Path, smoke: bool = False) -> dict:
-    """Train (or reuse) ``method``'s LoRA on task ``name`` into ``out`` with ``cfg``; its row, written to ``result``."""
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------- cells
+def zero_shot_cell(loaded: Any, task: str, n_val: int, n_test: int, result: str, smoke: bool = False,
+                   match: dict | None = None) -> dict:
+    """The base model on the validation and test examples."""
     from expertkit.fileio import write_atomic
-    from expertkit.train import train_lora
 
-    started = time.perf_counter()
-    res = train_lora(base, _task(name, smoke), out, **cfg)
-    m = res.metrics or {}
-    row = {
-        "accuracy": m.get("accuracy"), "ci": m.get("ci"), "steps": cfg["steps"], "lr": cfg["lr"],
-        "forwards": cfg["steps"] * FORWARDS_PER_STEP.get(method, 2), "first_loss": res.losses[0],
-        "final_loss": res.train_loss, "seconds": res.seconds, "wall": time.perf_counter() - started,
-    }
-    print(f"{name} {method}: acc {m.get('accuracy')} loss {res.losses[0]:.3f} -> {res.train_loss:.3f} "
-          f"({res.seconds:.0f} s)", flush=True)
-    write_atomic(result, json.dumps({**row, "settings": cfg}, indent=1).encode())
+    spec = _task(task, smoke)
+    row = {"validation": evaluate_adapter(loaded, spec, None, "validation", n_val),
+           "test": evaluate_adapter(loaded, spec, None, "test", n_test)}
+    row["match"] = match  # what a rerun checks before reusing this file
+    write_atomic(Path(result), json.dumps(row).encode())
     return row
 
 
-def sweep(args: argparse.Namespace, model: str) -> list[Cell]:
-    """The cells in run order: per task, zero-shot, then every method (``--only-finished``: trained ones)."""
-    cells = []
-    for name in args.tasks:
-        cells.append(Cell(f"{name}-zero-shot", zero_shot_cell, args.out / "cells" / f"{name}-zero-shot.json",
-                          {"name": name, "n": args.n, "result": args.out / "cells" / f"{name}-zero-shot.json",
-                           "smoke": args.smoke}, model, {"n": args.n}))
-        for method in args.methods:
-            if args.only_finished and not (args.out / name / method / "expertkit.json").is_file():
-                continue  # not trained (an interrupted run): left out of the table
-            cfg = settings(method, args.budget, args.batch, args.n)
-            result = args.out / "cells" / f"{name}-{method}.json"
-            cells.append(Cell(f"{name}-{method}", method_cell, result,
-                              {"name": name, "method": method, "cfg": cfg, "out": args.out / name / method,
-                               "result": result, "smoke": args.smoke}, model, {"settings": cfg}))
-    return cells
+def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: int, result: str,
+               smoke: bool = False, match: dict | None = None) -> dict:
+    """Train ``cfg`` into ``run`` up to step ``stop`` and score that point on validation."""
+    from expertkit.fileio import write_atomic
+
+    spec, run_dir = _task(task, smoke), Path(run)
+    train_run(loaded, spec, cfg, run_dir, stop=stop)
+    if stop < cfg["steps"]:
+        _, seconds, path = next(s for s in snapshots(run_dir) if s[0] == stop)
+        val = evaluate_weights(loaded, spec, cfg, _load(path), "validation", n_val)
+    else:  # the sweep point is the whole run
+        seconds = json.loads((run_dir / "adapter" / "expertkit.json").read_text())["seconds"]
+        val = evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val)
+    row = {"lr": cfg["lr"], "step": stop, "seconds": seconds, "validation": val}
+    row["match"] = match  # what a rerun checks before reusing this file
+    write_atomic(Path(result), json.dumps(row).encode())
+    print(f"sweep {run_dir.parent.name} lr {cfg['lr']:g} @ {stop}: validation {val['accuracy']:.3f}", flush=True)
+    return row
+
+
+def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: int, result: str,
+              smoke: bool = False, match: dict | None = None) -> dict:
+    """Train (resume) ``cfg`` to its full budget in ``run``; score it on validation and test."""
+    from expertkit.fileio import write_atomic
+
+    spec, run_dir = _task(task, smoke), Path(run)
+    train_run(loaded, spec, cfg, run_dir)
+    meta = json.loads((run_dir / "adapter" / "expertkit.json").read_text())
+    row = {"lr": cfg["lr"], "steps": cfg["steps"], "seconds": meta["seconds"], "losses": meta["losses"],
+           "snapshots": [[s, t] for s, t, _ in snapshots(run_dir)],
+           "validation": evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val),
+           "test": evaluate_adapter(loaded, spec, run_dir / "adapter", "test", n_test)}
+    row["match"] = match  # what a rerun checks before reusing this file
+    write_atomic(Path(result), json.dumps(row).encode())
+    print(f"full {run_dir.parent.name} lr {cfg['lr']:g}: {cfg['steps']} steps in {meta['seconds']:.0f} s, "
+          f"test {row['test']['accuracy']:.3f}", flush=True)
+    return row
+
+
+def wall_cell(loaded: Any, task: str, cfg: dict, run: str, limit: float, n_test: int, result: str,
+              smoke: bool = False, match: dict | None = None) -> dict:
+    """Score on test the last snapshot of ``run`` trained within ``limit`` seconds (none: the LoRA start)."""
+    from expertkit.fileio import write_atomic
+
+    spec = _task(task, smoke)
+    within = [s for s in snapshots(Path(run)) if s[1] <= limit]
+    step, seconds, path = within[-1] if within else (0, 0.0, None)
+    test = evaluate_weights(loaded, spec, cfg, _load(path) if path else None, "test", n_test)
+    row = {"step": step, "seconds": seconds, "limit": limit, "test": test}
+    row["match"] = match  # what a rerun checks before reusing this file
+    write_atomic(Path(result), json.dumps(row).encode())
+    return row
+
+
+# --------------------------------------------------------------------------------------------- phases
+def _cell(args: argparse.Namespace, key: str, fn: Any, match: dict, **kwargs: Any) -> Cell:
+    result = args.out / "cells" / f"{key}.json"
+    return Cell(key, fn, result, {**kwargs, "task": args.task, "result": str(result), "smoke": args.smoke,
+                                  "match": match}, args.model, {"match": match})
+
+
+def run_path(args: argparse.Namespace, method: str, lr: float) -> Path:
+    """The folder of ``method``'s run at ``lr``: ``adapter/`` (train_lora's) and ``snapshots/``."""
+    return args.out / "runs" / method / f"lr-{lr:g}"
+
+
+def choose(rows: list[dict]) -> dict:
+    """The sweep row with the best validation accuracy, then the best mean log-probability of the
+    right label, then the smaller learning rate."""
+    def key(r: dict) -> tuple:
+        gold = r["validation"]["gold_lp"]
+        return (r["validation"]["accuracy"], sum(gold) / len(gold) if gold else 0.0, -r["lr"])
+
+    return max(rows, key=key)
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Train and evaluate every (task, method) on the executor of ``args``; return the results."""
-    from expertkit.pipeline.executor import ModelCache, model_source
+    """Every phase on the executor of ``args``: zero-shot and the lr sweeps, the full runs, the
+    equal-wall scores."""
+    from expertkit.pipeline.executor import ModelCache
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = model_source(_smoke_model(args.out) if args.smoke else "smollm2-135m")
-    cells = sweep(args, model)
-    executor = sweep_executor(args, ModelCache(model), args.out)  # local: loaded once, by the first cell that runs
+    cfgs = {m: {lr: settings(m, lr, args.budget, args.batch, args.n_layers, args.pool) for lr in grid(m)}
+            for m in args.methods}
+    executor = sweep_executor(args, ModelCache(args.model), args.out)
     try:
-        rows = run_sweep("zo_bench", cells, executor, args.out / "logs")
+        cells = [_cell(args, "zero-shot", zero_shot_cell, {"n_val": args.n_val, "n_test": args.n_test},
+                       n_val=args.n_val, n_test=args.n_test)]
+        owners = []
+        for m in args.methods:
+            for lr, cfg in cfgs[m].items():
+                stop = sweep_stop(cfg, args.sweep_frac)
+                cells.append(_cell(args, f"sweep-{m}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop,
+                                                                              "n_val": args.n_val},
+                                   cfg=cfg, run=str(run_path(args, m, lr)), stop=stop, n_val=args.n_val))
+                owners.append(m)
+        rows = run_sweep("zo_bench sweep", cells, executor, args.out / "logs")
+        zero, sweeps = rows[0], {m: [] for m in args.methods}
+        for m, row in zip(owners, rows[1:], strict=True):
+            sweeps[m].append(row)
+        chosen = {m: choose(sweeps[m])["lr"] for m in args.methods}
+        cells = [_cell(args, f"full-{m}", full_cell, {"cfg": cfgs[m][chosen[m]], "n_val": args.n_val,
+                                                       "n_test": args.n_test},
+                       cfg=cfgs[m][chosen[m]], run=str(run_path(args, m, chosen[m])), n_val=args.n_val,
+                       n_test=args.n_test) for m in args.methods]
+        full = dict(zip(args.methods, run_sweep("zo_bench full", cells, executor, args.out / "logs"), strict=True))
+        limit = min(r["seconds"] for r in full.values())
+        slower = [m for m in args.methods if full[m]["seconds"] > limit]
+        cells = [_cell(args, f"wall-{m}", wall_cell, {"cfg": cfgs[m][chosen[m]], "limit": limit,
+                                                       "n_test": args.n_test},
+                       cfg=cfgs[m][chosen[m]], run=str(run_path(args, m, chosen[m])), limit=limit,
+                       n_test=args.n_test) for m in slower]
+        walls = run_sweep("zo_bench wall", cells, executor, args.out / "logs") if cells else []
     finally:
         executor.close()
-    results: dict = {"budget": args.budget, "batch": args.batch, "n": args.n, "tasks": {}}
-    for cell, row in zip(cells, rows, strict=True):
-        name, label = cell.kwargs["name"], cell.kwargs.get("method", "zero-shot")
-        results["tasks"].setdefault(name, {})[label] = {k: v for k, v in row.items() if k not in ("n", "settings")}
-    return results
+    wall = dict(zip(slower, walls, strict=True))
+    for m in args.methods:
+        wall.setdefault(m, {"step": full[m]["steps"], "seconds": full[m]["seconds"], "limit": limit,
+                            "test": full[m]["test"]})  # the fastest run: its final weights
+    return {"zero-shot": zero, "sweep": sweeps, "full": full, "wall": wall, "limit": limit}
 
 
+# ------------------------------------------------------------------------------------------ analysis
+def claims(res: dict, methods: list[str], seed: int = 0) -> dict:
+    """Paired tests of every claim whose two systems ran, at equal forwards and at equal wall time."""
+    from expertkit.tasks.paired import compare, verdict
+
+    zo = [m for m in methods if m != "adamw"]
+    best_zo = max(zo, key=lambda m: (res["full"][m]["validation"]["accuracy"], -zo.index(m))) if zo else None
+    out: dict = {"best_zo": best_zo, "tests": []}
+    for claim, a, b in CLAIMS:
+        b = best_zo if b == "best-zo" else b
+        if b is None or a == b or any(x != "zero-shot" and x not in res["full"] for x in (a, b)):
+            continue
+        name = claim.replace("the best ZO method", f"the best ZO method on validation ({b})")
+        for setting, table in (("equal forwards", "full"), ("equal wall time", "wall")):
+            def test(m: str, table: str = table) -> list[float]:
+                return res["zero-shot"]["test"]["scores"] if m == "zero-shot" else res[table][m]["test"]["scores"]
+
+            r = compare(test(a), test(b), seed=seed)
+            out["tests"].append({"claim": name, "setting": setting, "a": a, "b": b, **r.as_dict(),
+                                 "verdict": verdict(f"{name} ({setting})", r)})
+    return out
+
+
+def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
+    """Test accuracy per method (equal forwards, equal wall time) and the training loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(res["full"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = np.arange(len(methods))
+    for j, (table, label) in enumerate((("full", "equal forward budget"), ("wall", "equal wall time"))):
+        ax.bar(x + (j - 0.5) * 0.38, [res[table][m]["test"]["accuracy"] for m in methods], 0.38, label=label)
+    ax.axhline(res["zero-shot"]["test"]["accuracy"], color="k", ls="--", lw=1, label="zero-shot")
+    ax.set_xticks(x, methods, rotation=30, ha="right")
+    ax.set_ylabel(f"test accuracy (n = {len(res['zero-shot']['test']['scores'])})")
+    ax.set_title(f"{args.task}: {args.budget} forward units per method")
+    ax.legend(fontsize=8)
+    for m in methods:
+        losses = np.asarray(res["full"][m]["losses"], dtype=float)
+        w = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        bx.plot((np.arange(len(smooth)) + w) * units_per_step(m, args.n_layers), smooth, label=m)
+    bx.set_xlabel("forward units")
+    bx.set_ylabel("training batch loss (running mean)")
+    bx.set_yscale("log")
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(res: dict, args: argparse.Namespace) -> str:
+    """The tables and verdict lines for docs/results.md."""
+    z = res["zero-shot"]
+    lines = [f"| method | lr (grid) | steps | forward units | training s | validation | test, equal forwards | "
+             f"test, equal wall time ({res['limit']:.4g} s) at step |", "|---|---|---:|---:|---:|---:|---:|---|",
+             f"| zero-shot | - | 0 | 0 | 0 | {z['validation']['accuracy']:.3f} | {z['test']['accuracy']:.3f} | "
+             f"{z['test']['accuracy']:.3f} at 0 |"]
+    for m, r in res["full"].items():
+        g = ", ".join(f"{lr:g}" for lr in grid(m))
+        wall = res["wall"][m]
+        lines.append(f"| {m} | {r['lr']:g} ({g}) | {r['steps']} | {r['steps'] * units_per_step(m, args.n_layers)} | "
+                     f"{r['seconds']:.0f} | {r['validation']['accuracy']:.3f} | {r['test']['accuracy']:.3f} | "
+                     f"{wall['test']['accuracy']:.3f} at {wall['step']} |")
+    width = max(len(v) for v in res["sweep"].values())
+    lines += ["", f"Learning-rate sweep (validation accuracy, n = {args.n_val}, after {args.sweep_frac:g} of the "
+              "steps):", "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
+              "|---|" + "---|" * width]
+    for m, rows in res["sweep"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['lr']:g} @ step {r['step']}: {r['validation']['accuracy']:.3f}"
+                                              for r in rows) + " |")
+    lines += ["", f"Best ZO method on validation: {res['claims']['best_zo']}.", ""]
+    lines += [f"- {t['verdict']}" for t in res["claims"]["tests"]]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
 def _smoke_model(out: Path) -> str:
     """A saved tiny random Llama under ``out`` (and the toy task registered here); its folder."""
     from expertkit.models.tiny import save_tiny
@@ -141,68 +481,81 @@ def _smoke_model(out: Path) -> str:
     return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
 
 
-def _save(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-
-
-def table(results: dict) -> str:
-    """Markdown: one row per method, accuracy [95% CI] and loss per task."""
-    tasks = list(results["tasks"])
-    head = "| method | steps | " + " | ".join(f"{t} acc [95% CI] | {t} loss first -> last" for t in tasks) + " |"
-    lines = [head, "|---|---:|" + "---|---|" * len(tasks)]
-    methods = list(dict.fromkeys(m for rows in results["tasks"].values() for m in rows))
-    for method in methods:
-        cells = []
-        for t in tasks:
-            r = results["tasks"][t].get(method)
-            if r is None:
-                cells += ["not run", "-"]
-                continue
-            ci = f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r.get("ci") else ""
-            loss = f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}" if "first_loss" in r else "-"
-            cells += [f"{r['accuracy']:.2f} {ci}", loss]
-        steps = next(results["tasks"][t][method]["steps"] for t in tasks if method in results["tasks"][t])
-        lines.append(f"| {method} | {steps} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=TASKS)
-    ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--budget", type=int, default=40, help="forward passes per method and task")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--n", type=int, default=50, help="test examples per task")
-    ap.add_argument("--out", type=Path, default=None, help="default: runs/experiments/zo_bench (smoke: a temp folder)")
-    ap.add_argument("--only-finished", action="store_true",
-                    help="only report (task, method) pairs already trained under --out; train nothing")
+    ap.add_argument("--task", default=TASK, help="a choice task (scored by label words)")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=list(VARIANTS))
+    ap.add_argument("--budget", type=int, default=4000, help="forward units per method (a backward pass = 2)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--pool", type=int, default=None,
+                    help="training examples drawn (default: bbc_topic's whole train split, else steps x batch)")
+    ap.add_argument("--n-val", type=int, default=200, help="validation examples (the lr choice)")
+    ap.add_argument("--n-test", type=int, default=426, help="test examples (the same for every method)")
+    ap.add_argument("--sweep-frac", type=float, default=0.25, help="share of the steps at which lrs are compared")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: runs/experiments/zo_bench_bbc (smoke: a temp folder)")
     ap.add_argument("--smoke", action="store_true", help="tiny random Llama, toy task, tiny budget: checks the script")
     add_executor_args(ap)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.tasks, args.budget, args.batch, args.n = ["lo-hi"], 4, 4, 6
-        args.methods = [m for m in args.methods if m in ("zo-sgd", "adamw")] or args.methods
+        args.task, args.budget, args.batch, args.n_val, args.n_test = "lo-hi", 24, 4, 6, 8
         args.out = args.out or Path(tempfile.mkdtemp(prefix="zo-bench-smoke-"))
-    args.out = args.out or Path("runs/experiments/zo_bench")
-    if args.executor == "ray":
-        args.out = args.out.absolute()  # the workers' working folder may differ from this one
+    args.out = (args.out or Path("runs/experiments/zo_bench_bbc")).absolute()  # absolute: Ray workers read it
+    if not 0 < args.sweep_frac <= 1:
+        ap.error(f"--sweep-frac must be in (0, 1], got {args.sweep_frac}.")
+    if min(args.budget, args.batch, args.n_val, args.n_test) < 1:
+        ap.error("--budget, --batch, --n-val and --n-test must each be at least 1.")
+    if len(set(args.methods)) != len(args.methods):
+        ap.error("--methods names a method twice.")
     return args
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    """The model source, its layer count and the training pool; a clear error for a task that cannot serve."""
+    from transformers import AutoConfig
+
+    from expertkit.errors import ConfigError
+    from expertkit.pipeline.executor import model_source
+
+    from expertkit.models.loader import resolve
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = _task(args.task, args.smoke or args.task == "lo-hi")
+    if spec.kind != "choice":
+        raise ConfigError(f"task '{args.task}' is a {spec.kind} task; this experiment scores label words, "
+                          "so it needs a choice task (e.g. bbc_topic).")
+    args.model = model_source(_smoke_model(args.out) if args.smoke else "smollm2-135m")
+    args.n_layers = int(AutoConfig.from_pretrained(str(resolve(args.model)[1])).num_hidden_layers)
+    if args.pool is None and args.task == "bbc_topic":
+        from expertkit.tasks.bbc import split_sizes
+
+        args.pool = split_sizes()["train"]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse arguments, run, write JSON, print the table; return the results."""
+    """Parse arguments, run every phase, write results.json and the plot, print the markdown; the results."""
     args = _args(argv)
     from expertkit.progress import set_quiet
 
     set_quiet(True)
-    started = time.perf_counter()
-    results = run(args)
-    results["seconds"] = time.perf_counter() - started
-    _save(args.out, results)
-    print(table(results))
-    print(f"\n{results['seconds']:.0f} s; results in {args.out / 'results.json'}")
-    return results
+    _prepare(args)
+    started, load_before = time.perf_counter(), os.getloadavg()
+    res = run(args)
+    res["claims"] = claims(res, args.methods, args.seed)
+    res["settings"] = {"task": args.task, "budget": args.budget, "batch": args.batch, "pool": args.pool,
+                       "n_val": args.n_val, "n_test": args.n_test, "sweep_frac": args.sweep_frac,
+                       "n_layers": args.n_layers, "units": {m: units_per_step(m, args.n_layers) for m in args.methods},
+                       "grids": {m: list(grid(m)) for m in args.methods}, "smoke": args.smoke}
+    res["seconds"] = time.perf_counter() - started
+    res["load_average"] = {"start": load_before, "end": os.getloadavg()}
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    plot(res, args, args.out / "zo_bench.png")
+    print(f"\n## ZO-Bench on {args.task} (command: experiments/zo_bench.py{' --smoke' if args.smoke else ''})\n")
+    print(markdown(res, args))
+    print(f"\n{res['seconds']:.0f} s; load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the "
+          f"end; results in {args.out / 'results.json'}")
+    return res
 
 
 if __name__ == "__main__":

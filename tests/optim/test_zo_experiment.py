@@ -1,30 +1,130 @@
-"""experiments/zo_bench.py --smoke: its cells on a tiny random Llama and a toy task, resumed from their files."""
+"""experiments/zo_bench.py: the smoke run end to end (lr chosen on validation, equal forwards and equal wall
+time, paired claims), a rerun that reuses every cell, and the pieces that must be exact: a sweep run
+resumed to the full budget equals an uninterrupted run; snapshot weights score as the saved adapter does."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from tests.scripts import load_script
 
 
-def test_smoke_run_writes_one_file_per_cell_and_a_rerun_reuses_them(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def exp():
+    return load_script("experiments/zo_bench.py")
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
     from expertkit.tasks.base import TASKS
 
     monkeypatch.setattr(TASKS, "_entries", dict(TASKS._entries))  # the smoke run registers its toy task
-    exp = load_script("experiments/zo_bench.py")
+
+
+def test_forward_units_and_steps_follow_the_counting_rule(exp):
+    units = {m: exp.units_per_step(m, 30) for m in exp.VARIANTS}
+    assert units == {"zo-sgd": 2, "zo-adam": 2, "forward-grad": 2, "zo-sgd-block": 60, "zo-sgd-sparse": 2,
+                     "zo-sgd-sign": 2, "zo-sgd-cons": 5, "adamw": 3}
+    cfg = exp.settings("adamw", 1e-3, 4000, 8, 30, 1487)
+    assert cfg["steps"] == 1333 and cfg["save_every"] == 66 and cfg["optimizer_params"] == {}
+    cfg = exp.settings("zo-sgd-block", 1e-4, 4000, 8, 30, 1487)
+    assert cfg["steps"] == 66 and cfg["optimizer"] == "zo-sgd"
+    assert cfg["optimizer_params"] == {"eps": 1e-2, "block": "layer"}
+    assert exp.sweep_stop(exp.settings("zo-sgd", 1e-4, 4000, 8, 30, None), 0.25) == 500  # 2000 steps, every 100
+    assert exp.sweep_stop({"steps": 12, "save_every": 1}, 0.25) == 3
+    assert exp.sweep_stop({"steps": 6, "save_every": 4}, 0.25) == 4  # at least one snapshot in
+    assert exp.sweep_stop({"steps": 3, "save_every": 1}, 1.0) == 3
+
+
+def test_choose_prefers_validation_accuracy_then_the_right_labels_log_probability_then_the_smaller_lr(exp):
+    def row(lr, acc, gold):
+        return {"lr": lr, "validation": {"accuracy": acc, "gold_lp": gold}}
+
+    rows = [row(1e-4, 0.5, [-1.0]), row(3e-4, 0.6, [-3.0]), row(1e-3, 0.6, [-2.0])]
+    assert exp.choose(rows)["lr"] == 1e-3
+    assert exp.choose([row(1e-3, 0.6, [-2.0]), row(1e-4, 0.6, [-2.0])])["lr"] == 1e-4
+
+
+def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp, toy, tmp_path, capsys):
+    from expertkit.tasks.paired import compare
+
     out = tmp_path / "run"
-    args = ["--smoke", "--out", str(out), "--methods", "zo-sgd"]
+    args = ["--smoke", "--out", str(out), "--methods", "zo-sgd", "adamw"]
     res = exp.main(args)
-    rows = res["tasks"]["lo-hi"]
-    assert list(rows) == ["zero-shot", "zo-sgd"] and rows["zo-sgd"]["steps"] == 2 and rows["zo-sgd"]["forwards"] == 4
-    assert sorted(p.name for p in (out / "cells").iterdir()) == ["lo-hi-zero-shot.json", "lo-hi-zo-sgd.json"]
-    saved = json.loads((out / "cells" / "lo-hi-zo-sgd.json").read_text())
-    assert saved["settings"] == exp.settings("zo-sgd", 4, 4, 6) and saved["accuracy"] == rows["zo-sgd"]["accuracy"]
-    assert (out / "lo-hi" / "zo-sgd" / "expertkit.json").is_file()
-    assert "| zo-sgd | 2 | " in capsys.readouterr().out
+    assert set(res["sweep"]) == {"zo-sgd", "adamw"}
+    for m in ("zo-sgd", "adamw"):
+        assert [r["lr"] for r in res["sweep"][m]] == list(exp.grid(m))
+        assert res["full"][m]["lr"] == exp.choose(res["sweep"][m])["lr"]  # chosen on validation
+        assert len(res["full"][m]["test"]["scores"]) == 8 == len(res["zero-shot"]["test"]["scores"])
+    assert res["full"]["zo-sgd"]["steps"] == 12 and res["full"]["adamw"]["steps"] == 8  # 24 units: 2 and 3 per step
+    limit = res["limit"]
+    assert limit == min(r["seconds"] for r in res["full"].values())
+    for m, w in res["wall"].items():
+        snaps = res["full"][m]["snapshots"]
+        if res["full"][m]["seconds"] > limit:  # the last snapshot trained within the limit
+            within = [s for s, t in snaps if t <= limit]
+            assert w["step"] == (within[-1] if within else 0) and w["seconds"] <= limit
+        else:
+            assert w["step"] == res["full"][m]["steps"] and w["test"] == res["full"][m]["test"]
+    tests = res["claims"]["tests"]
+    assert res["claims"]["best_zo"] == "zo-sgd"
+    assert [(t["a"], t["b"], t["setting"]) for t in tests] == [
+        ("zo-sgd", "zero-shot", "equal forwards"), ("zo-sgd", "zero-shot", "equal wall time"),
+        ("adamw", "zo-sgd", "equal forwards"), ("adamw", "zo-sgd", "equal wall time")]
+    again = compare(res["wall"]["adamw"]["test"]["scores"], res["wall"]["zo-sgd"]["test"]["scores"])
+    assert {k: tests[3][k] for k in again.as_dict()} == again.as_dict()
+    assert json.loads((out / "results.json").read_text())["claims"] == res["claims"]
+    assert (out / "zo_bench.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| zo-sgd | " in printed and "AdamW beats the best ZO method on validation (zo-sgd)" in printed
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
-    again = exp.main([*args, "--only-finished"])  # nothing trained again: the cells' files are read back
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps  # not rewritten
-    assert again["tasks"] == res["tasks"]
-    assert json.loads((out / "results.json").read_text())["tasks"] == res["tasks"]
+    assert len(stamps) == 1 + 3 + 3 + 2 + sum(r["seconds"] > limit for r in res["full"].values())
+    rerun = exp.main(args)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps  # nothing ran again
+    assert rerun["full"] == res["full"] and rerun["claims"] == res["claims"]
+
+
+def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp, toy, tmp_path):
+    from expertkit.models import load_model
+    from expertkit.tasks.toy import register_smoke_task
+
+    task = exp._task(register_smoke_task(), True)
+    loaded = load_model(exp._smoke_model(tmp_path))
+    cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a snapshot every step
+    assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # the sweep point
+    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [1, 2, 3]
+    assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # reached before: nothing trained
+    resumed = exp.train_run(loaded, task, cfg, tmp_path / "a")
+    assert resumed.resumed_from == 3
+    straight = exp.train_run(loaded, task, cfg, tmp_path / "b")
+    assert resumed.losses == straight.losses
+    a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == list(range(1, 8))  # every checkpoint, none at the end
+    # snapshot weights are scored as the same weights saved as an adapter
+    final = {k.replace(".weight", ".default.weight"): v for k, v in a.items()}  # PEFT saves without the adapter name
+    via_snapshot = exp.evaluate_weights(loaded, task, cfg, final, "test", 8)
+    via_adapter = exp.evaluate_adapter(loaded, task, tmp_path / "a" / "adapter", "test", 8)
+    assert via_snapshot == via_adapter
+    start = exp.evaluate_weights(loaded, task, cfg, None, "test", 8)  # the LoRA start is the base model
+    assert start == exp.evaluate_adapter(loaded, task, None, "test", 8)
+    with pytest.raises(Exception, match="not the trainable tensors"):
+        exp.evaluate_weights(loaded, task, cfg, dict(list(final.items())[:1]), "test", 8)
+
+
+def test_bad_arguments_get_one_clear_error(exp, toy, tmp_path, capsys):
+    from expertkit.errors import ConfigError
+
+    for bad in (["--sweep-frac", "0"], ["--budget", "0"], ["--methods", "zo-sgd", "zo-sgd"]):
+        with pytest.raises(SystemExit):
+            exp._args(["--out", str(tmp_path / "x"), *bad])
+        assert "error: --" in capsys.readouterr().err
+    args = exp._args(["--task", "reverse_words", "--out", str(tmp_path / "g")])
+    args.smoke = False
+    with pytest.raises(ConfigError, match="needs a choice task"):
+        exp._prepare(args)
