@@ -48,11 +48,12 @@ file under ``<out>/cells`` atomically and every run checkpoints 20 times, so rer
 command continues where it stopped. Writes ``<out>/results.json`` and ``<out>/zo_bench.png`` and
 prints the markdown for docs/results.md.
 
-Cost on 2 quiet cores (from the step times in docs/benchmarks.md, not measured end to end): a ZO-SGD
-step on 8 articles about 1.2 s, so the default budget (2,000 ZO-SGD steps) takes about 40 min per ZO
-method, plus half that again for the two other learning rates of its sweep, plus about 1 min per
-validation or test scoring: 5-6 h for the six default methods. ``--executor ray`` runs the cells of
-each phase side by side.
+Cost on 2 cores (estimated from bench/zo_memory.py, not measured end to end): a LoRA ZO-SGD step on 16
+bbc articles took 4.84 s on a shared machine (load 1.8); on 8 articles, idle, about 1.2-2.4 s, so 2,000
+ZO-SGD steps take 40-80 min, Forward-Grad about 1.6 times that (its jvp step is slower than two
+forwards), each method half again for the other two learning rates of its sweep, plus about 1 min per
+validation or test scoring: 6-10 h for the six default methods, over several sessions (it resumes).
+``--executor ray`` runs the cells of each phase side by side.
 """
 
 from __future__ import annotations
