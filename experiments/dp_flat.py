@@ -30,9 +30,10 @@ and one for the non-private reference: an interrupted run resumes) and prints th
 docs/results.md. ``--smoke`` runs the whole script on a tiny random Llama and a toy task in about a
 minute (a check of the script, not a result).
 
-The cells are independent (each trains its own teacher, from the same seed, in its own folder), so
-``--executor ray`` runs them as Ray tasks (:mod:`expertkit.pipeline.sweep`; per-cell logs in
-``<out>/logs``); the default runs them one after the other in this process, in the order above.
+The cells are independent, so ``--executor ray`` runs them as Ray tasks (:mod:`expertkit.pipeline.sweep`;
+per-cell logs in ``<out>/logs``); the default runs them one after the other in this process, in the order
+above. What depends on the public part only (the two teachers, the prefix layers' sharpness) is made once
+in ``<out>/models/shared`` and reused by every cell (on one machine; Ray workers elsewhere remake it).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def run_cell(loaded: Any, a: argparse.Namespace, system: str, epsilon: float) ->
         if _identity(saved.get("recipe", {})) == _identity(recipe.model_dump(mode="json")):
             return saved
     started = time.perf_counter()
-    res = train_private(loaded, recipe, a.out / "models" / label)
+    res = train_private(loaded, recipe, a.out / "models" / label, shared=a.out / "models" / "shared")
     res.update(system=system, target_epsilon=epsilon, recipe=_identity(recipe.model_dump(mode="json")),
                wall_seconds=time.perf_counter() - started)
     write_atomic(cache, json.dumps(res, indent=1).encode())
@@ -205,7 +206,7 @@ def teachers(loaded: Any, a: argparse.Namespace, cells: list[dict[str, Any]]) ->
 
     out: dict[str, dict[str, Any]] = {}
     for c in cells:
-        folder = Path(c["student"]).parent / "teacher"
+        folder = Path(c.get("teacher") or Path(c["student"]).parent / "teacher")  # older cells: per cell
         if c["recipe"].get("distill_weight", 0) > 0 and folder.is_dir():
             ev = evaluate(loaded, None, get_task(a.task), split="test", n=a.n, seed=a.seed, adapter=folder)
             out[c["system"]] = {"accuracy": ev.accuracy, "ci": [ev.ci_low, ev.ci_high], "scores": list(ev.scores),

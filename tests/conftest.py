@@ -8,12 +8,16 @@ Keep fixtures here small, documented and cheap; add new ones below the existing 
     tiny character tokenizer) for one of ``expertkit.models.tiny.TINY_ARCHS``. Each
     ``(arch, seed)`` is built once per session and shared, so treat the folder as
     read-only: copy it (``shutil.copytree``) before changing anything in it.
+
+``lohi``
+    The toy lo-hi task (:func:`expertkit.tasks.toy.lohi_task`), registered for one test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +53,16 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, 
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def lohi(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The toy lo-hi task, registered for the duration of one test."""
+    import expertkit.tasks  # noqa: F401 - registers built-ins first
+    from expertkit.registry import Entry
+    from expertkit.tasks.base import TASKS
+    from expertkit.tasks.toy import lohi_task
+
+    task = lohi_task()
+    monkeypatch.setitem(TASKS._entries, task.name, Entry(task.name, task, summary="toy"))
+    return task

@@ -58,6 +58,22 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, mode: int |
         raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block: processes
+    on one machine that would build the same cached artefact take turns, and the later ones find it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def fsync_path(path: str | os.PathLike[str]) -> None:
     """fsync a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY)
