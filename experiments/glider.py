@@ -21,7 +21,9 @@ discordant (``mcnemar_sample_size(0.05, 0.15)`` = 468).
 
 Writes ``<out>/results.json`` and ``<out>/glider.png`` and prints the markdown for docs/results.md.
 Instructions are cached per query, experts per recipe and each (method, task) cell's scores in
-``<out>/cells/``, so an interrupted run resumes where it stopped.
+``<out>/cells/``, so an interrupted run resumes where it stopped. A cell's key holds the library's
+content digest (not its folder), so cells kept from another machine (experiments/results/glider/cells,
+copied into ``<out>/cells/``) are reused only where the rebuilt library is byte for byte the same.
 
 Every (method, task) cell is independent: ``--executor ray`` runs them as Ray tasks
 (:mod:`expertkit.pipeline.sweep`; per-cell logs in ``<out>/logs``): each worker loads the base model
@@ -168,11 +170,13 @@ def score_cell(loaded: object, library: str, config: dict, task: str, n: int, se
 def sweep(args: argparse.Namespace, model: str, library: object) -> list[Cell]:
     """The cells in run order: per task (held-in, then held-out), every method (no oracle held-out).
 
-    A cell's result file is kept only when its ``key`` (library folder, route config, task, n) is the
-    one this run would write, as before the cells ran on an executor.
+    A cell's result file is kept only when its ``key`` (the library's content digest, route config,
+    task, n) is the one this run would write: cells made on another machine are reused only when its
+    library was built byte for byte the same.
     """
     from expertkit.route import RouteConfig
 
+    digest = library.digest()
     cells = []
     for name in [*args.held_in, *args.held_out]:
         held_in = name in args.held_in
@@ -181,7 +185,7 @@ def sweep(args: argparse.Namespace, model: str, library: object) -> list[Cell]:
                 continue
             cfg = RouteConfig(method=method, top_k=args.top_k, alpha="held_in" if held_in else "held_out",
                               seed=args.seed).model_dump(mode="json")
-            key = {"library": str(library.root), "config": cfg, "task": name, "n": args.n}
+            key = {"library": digest, "config": cfg, "task": name, "n": args.n}
             result = args.out / "cells" / f"{method}-{name}.json"
             cells.append(Cell(f"{method}-{name}", score_cell, result,
                               {"library": str(Path(library.root).absolute()), "config": cfg, "task": name,

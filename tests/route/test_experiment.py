@@ -60,7 +60,7 @@ def _direct_cells(run: Path, script: dict, library_root: str) -> dict[str, dict]
             cfg = RouteConfig(method=method, top_k=2, alpha="held_in" if name in held_in else "held_out", seed=0)
             router = make_router(loaded, library, cfg, embedder=embedder, writer=writer)
             cells[f"{method}-{name}.json"] = {
-                "key": {"library": library_root, "config": cfg.model_dump(mode="json"), "task": name, "n": 2},
+                "key": {"library": library.digest(), "config": cfg.model_dump(mode="json"), "task": name, "n": 2},
                 "scores": [r.score for r in evaluate_router(router, task, examples, batch_size=16)]}
     return cells
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,22 @@ def test_library_round_trips_and_stacks_the_factors(library, tmp_path) -> None:
 
     delta = lora_delta(library.experts[1].adapter)["model.layers.1.self_attn.v_proj.weight"]
     torch.testing.assert_close(st.b[1] @ st.a[1], delta)
+
+
+def test_library_digest_follows_the_experts_bytes_not_the_folder(library, tmp_path) -> None:
+    import dataclasses
+    import shutil
+
+    copied = [dataclasses.replace(e, adapter=Path(shutil.copytree(e.adapter, tmp_path / e.name)))
+              for e in library.experts]
+    assert ExpertLibrary.from_adapters(copied).digest() == library.digest()  # the same experts elsewhere
+    renamed = [dataclasses.replace(copied[0], description="another description"), copied[1]]
+    assert ExpertLibrary.from_adapters(renamed).digest() != library.digest()
+    weights = copied[1].adapter / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert ExpertLibrary.from_adapters(copied).digest() != library.digest()
 
 
 def test_bad_libraries_are_one_line_errors(adapters, tmp_path) -> None:

@@ -92,6 +92,22 @@ class ExpertLibrary:
         """Position of the expert trained on ``task``, or ``None`` (a held-out task)."""
         return next((i for i, e in enumerate(self.experts) if e.task == task), None)
 
+    def digest(self) -> str:
+        """SHA-256 of what routing reads: each expert's name, task, description, adapter weights and config,
+        and gates, in library order. Two libraries built apart (another machine, a rebuilt cache) have
+        the same digest only when their experts are byte for byte the same."""
+        import hashlib
+
+        from expertkit.fileio import sha256_file
+
+        h = hashlib.sha256()
+        for e in self.experts:
+            files = [Path(e.adapter) / "adapter_model.safetensors", Path(e.adapter) / "adapter_config.json"]
+            parts = [e.name, e.task, e.description, *(sha256_file(f) for f in files),
+                     sha256_file(e.gates) if e.gates is not None else "-"]
+            h.update("\0".join(parts).encode() + b"\n")
+        return h.hexdigest()
+
     @property
     def has_gates(self) -> bool:
         """Whether every expert has trained gate vectors (local routing needs them)."""
