@@ -38,7 +38,8 @@ the very examples of the comparison (a winner's curse that favours the best sing
 Checkpoints: every (system, split, task) cell's per-example scores go to
 ``<out>/cells/<split>/<system>/<task>.json`` (written atomically, with the cell's recipe), so a rerun of the
 same command skips finished cells and evaluates only what is missing; the plan (``plan.yaml``), the build
-(``built/``), the uniform merge and the router are reused while their recipe is unchanged. With ``--executor ray``
+(``built/``) and the uniform merge are reused while their recipe (members' contents included) is unchanged;
+the router is refitted (seconds) and its cells reused while its file's digest is unchanged. With ``--executor ray``
 the cells run as Ray tasks (:mod:`expertkit.pipeline.sweep`, logs in ``<out>/logs``), as do the planner's
 candidates (``<out>/plan-jobs``, scores cached in ``<out>/eval-cache``); locally they run one after the
 other in this process and give the same scores.
@@ -56,6 +57,7 @@ builds the library (about 1 h) and family B (the evolved base and 3 experts, abo
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -93,7 +95,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=300, help="test examples per task (the same for every system)")
     p.add_argument("--val-n", type=int, default=100, help="validation examples per task (every choice is made there)")
     p.add_argument("--budget", type=int, default=12, help="planner evaluations per cluster")
-    p.add_argument("--group", default="embedding", help="tensor group the clustering uses")
+    p.add_argument("--group", default="embedding", choices=_groups(), help="tensor group the clustering uses")
     p.add_argument("--search", default="grid", choices=["grid", "cmaes"], help="coefficient search per cluster")
     p.add_argument("--no-bases", action="store_true", help="skip the two bases zero-shot (references)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -131,13 +133,24 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _groups() -> list[str]:
+    """The tensor groups of a Llama (the zoo's architecture) and ``all``: ``--group``'s choices, checked
+    before an hour of zoo building rather than after it."""
+    from expertkit.weights.arch import descriptor_for
+
+    return [*dict.fromkeys(p.group for p in descriptor_for("llama").patterns), "all"]
+
+
 def _level(text: str) -> tuple[int, float]:
     """``"STEPS:LR"`` as (steps, lr)."""
     try:
         steps, lr = text.split(":")
-        return int(steps), float(lr)
+        if int(steps) >= 1 and float(lr) > 0:
+            return int(steps), float(lr)
     except ValueError:
-        raise SystemExit(f"model_glue: --b-level is STEPS:LR (for example 60:0.00025), got {text!r}") from None
+        pass
+    raise SystemExit(f"model_glue: --b-level is STEPS:LR with STEPS >= 1 and LR > 0 (for example 60:0.00025), "
+                     f"got {text!r}")
 
 
 def _check_splits(tasks: list[str], a: argparse.Namespace) -> dict[str, dict[str, int]]:
@@ -235,7 +248,7 @@ def uniform_merge(members: list[Path], out: Path) -> Path:
     from expertkit.merge.zoo import MemberWeights, discover_zoo
     from expertkit.weights import ShardedWriter
 
-    recipe = json.dumps([str(m) for m in members])
+    recipe = json.dumps([[str(m), _stamp(m)] for m in members])
     stamp = out.parent / f"{out.name}.json"
     if (out / "config.json").exists() and stamp.is_file() and stamp.read_text() == recipe:
         return out
@@ -264,7 +277,7 @@ def make_plan(args: argparse.Namespace, members: list[Path], tasks: list[str]) -
 
     work = (args.out / "plan-jobs").absolute()
     work.mkdir(parents=True, exist_ok=True)
-    seed = getattr(args, "seed", 0)  # the validation examples every other system scores
+    seed = args.seed  # the validation examples every other system scores
     executor = sweep_executor(args, ModelCache(), work)
     try:
         factory = job_evaluator_factory(executor, work, split="validation", n=args.val_n, seed=seed,
@@ -280,13 +293,17 @@ def plan_and_build(a: argparse.Namespace, members: list[Path], tasks: list[str])
     from expertkit.merge.zoo import build_plan, load_plan, save_plan
     from expertkit.merge.zoo.plan import plan_text
 
-    path, built = a.out / "plan.yaml", a.out / "built"
-    plan = load_plan(path) if path.is_file() else None
+    from expertkit.fileio import write_atomic
+
+    path, built, stamp = a.out / "plan.yaml", a.out / "built", a.out / "plan.members.json"
+    contents = json.dumps([_stamp(m) for m in members])  # a member retrained in place is another plan
+    plan = load_plan(path) if path.is_file() and stamp.is_file() and stamp.read_text() == contents else None
     if plan is None or (plan.tasks, [m.path for m in plan.members], plan.validation.n, plan.validation.budget,
                         plan.validation.search, plan.similarity.group, plan.seed) != (
             tasks, [str(m) for m in members], a.val_n, a.budget, a.search, a.group, a.seed):
         plan = make_plan(a, members, tasks)
         save_plan(plan, path)
+        write_atomic(stamp, contents)
     done = built / "plan.yaml"
     if not ((built / "build.json").is_file() and done.is_file() and done.read_text() == plan_text(plan)):
         build_plan(plan, built, overwrite=True)
@@ -308,11 +325,21 @@ def hash_embed(prompts: list[str]) -> Any:
 
 
 def _stamp(path: str | Path | None) -> list[Any] | None:
-    """What changes when a model folder or adapter is rewritten (weight files' sizes and times); None for a
-    bundled name."""
+    """The content of a model folder or adapter (SHA-256 of each weight file); None for a bundled name.
+    A member retrained into the same folder changes it, so plans, merges and cells made from the old
+    weights are not reused."""
     if path is None or not Path(path).is_dir():
         return None
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(path).glob("*.safetensors"))]
+    return [[f.name, _sha256(str(f), f.stat().st_size, f.stat().st_mtime_ns)]
+            for f in sorted(Path(path).glob("*.safetensors"))]
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`expertkit.fileio.sha256_file`, once per file version in this process (size and time in the key)."""
+    from expertkit.fileio import sha256_file
+
+    return sha256_file(path)
 
 
 def score_cell(loaded: Any, *, task: str, split: str, n: int, seed: int, adapter: str | None, batch_size: int,

@@ -30,11 +30,12 @@ resumed from its checkpoint to the full budget, so the chosen run's start is not
 accuracy.
 
 **Equal wall time.** Every run saves its LoRA weights 20 times with the training seconds so far
-(``<out>/runs/<method>/lr-<lr>/snapshots``, beside its ``adapter``). W is the shortest full-run training time of all
-methods; each method is also scored on test at its last snapshot within W (its LoRA start, which
-equals the base model, if none is). Seconds are training time only (no evaluation), so this
-comparison means something only when the run had the machine to itself; the load average is
-recorded at the start and at the end.
+(``<out>/runs/<method>/lr-<lr>-<settings digest>/snapshots``, beside its ``adapter``). W is the
+shortest full-run training time of all methods; each method is also scored on test at its last
+snapshot within W (its LoRA start, which equals the base model, if none is). Seconds are training time only (no evaluation), so this
+comparison means something only when the run had the machine to itself (not with ``--executor ray``,
+whose cells train side by side); the load average is recorded at the start and end of the run and
+of each full run.
 
 **Paired tests.** Every system scores the same ``--n-test`` test examples (all 426 by default);
 exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim, at
@@ -115,7 +116,12 @@ def units_per_step(method: str, n_layers: int) -> int:
 def settings(method: str, lr: float, budget: int, batch: int, n_layers: int, pool: int | None) -> dict:
     """The train_lora settings of ``method`` at ``lr`` under ``budget`` forward units."""
     opt, extra = VARIANTS[method]
-    steps = max(1, budget // units_per_step(method, n_layers))
+    units = units_per_step(method, n_layers)
+    if budget < units:
+        from expertkit.errors import ConfigError
+
+        raise ConfigError(f"--budget {budget} is below one step of {method} ({units} forward units); raise it.")
+    steps = budget // units
     params = {} if opt == "adamw" else {"eps": ZO_EPS, **extra}
     return {**LORA, "steps": steps, "batch_size": batch, "lr": lr, "optimizer": opt, "optimizer_params": params,
             "save_every": max(1, steps // SNAPSHOTS), "seed": 0, "train_examples": pool}
@@ -186,8 +192,8 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
     def callback(info: Any) -> None:
         if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:
             snap(info.step, info.seconds)
-        if stop is not None and info.step >= stop:
-            raise _Stop
+        if stop is not None and stop < cfg["steps"] and info.step >= stop:
+            raise _Stop  # a stop at the last step is the whole run: train_lora writes its adapter
 
     if stop is not None and stop < cfg["steps"]:
         done = snapshots(run)
@@ -299,6 +305,7 @@ def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: i
     train_run(loaded, spec, cfg, run_dir)
     meta = json.loads((run_dir / "adapter" / "expertkit.json").read_text())
     row = {"lr": cfg["lr"], "steps": cfg["steps"], "seconds": meta["seconds"], "losses": meta["losses"],
+           "load_average_after": list(os.getloadavg()),
            "snapshots": [[s, t] for s, t, _ in snapshots(run_dir)],
            "validation": evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val),
            "test": evaluate_adapter(loaded, spec, run_dir / "adapter", "test", n_test)}
@@ -327,13 +334,19 @@ def wall_cell(loaded: Any, task: str, cfg: dict, run: str, limit: float, n_test:
 # --------------------------------------------------------------------------------------------- phases
 def _cell(args: argparse.Namespace, key: str, fn: Any, match: dict, **kwargs: Any) -> Cell:
     result = args.out / "cells" / f"{key}.json"
+    match = {**match, "task": args.task, "model": str(args.model)}  # a rerun on another task trains anew
     return Cell(key, fn, result, {**kwargs, "task": args.task, "result": str(result), "smoke": args.smoke,
                                   "match": match}, args.model, {"match": match})
 
 
-def run_path(args: argparse.Namespace, method: str, lr: float) -> Path:
-    """The folder of ``method``'s run at ``lr``: ``adapter/`` (train_lora's) and ``snapshots/``."""
-    return args.out / "runs" / method / f"lr-{lr:g}"
+def run_path(args: argparse.Namespace, method: str, lr: float, cfg: dict) -> Path:
+    """The folder of ``method``'s run at ``lr``: ``adapter/`` (train_lora's) and ``snapshots/``. Its name
+    ends in a digest of the settings, task and model, so a rerun with other settings (``--batch``,
+    ``--budget``, ``--task``...) trains apart instead of resuming or scoring another run's weights."""
+    import hashlib
+
+    ident = json.dumps({"cfg": cfg, "task": args.task, "model": str(args.model)}, sort_keys=True, default=str)
+    return args.out / "runs" / method / f"lr-{lr:g}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 
 def choose(rows: list[dict]) -> dict:
@@ -363,24 +376,22 @@ def run(args: argparse.Namespace) -> dict:
                 stop = sweep_stop(cfg, args.sweep_frac)
                 cells.append(_cell(args, f"sweep-{m}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop,
                                                                               "n_val": args.n_val},
-                                   cfg=cfg, run=str(run_path(args, m, lr)), stop=stop, n_val=args.n_val))
+                                   cfg=cfg, run=str(run_path(args, m, lr, cfg)), stop=stop, n_val=args.n_val))
                 owners.append(m)
         rows = run_sweep("zo_bench sweep", cells, executor, args.out / "logs")
         zero, sweeps = rows[0], {m: [] for m in args.methods}
         for m, row in zip(owners, rows[1:], strict=True):
             sweeps[m].append(row)
         chosen = {m: choose(sweeps[m])["lr"] for m in args.methods}
-        cells = [_cell(args, f"full-{m}", full_cell, {"cfg": cfgs[m][chosen[m]], "n_val": args.n_val,
-                                                       "n_test": args.n_test},
-                       cfg=cfgs[m][chosen[m]], run=str(run_path(args, m, chosen[m])), n_val=args.n_val,
-                       n_test=args.n_test) for m in args.methods]
+        best = {m: cfgs[m][chosen[m]] for m in args.methods}
+        folder = {m: str(run_path(args, m, chosen[m], best[m])) for m in args.methods}
+        cells = [_cell(args, f"full-{m}", full_cell, {"cfg": best[m], "n_val": args.n_val, "n_test": args.n_test},
+                       cfg=best[m], run=folder[m], n_val=args.n_val, n_test=args.n_test) for m in args.methods]
         full = dict(zip(args.methods, run_sweep("zo_bench full", cells, executor, args.out / "logs"), strict=True))
         limit = min(r["seconds"] for r in full.values())
         slower = [m for m in args.methods if full[m]["seconds"] > limit]
-        cells = [_cell(args, f"wall-{m}", wall_cell, {"cfg": cfgs[m][chosen[m]], "limit": limit,
-                                                       "n_test": args.n_test},
-                       cfg=cfgs[m][chosen[m]], run=str(run_path(args, m, chosen[m])), limit=limit,
-                       n_test=args.n_test) for m in slower]
+        cells = [_cell(args, f"wall-{m}", wall_cell, {"cfg": best[m], "limit": limit, "n_test": args.n_test},
+                       cfg=best[m], run=folder[m], limit=limit, n_test=args.n_test) for m in slower]
         walls = run_sweep("zo_bench wall", cells, executor, args.out / "logs") if cells else []
     finally:
         executor.close()
@@ -489,7 +500,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=int, default=4000, help="forward units per method (a backward pass = 2)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--pool", type=int, default=None,
-                    help="training examples drawn (default: bbc_topic's whole train split, else steps x batch)")
+                    help="training examples drawn, the same for every method (default: bbc_topic's whole train "
+                         "split, else the longest run's steps x batch)")
     ap.add_argument("--n-val", type=int, default=200, help="validation examples (the lr choice)")
     ap.add_argument("--n-test", type=int, default=426, help="test examples (the same for every method)")
     ap.add_argument("--sweep-frac", type=float, default=0.25, help="share of the steps at which lrs are compared")
@@ -505,8 +517,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = (args.out or Path("runs/experiments/zo_bench_bbc")).absolute()  # absolute: Ray workers read it
     if not 0 < args.sweep_frac <= 1:
         ap.error(f"--sweep-frac must be in (0, 1], got {args.sweep_frac}.")
-    if min(args.budget, args.batch, args.n_val, args.n_test) < 1:
-        ap.error("--budget, --batch, --n-val and --n-test must each be at least 1.")
+    if min(args.budget, args.batch, args.n_val, args.n_test, 1 if args.pool is None else args.pool) < 1:
+        ap.error("--budget, --batch, --pool, --n-val and --n-test must each be at least 1.")
     if len(set(args.methods)) != len(args.methods):
         ap.error("--methods names a method twice.")
     return args
@@ -532,6 +544,9 @@ def _prepare(args: argparse.Namespace) -> None:
         from expertkit.tasks.bbc import split_sizes
 
         args.pool = split_sizes()["train"]
+    elif args.pool is None:  # the same pool and data order for every method: the longest run's examples
+        args.pool = max(settings(m, 1.0, args.budget, args.batch, args.n_layers, None)["steps"]
+                        for m in args.methods) * args.batch
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -560,4 +575,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from expertkit.errors import ExpertkitError
+
+    try:
+        main()
+    except ExpertkitError as exc:  # bad input: one line, no traceback
+        raise SystemExit(f"zo_bench: {exc}") from None

@@ -33,7 +33,7 @@ def smoke(exp, tmp_path_factory):
 
 def test_make_plan_on_the_local_executor_equals_the_in_process_plan(exp, tiny_zoo, tmp_path):
     members = [tiny_zoo["a0"], tiny_zoo["a1"], tiny_zoo["a2"]]
-    args = argparse.Namespace(out=tmp_path / "glue", val_n=2, budget=6, group="all", search="grid",
+    args = argparse.Namespace(out=tmp_path / "glue", val_n=2, budget=6, group="all", search="grid", seed=0,
                               executor="local", address=None, cpus_per_cell=1.0)
     jobs = exp.make_plan(args, members, ["family_relation"])
     here = plan_zoo(members, ["family_relation"], group="all", n=2, budget=6, mixture="ffn", search="grid",
@@ -86,8 +86,9 @@ def test_paired_numbers_are_compare_on_the_stored_scores(exp, smoke):
             assert p["per_task"][t] == compare(test[system][t], test[best][t], seed=0).as_dict()
     assert res["paired"]["oracle"]["pooled"]["n"] == 6 * len(tasks)
     uniform = "uniform merge (linear, all 5)"
+    pooled = [[x for t in tasks for x in test[s][t]] for s in (uniform, best)]
     line = verdict(f"the uniform merge of all 5 members is more accurate than the best single model ({best}, chosen "
-                   "on validation)", compare(*[[x for t in tasks for x in test[s][t]] for s in (uniform, best)], seed=0))
+                   "on validation)", compare(*pooled, seed=0))
     assert line in res["verdicts"]
 
 
@@ -163,15 +164,19 @@ def test_family_b_is_read_from_b_from_when_made_there_with_these_settings(exp, s
     assert not exp._reusable(folder, "family_relation", out / "tiny-llama", digest, fields)  # another base
 
 
-def test_bad_input_is_refused_in_one_line_before_any_work(exp, tmp_path):
+def test_bad_input_is_refused_in_one_line_before_any_work(exp, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--val-n must be at least 1, got 0"):
         exp._args(["--val-n", "0", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match="holds no evolved base base-60-0.00025/"):
         exp._args(["--b-from", str(tmp_path), "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match=r"--a-tasks \['leap_year'\] have no expert in the GLIDER library"):
         exp._args(["--a-tasks", "family_relation", "leap_year", "--out", str(tmp_path / "c")])
-    with pytest.raises(SystemExit, match="--b-level is STEPS:LR"):
-        exp._args(["--b-level", "60-1e-4", "--out", str(tmp_path / "d")])
+    for level in ("60-1e-4", "0:0"):
+        with pytest.raises(SystemExit, match="--b-level is STEPS:LR"):
+            exp._args(["--b-level", level, "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit):  # an unknown tensor group: refused by the parser, before any work
+        exp._args(["--group", "embeddings", "--out", str(tmp_path / "d")])
+    assert "error: argument --group" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="lists a task twice"):
         exp._args(["--b-tasks", "gcd", "gcd", "--out", str(tmp_path / "e")])
     assert not any(tmp_path.iterdir())
