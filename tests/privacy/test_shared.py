@@ -21,8 +21,8 @@ def test_two_epsilons_share_the_teacher_and_the_layer_sharpness(tmp_path, tiny_c
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
     loaded = load_model(str(tiny_checkpoint("llama")))
     calls = []
-    real = rmod.choose_prefix_layers
-    monkeypatch.setattr(rmod, "choose_prefix_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rmod.prefix_layer_sharpness
+    monkeypatch.setattr(rmod, "prefix_layer_sharpness", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = tmp_path / "shared"
     a = train_private(loaded, _recipe(lohi.name, 3.0), tmp_path / "a", shared=shared)
     b = train_private(loaded, _recipe(lohi.name, 8.0), tmp_path / "b", shared=shared)

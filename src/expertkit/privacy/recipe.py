@@ -53,10 +53,10 @@ def _batch(tokenizer: Any, task: Any, examples: list[Any], max_prompt_tokens: in
     return collate(encode_examples(tokenizer, task, examples, max_prompt_tokens), pad_id_of(tokenizer))
 
 
-def choose_prefix_layers(loaded: Any, task: Any, examples: list[Any], config: LoraTrainConfig, k: int,
-                         iters: int) -> tuple[tuple[int, ...], list[float]]:
-    """The ``k`` flattest prefix layers at the seeded initial prefix, measured on ``examples`` (public)."""
-    from expertkit.privacy.prefix import layer_sharpness, select_layers
+def prefix_layer_sharpness(loaded: Any, task: Any, examples: list[Any], config: LoraTrainConfig,
+                           iters: int) -> list[float]:
+    """Each prefix layer's sharpness at the seeded initial prefix, measured on ``examples`` (public)."""
+    from expertkit.privacy.prefix import layer_sharpness
     from expertkit.train.schemes import wrap
 
     batch = _batch(loaded.tokenizer, task, examples, config.max_prompt_tokens)
@@ -64,10 +64,9 @@ def choose_prefix_layers(loaded: Any, task: Any, examples: list[Any], config: Lo
         torch.manual_seed(config.seed)  # the same initial prefix as training draws
         model, give_back = wrap(loaded.model, config, loaded.path)
         try:
-            sharp = layer_sharpness(model, batch, iters=iters, seed=config.seed)
+            return layer_sharpness(model, batch, iters=iters, seed=config.seed)
         finally:
             give_back()
-    return select_layers(sharp, k), sharp
 
 
 def trained_sharpness(loaded: Any, out: Path, task: Any, examples: list[Any], config: LoraTrainConfig,
@@ -109,8 +108,8 @@ def train_private(loaded: Any, recipe: PrivateRecipe, out_dir: str | Path, *,
 
     ``shared``: a folder where what depends on the public part only -- the teacher and the prefix
     layers' sharpness -- is kept under a digest of its inputs and reused by runs with the same inputs
-    (the cells of a sweep over ε differ only in the DP student; on bbc_topic at ε = 1 the layer
-    sharpness took about 14 of the sparse-prefix cell's 23 minutes). Runs on one machine take turns
+    (the cells of a sweep over ε differ only in the DP student; on bbc_topic the sparse-prefix cell
+    took 841 s measuring the sharpness at ε = 3 and 243 s reading it back at ε = 8). Runs on one machine take turns
     (a file lock). Without it, the teacher goes to ``<out_dir>/teacher`` and the sharpness is measured every time."""
     from expertkit.errors import ConfigError
     from expertkit.fileio import locked, write_atomic
@@ -146,8 +145,7 @@ def train_private(loaded: Any, recipe: PrivateRecipe, out_dir: str | Path, *,
     public = list(split.public_examples[: recipe.sharpness_examples])
     if recipe.prefix_layers:
         def measure() -> list[float]:
-            return choose_prefix_layers(loaded, split.public, public, cfg, recipe.prefix_layers,
-                                        recipe.sharpness_iters)[1]
+            return prefix_layer_sharpness(loaded, split.public, public, cfg, recipe.sharpness_iters)
 
         if shared is None:
             sharp = measure()
