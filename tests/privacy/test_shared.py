@@ -41,3 +41,15 @@ def test_two_epsilons_share_the_teacher_and_the_layer_sharpness(tmp_path, tiny_c
     other = _recipe(lohi.name, 3.0).model_copy(update={"n_public": 10})
     train_private(loaded, other, tmp_path / "d", shared=shared)
     assert len(calls) == 3 and len(list(shared.glob("layer-sharpness-*.json"))) == 2
+
+
+def test_the_shared_key_follows_the_base_contents_not_its_folder(tiny_checkpoint, lohi):
+    import torch
+
+    loaded = load_model(str(tiny_checkpoint("llama")))
+    rec = _recipe(lohi.name, 3.0)
+    before = rmod._public_key(loaded, rec, {"teacher": 1})
+    assert rmod._public_key(loaded, rec, {"teacher": 1}) == before  # stable
+    with torch.no_grad():  # the same folder, other weights (a base rebuilt in place)
+        next(loaded.model.parameters()).add_(1.0)
+    assert rmod._public_key(loaded, rec, {"teacher": 1}) != before

@@ -94,10 +94,14 @@ def trained_sharpness(loaded: Any, out: Path, task: Any, examples: list[Any], co
 
 
 def _public_key(loaded: Any, recipe: PrivateRecipe, what: dict[str, Any]) -> str:
-    """A digest of everything a public-part artefact depends on: the base, the task and its split, ``what``."""
+    """A digest of everything a public-part artefact depends on: the base's contents (its
+    :func:`~expertkit.weights.fingerprint.model_digest`, not its folder, so that a base rebuilt under the
+    same path never reuses a stale teacher), the task and its split, ``what``."""
     import hashlib
 
-    ident = {"model": str(loaded.path), "task": recipe.task, "n_public": recipe.n_public,
+    from expertkit.weights.fingerprint import model_digest
+
+    ident = {"model": model_digest(loaded.model), "task": recipe.task, "n_public": recipe.n_public,
              "n_private": recipe.n_private, "seed": recipe.train.seed, **what}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
