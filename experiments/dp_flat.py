@@ -89,12 +89,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def smoke_setup(out: Path) -> str:
     """A saved tiny random Llama and the toy lo-hi task registered for this process; the model folder."""
-    from expertkit.models.tiny import save_tiny
+    from expertkit.models.tiny import saved_tiny
     from expertkit.tasks.toy import register_smoke_task
 
     register_smoke_task()
-    folder = out / "tiny-llama"
-    return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
+    return saved_tiny("llama", out / "tiny-llama")
 
 
 def recipe_for(a: argparse.Namespace, system: str, epsilon: float) -> Any:

@@ -41,7 +41,6 @@ Cost on 2 quiet cores (estimated from the parts, not measured end to end): libra
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -77,26 +76,11 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-class HashEmbedder:
-    """Smoke runs only: a bag-of-words embedder (words hashed to 64 dimensions) instead of MiniLM."""
-
-    def encode(self, sentences: list[str], **kwargs: object) -> np.ndarray:
-        """Counts of hashed words, one row per sentence."""
-        out = np.zeros((len(sentences), 64), dtype=np.float32)
-        for i, s in enumerate(sentences):
-            for w in s.lower().split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
-        return out
-
-
 def _model(args: argparse.Namespace) -> str:
     """The base model (smoke: a tiny random llama saved under ``out``, as the library's config names it)."""
-    from expertkit.models.tiny import save_tiny
+    from expertkit.models.tiny import saved_tiny
 
-    if not args.smoke:
-        return "smollm2-135m"
-    tiny = args.out / "tiny"
-    return str(tiny) if tiny.is_dir() else str(save_tiny("llama", tiny))
+    return saved_tiny("llama", args.out / "tiny") if args.smoke else "smollm2-135m"
 
 
 def _library(args: argparse.Namespace, loaded: object, model: str) -> object:
@@ -126,7 +110,7 @@ def _tools(loaded: object, smoke: bool, instructions: str | Path) -> tuple[objec
     """(embedder, instruction writer) on ``loaded``, made once and shared by the local cells and the
     driver, as one pair served the whole run before the cells (smoke: :class:`HashEmbedder` and a
     4-token writer; real: MiniLM and the default writer)."""
-    from expertkit.models.embedder import load_embedder
+    from expertkit.models.embedder import HashEmbedder, load_embedder
     from expertkit.route import InstructionWriter
 
     key = (smoke, str(instructions))

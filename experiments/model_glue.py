@@ -174,10 +174,9 @@ def base_a(a: argparse.Namespace) -> str:
     """Family A's base: the bundled model, or (smoke) a tiny random llama saved under ``out``."""
     if not a.smoke:
         return "smollm2-135m"
-    from expertkit.models.tiny import save_tiny
+    from expertkit.models.tiny import saved_tiny
 
-    folder = a.out / "tiny-llama"
-    return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
+    return saved_tiny("llama", a.out / "tiny-llama")
 
 
 def family_a(a: argparse.Namespace, base: Any) -> list[Path]:
@@ -314,14 +313,12 @@ def plan_and_build(a: argparse.Namespace, members: list[Path], tasks: list[str])
 
 
 def hash_embed(prompts: list[str]) -> Any:
-    """Smoke runs only: a bag-of-words embedding (words hashed to 64 dimensions) instead of MiniLM."""
+    """Smoke runs only: :class:`~expertkit.models.embedder.HashEmbedder`'s bag of words instead of MiniLM."""
     import torch
 
-    out = torch.zeros(len(prompts), 64)
-    for i, s in enumerate(prompts):
-        for w in s.lower().split():
-            out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
-    return out
+    from expertkit.models.embedder import HashEmbedder
+
+    return torch.from_numpy(HashEmbedder().encode(prompts))
 
 
 def _stamp(path: str | Path | None) -> list[Any] | None:

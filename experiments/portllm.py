@@ -151,12 +151,11 @@ def _old_base(a: argparse.Namespace) -> str:
     """The old base: the bundled model, or (smoke) a tiny random Llama saved under ``out``."""
     if not a.smoke:
         return "smollm2-135m"
-    from expertkit.models.tiny import save_tiny
+    from expertkit.models.tiny import saved_tiny
     from expertkit.tasks.toy import register_smoke_task
 
     register_smoke_task()
-    folder = a.out / "tiny-llama"
-    return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
+    return saved_tiny("llama", a.out / "tiny-llama")
 
 
 def accuracy(a: argparse.Namespace) -> dict[str, Any]:

@@ -485,12 +485,11 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------------------------------------ main
 def _smoke_model(out: Path) -> str:
     """A saved tiny random Llama under ``out`` (and the toy task registered here); its folder."""
-    from expertkit.models.tiny import save_tiny
+    from expertkit.models.tiny import saved_tiny
     from expertkit.tasks.toy import register_smoke_task
 
     register_smoke_task()
-    folder = out / "tiny-llama"
-    return str(folder if (folder / "config.json").is_file() else save_tiny("llama", folder))
+    return saved_tiny("llama", out / "tiny-llama")
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from expertkit.models.embedder import HashEmbedder
 from expertkit.models.loader import LoadedModel
 from expertkit.models.tiny import tiny_model, tiny_tokenizer
 from expertkit.route.library import Expert, ExpertLibrary
@@ -39,15 +38,7 @@ def make_adapter(folder: Path, seed: int, *, fp: str = BASE_FP, modules=("q_proj
     return folder
 
 
-class FakeEmbedder:
-    """Bag-of-words embedder: each lower-cased word hashes to one of 64 dimensions."""
-
-    def encode(self, sentences, **kwargs):
-        out = np.zeros((len(sentences), 64), dtype=np.float32)
-        for i, s in enumerate(sentences):
-            for w in s.lower().replace(".", " ").split():
-                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1.0
-        return out
+FakeEmbedder = HashEmbedder  # bag of words: each lower-cased word hashes to one of 64 dimensions
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,12 @@ def test_experiment_smoke_run_scores_every_method_on_the_same_examples(tmp_path,
     assert json.loads((tmp_path / "run" / "results.json").read_text())["scores"] == res["scores"]
 
 
-def _direct_cells(run: Path, script: dict, library_root: str) -> dict[str, dict]:
+def _direct_cells(run: Path, library_root: str) -> dict[str, dict]:
     """Every cell of the smoke run above as the script computed it before its cells ran on an executor:
     one loop in this process over tasks and methods, one embedder and one instruction writer (here with
     an empty instruction cache, so the instructions are written again)."""
     from expertkit.models import load_model
+    from expertkit.models.embedder import HashEmbedder
     from expertkit.route import ExpertLibrary, InstructionWriter, RouteConfig
     from expertkit.route.api import make_router
     from expertkit.route.evaluate import evaluate_router
@@ -46,7 +47,7 @@ def _direct_cells(run: Path, script: dict, library_root: str) -> dict[str, dict]
 
     loaded = load_model(str(run / "tiny"))
     library = ExpertLibrary.load(library_root)
-    embedder = script["HashEmbedder"]()
+    embedder = HashEmbedder()
     writer = InstructionWriter(loaded, cache_dir=run.parent / "fresh-instructions", max_new_tokens=4,
                                template="Input: {query}\nTask:", max_query_chars=60)
     held_in = ["reverse_words", "leap_year"]
@@ -72,7 +73,7 @@ def test_experiment_local_executor_cells_equal_the_direct_loop(tmp_path, monkeyp
                                       "--methods", "glider", "arrow", "oracle", "base"])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     library_root = json.loads((run / "results.json").read_text())["library"]
-    want = _direct_cells(run, runpy.run_path(str(SCRIPT)), library_root)
+    want = _direct_cells(run, library_root)
     got = {p.name: json.loads(p.read_text()) for p in (run / "cells").glob("*.json")}
     assert len(want) == 11 and got == want
     assert len({tuple(c["scores"]) for c in want.values()}) > 1  # the cells differ: a mix-up would show

@@ -40,3 +40,25 @@ def load_embedder(name: str = "minilm") -> Any:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(embedder_path(name)), device="cpu")
+
+
+class HashEmbedder:
+    """A stand-in for MiniLM in unit tests and ``--smoke`` runs (no package, no download): a bag of
+    words, each lower-cased word (dots taken as spaces) hashed to one of ``dim`` dimensions. Sentences
+    that share words are close; nothing else about meaning is captured."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+
+    def encode(self, sentences: list[str], **kwargs: Any) -> Any:
+        """Word counts, one float32 row of ``dim`` per sentence (``kwargs`` accepted and ignored, as
+        sentence-transformers' keyword arguments are)."""
+        import hashlib
+
+        import numpy as np
+
+        out = np.zeros((len(sentences), self.dim), dtype=np.float32)
+        for i, s in enumerate(sentences):
+            for w in s.lower().replace(".", " ").split():
+                out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return out

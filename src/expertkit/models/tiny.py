@@ -214,3 +214,10 @@ def save_tiny(
     if tokenizer:
         tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def saved_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> str:
+    """The folder of a tiny random ``arch`` saved at ``path`` by :func:`save_tiny`, saved now if it is not
+    there yet (``--smoke`` runs resume into the same folder); returned as a string, as a model name."""
+    path = Path(path)
+    return str(path if (path / "config.json").is_file() else save_tiny(arch, path, seed))
