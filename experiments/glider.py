@@ -21,9 +21,12 @@ discordant (``mcnemar_sample_size(0.05, 0.15)`` = 468).
 
 Writes ``<out>/results.json`` and ``<out>/glider.png`` and prints the markdown for docs/results.md.
 Instructions are cached per query, experts per recipe and each (method, task) cell's scores in
-``<out>/cells/``, so an interrupted run resumes where it stopped. A cell's key holds the library's
-content digest (not its folder), so cells kept from another machine (experiments/results/glider/cells,
-copied into ``<out>/cells/``) are reused only where the rebuilt library is byte for byte the same.
+``<out>/cells/``, so an interrupted run resumes where it stopped. ``--save-kept`` copies the finished
+cells into experiments/results/glider/cells and packs the instruction cache into
+experiments/results/glider/instructions.jsonl (both committed); every run first puts them back where
+missing. A cell's key holds the library's content digest (not its folder), so kept cells are reused
+only where the rebuilt library is byte for byte the same; kept instructions are keyed by the writer's
+weights, template and query.
 
 Every (method, task) cell is independent: ``--executor ray`` runs them as Ray tasks
 (:mod:`expertkit.pipeline.sweep`; per-cell logs in ``<out>/logs``): each worker loads the base model
@@ -49,6 +52,7 @@ import numpy as np
 
 from expertkit.pipeline.sweep import Cell, add_executor_args, run_sweep, sweep_executor
 
+KEPT = Path(__file__).resolve().parent / "results" / "glider"
 BASELINES = ("global", "phatgoose", "arrow", "lorahub", "retrieval", "uniform", "oracle", "base")
 
 
@@ -65,12 +69,21 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="default: runs/experiments/glider (smoke: a temp folder)")
     p.add_argument("--smoke", action="store_true", help="a tiny random llama, 2 experts, tiny n: checks the script")
+    p.add_argument("--kept", type=Path, default=None,
+                   help="committed results of earlier runs (cells/*.json, instructions.jsonl), put into --out and "
+                        "the instruction cache where missing before the run (default: experiments/results/glider; "
+                        "smoke: none)")
+    p.add_argument("--save-kept", action="store_true",
+                   help="copy --out's finished cells and pack the instruction cache into --kept, then exit "
+                        "(safe beside a running sweep: cells are written whole)")
     add_executor_args(p)
     a = p.parse_args(argv)
     if a.smoke:
         a.held_in, a.held_out, a.n = ["reverse_words", "leap_year"], ["gcd"], min(a.n, 3)  # short prompts: 256 positions
         a.out = a.out or Path(tempfile.mkdtemp(prefix="glider-smoke-"))
     a.out = a.out or Path("runs/experiments/glider")
+    if a.kept is None and not a.smoke:
+        a.kept = KEPT
     if a.executor == "ray":
         a.out = a.out.absolute()  # the workers' working folder may differ from this one
     return a
@@ -221,8 +234,48 @@ def _plot(acc: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def restore_kept(args: argparse.Namespace) -> None:
+    """Cells and instructions committed under ``--kept`` put into ``--out/cells`` and the instruction
+    cache where missing; a kept cell is then used only if its key (library content digest, config, task,
+    n) is the one this run would write."""
+    import shutil
+
+    from expertkit.route.global_router import unpack_instructions
+
+    if args.kept is None:
+        return
+    pack = args.kept / "instructions.jsonl"
+    if pack.is_file():
+        print(f"instructions restored from {pack}: {unpack_instructions(pack, _instructions(args))}", flush=True)
+    (args.out / "cells").mkdir(parents=True, exist_ok=True)
+    for cell in sorted((args.kept / "cells").glob("*.json")):
+        if not (args.out / "cells" / cell.name).is_file():
+            shutil.copy2(cell, args.out / "cells" / cell.name)
+
+
+def save_kept(args: argparse.Namespace) -> None:
+    """``--out``'s cells copied into ``--kept/cells`` and the instruction cache packed into
+    ``--kept/instructions.jsonl``, to be committed."""
+    import shutil
+
+    from expertkit.route.global_router import pack_instructions
+
+    if args.kept is None:
+        raise SystemExit("--save-kept needs --kept (smoke runs keep nothing).")
+    (args.kept / "cells").mkdir(parents=True, exist_ok=True)
+    cells = sorted((args.out / "cells").glob("*.json"))
+    for cell in cells:
+        shutil.copy2(cell, args.kept / "cells" / cell.name)
+    n = pack_instructions(_instructions(args), args.kept / "instructions.jsonl")
+    print(f"kept in {args.kept}: {len(cells)} cells, {n} instructions")
+
+
 def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear experiment
     args = _args(argv)
+    if args.save_kept:
+        save_kept(args)
+        return
+    restore_kept(args)
     from expertkit.pipeline.executor import ModelCache, model_source
     from expertkit.route import RouteConfig
     from expertkit.route.api import global_top1, make_router
@@ -234,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear e
     models = ModelCache(source)  # local: the driver's model is the one every cell runs on
     loaded = models.get(source)
     library = _library(args, loaded, model)
+    print(f"library {library.root}: content digest {library.digest()}", flush=True)
     scores = _evaluate(args, models, source, library)
     embedder, writer = _tools(loaded, args.smoke, _instructions(args))
     settings = {"held_in": args.held_in, "held_out": args.held_out}

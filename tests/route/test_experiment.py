@@ -32,6 +32,18 @@ def test_experiment_smoke_run_scores_every_method_on_the_same_examples(tmp_path,
     runpy.run_path(str(SCRIPT), run_name="__main__")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((tmp_path / "run" / "results.json").read_text())["scores"] == res["scores"]
+    # --save-kept packs cells and instructions; a run into a fresh folder restores them and recomputes nothing
+    kept = tmp_path / "kept"
+    monkeypatch.setattr(sys, "argv", ["glider.py", "--smoke", "--out", str(tmp_path / "run"), "--kept", str(kept),
+                                      "--save-kept"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert len(list((kept / "cells").glob("*.json"))) == len(stamps) and (kept / "instructions.jsonl").stat().st_size
+    monkeypatch.setattr(sys, "argv", ["glider.py", "--smoke", "--n", "2", "--out", str(tmp_path / "run2"),
+                                      "--kept", str(kept), "--methods", "glider", "arrow", "oracle", "base"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    restored = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run2" / "cells").glob("*.json")}
+    assert restored == {p.name: p.stat().st_mtime_ns for p in (kept / "cells").glob("*.json")}  # none recomputed
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["scores"] == res["scores"]
 
 
 def _direct_cells(run: Path, library_root: str) -> dict[str, dict]:

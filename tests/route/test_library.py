@@ -96,6 +96,30 @@ def test_instructions_are_written_per_query_and_cached_by_query_hash(loaded, tmp
         again(["y" * 400])
 
 
+def test_packed_instructions_carry_a_cache_to_another_folder(loaded, tmp_path) -> None:
+    from expertkit.errors import CheckpointError
+    from expertkit.route.global_router import pack_instructions, unpack_instructions
+
+    short = "Input: {query}\nTask:"
+    writer = InstructionWriter(loaded, cache_dir=tmp_path / "a", max_new_tokens=4, template=short)
+    first = writer(["ab:", "cd:"])
+    assert pack_instructions(tmp_path / "a", tmp_path / "pack.jsonl") == 2
+    assert "ab:" not in (tmp_path / "pack.jsonl").read_text()  # the queries stay out of the pack
+    assert unpack_instructions(tmp_path / "pack.jsonl", tmp_path / "b") == 2
+    moved = InstructionWriter(loaded, cache_dir=tmp_path / "b", max_new_tokens=4, template=short)
+    assert moved(["cd:", "ab:"]) == [first[1], first[0]] and moved.generated == 0  # read, not written
+    assert unpack_instructions(tmp_path / "pack.jsonl", tmp_path / "b") == 0  # present entries are kept
+    other = InstructionWriter(loaded, cache_dir=tmp_path / "b", max_new_tokens=5, template=short)
+    other(["ab:"])
+    assert other.generated == 1  # another writer setting is another key: written, not read
+    (tmp_path / "bad.jsonl").write_text('{"key": "../../etc", "instruction": "x"}\n')
+    with pytest.raises(CheckpointError, match="line 1: key"):
+        unpack_instructions(tmp_path / "bad.jsonl", tmp_path / "c")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(CheckpointError, match="line 1: not an instruction entry"):
+        unpack_instructions(tmp_path / "bad.jsonl", tmp_path / "c")
+
+
 def test_gates_train_with_the_expert_frozen_and_are_reused(loaded, adapters, tmp_path) -> None:
     from safetensors.torch import load_file
 

@@ -134,6 +134,48 @@ class InstructionWriter:
         return [o or "" for o in out]
 
 
+def pack_instructions(cache_dir: str | os.PathLike[str], pack: str | os.PathLike[str]) -> int:
+    """Write every instruction cached under ``cache_dir`` into one JSON-lines file ``pack`` (``{"key",
+    "instruction"}`` per line, sorted by key; the queries themselves are left out), so that a cache that
+    took an hour to write can be committed and carried to another machine. Returns the entries written."""
+    from expertkit.fileio import write_atomic
+
+    rows = []
+    for path in sorted(Path(cache_dir).glob("*.json")):
+        try:
+            rows.append({"key": path.stem, "instruction": json.loads(path.read_text())["instruction"]})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable entry is written again by the next run that needs it
+    write_atomic(Path(pack), "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def unpack_instructions(pack: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> int:
+    """Put the entries of a :func:`pack_instructions` file into ``cache_dir`` where that key is missing
+    (entries already there are kept). The keys hold the writer's model digest, template and query, so
+    an entry is only ever read back for the same writer and query. Returns the entries added."""
+    from expertkit.errors import CheckpointError
+    from expertkit.fileio import write_atomic
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    added = 0
+    for i, line in enumerate(Path(pack).read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            key, text = str(row["key"]), str(row["instruction"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{pack}, line {i}: not an instruction entry ({{\"key\", \"instruction\"}}); "
+                                  "make the file again with pack_instructions.") from None
+        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+            raise CheckpointError(f"{pack}, line {i}: key '{key[:40]}' is not a 32-digit hex query hash.")
+        path = cache_dir / f"{key}.json"
+        if not path.is_file():
+            write_atomic(path, json.dumps({"instruction": text}))
+            added += 1
+    return added
+
+
 class GlobalRouter:
     """Global scores ``(Q, E)``: cosine of each query's written instruction with each expert's description."""
 
