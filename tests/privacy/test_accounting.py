@@ -72,3 +72,18 @@ def test_delta_and_sample_rate_must_make_sense():
     with pytest.raises(PrivacyBudgetError, match="batch size of at most 50"):
         check_setting(delta=1e-5, sample_rate=1.2, pool_size=50)
     check_setting(delta=1e-3, sample_rate=0.5, pool_size=200)  # fine
+
+
+def test_the_search_keeps_opacus_largest_alpha_warning_about_its_trial_noise_to_itself():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sigma = calibrate(3.0, 1e-5, 0.016, 50)
+        spent = epsilon_spent(sigma, 0.016, 50, 1e-5)
+    assert 2.9 < spent <= 3.0
+    assert not [w for w in seen if "largest alpha" in str(w.message)]  # the answer's best order is inside the range
+    with warnings.catch_warnings(record=True) as seen:  # a genuinely truncated bound still warns
+        warnings.simplefilter("always")
+        epsilon_spent(1e6, 0.016, 50, 1e-5)
+    assert [w for w in seen if "largest alpha" in str(w.message)]

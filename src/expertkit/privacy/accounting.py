@@ -14,6 +14,7 @@ non-private runs of an experiment differ from the private ones only in the noise
 from __future__ import annotations
 
 import math
+import warnings
 
 from expertkit.errors import ConfigError
 
@@ -68,13 +69,18 @@ def calibrate(epsilon: float, delta: float, sample_rate: float, steps: int, acco
     if not epsilon > 0:
         raise PrivacyBudgetError(f"epsilon must be positive (or inf for no privacy); got {epsilon}.")
     tolerance = min(0.01, epsilon / 100)
-    try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
-    except ValueError as exc:
+    # The search tries σ up to 1e6, whose best RDP order is the largest Opacus tries: it warns "Optimal
+    # order is the largest alpha" about those trial values, not the answer. Silenced here only; the ε of
+    # the σ returned is computed again by the caller (epsilon_spent), where a genuine warning shows.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        try:
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
+        except ValueError as exc:
+            failure = str(exc)
         floor = epsilon_spent(MAX_SIGMA, sample_rate, steps, delta, accountant)
-        raise PrivacyBudgetError(
-            f"epsilon {epsilon:g} at delta {delta:g} cannot be reached with {steps} steps at sample rate "
-            f"{sample_rate:.4g} by the {accountant} accountant: even noise multiplier {MAX_SIGMA:g} spends "
-            f"epsilon {floor:.3g} ({exc}); raise epsilon or delta, or use fewer steps or a smaller batch."
-        ) from None
+    raise PrivacyBudgetError(
+        f"epsilon {epsilon:g} at delta {delta:g} cannot be reached with {steps} steps at sample rate "
+        f"{sample_rate:.4g} by the {accountant} accountant: even noise multiplier {MAX_SIGMA:g} spends "
+        f"epsilon {floor:.3g} ({failure}); raise epsilon or delta, or use fewer steps or a smaller batch.")
