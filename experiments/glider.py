@@ -36,9 +36,10 @@ after the other in this process, on the driver's model, embedder and writer, as 
 The library is built (or found) in the driver before the sweep, and the global router's top-1
 retrieval is measured there after it.
 
-Cost on 2 quiet cores (estimated from the parts, not measured end to end): library about 1 h (10 x
-60 LoRA steps at ~3.3 s, 10 x 40 gate steps); instructions for 2,850 queries at roughly 0.5-2 s each;
-122 (method, task) cells of 200 examples, about 4-5 h with routing: 6-8 h in all.
+Cost on 2 cores, measured in session 20: the library about 25 min (10 experts at 1-2.5 min of
+training each, plus gates); instructions about 0.3 s a query (batches of 8); a (method, task) cell
+0.3-3.5 min (choice tasks with long prompts, bbc_topic, are the slowest): a held-in task's nine
+cells 3 min (reverse_words, leg_count) to 30 min (bbc_topic). The whole run is about 3 h.
 """
 
 from __future__ import annotations
