@@ -167,6 +167,16 @@ def test_arrow_peer_from_peft_runs_on_the_library_and_one_expert_is_that_expert(
     assert two.shape == arrow.shape and isinstance(loaded.model.get_submodule(MODULES[0]), torch.nn.Linear)
 
 
+def test_arrow_routes_inside_cached_batched_generation(loaded, library) -> None:
+    """PEFT's Arrow router is applied at every cached decoding step, not only to the prompt: over a
+    one-expert library it generates exactly what that expert generates, and not what the base does."""
+    one = ExpertLibrary.from_adapters(library.experts[:1])
+    said = {m: Router(loaded, one, RouteConfig(method=m, top_k=1)).generate(PROMPTS, 8, batch_size=3)
+            for m in ("arrow", "uniform", "base")}
+    assert said["arrow"] == said["uniform"]
+    assert said["arrow"] != said["base"]
+
+
 def test_modes_without_what_they_need_are_refused(loaded, library) -> None:
     from expertkit.errors import ConfigError
 
