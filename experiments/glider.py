@@ -6,12 +6,16 @@
 
 1. The library (expertkit.route.build_library, cached and resumable): one LoRA expert and its
    Phatgoose gates per held-in task (``HELD_IN``, 10 suite tasks).
-2. Every method scores the same ``n`` test examples of each held-in and held-out task (``HELD_OUT``,
+2. The global router's one free setting, how many written instructions of an expert's training inputs
+   join its description in the expert's vector (``--expert-instructions``, grid 0 / 5 / 10 / 20), is
+   chosen by top-1 retrieval on ``--n-val`` validation queries per held-in task (never test); GLIDER
+   and the global router alone use the chosen value, the other methods do not read it.
+3. Every method scores the same ``n`` test examples of each held-in and held-out task (``HELD_OUT``,
    4 suite tasks without an expert): GLIDER (alpha = the held-in preset on held-in tasks, the
    held-out preset on held-out ones, as the paper sets alpha per setting), GLIDER's global router
    alone, Phatgoose, Arrow (PEFT's router), LoraHub (fitted per task on 5 training examples),
    LoraRetriever-style top-1 retrieval, the uniform merge, the oracle expert (held-in only), the base.
-3. Paired tests (exact McNemar, paired bootstrap) of GLIDER against each baseline, pooled over the
+4. Paired tests (exact McNemar, paired bootstrap) of GLIDER against each baseline, pooled over the
    held-in tasks and over the held-out ones; the global router's top-1 retrieval accuracy on the
    held-in queries; verdicts on the issue's three goals; a bar plot (``glider.png``).
 
@@ -68,6 +72,10 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-instructions", type=int, nargs="+", default=[0, 5, 10, 20],
+                   help="grid of RouteConfig.expert_instructions for GLIDER and its global router, chosen by "
+                        "top-1 retrieval on validation queries (one value: no choice)")
+    p.add_argument("--n-val", type=int, default=100, help="validation queries per held-in task for that choice")
     p.add_argument("--out", type=Path, default=None, help="default: runs/experiments/glider (smoke: a temp folder)")
     p.add_argument("--smoke", action="store_true", help="a tiny random llama, 2 experts, tiny n: checks the script")
     p.add_argument("--kept", type=Path, default=None,
@@ -81,6 +89,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.smoke:
         a.held_in, a.held_out, a.n = ["reverse_words", "leap_year"], ["gcd"], min(a.n, 3)  # short prompts: 256 positions
+        a.n_val = min(a.n_val, 3)
         a.out = a.out or Path(tempfile.mkdtemp(prefix="glider-smoke-"))
     a.out = a.out or Path("runs/experiments/glider")
     if a.kept is None and not a.smoke:
@@ -181,8 +190,9 @@ def sweep(args: argparse.Namespace, model: str, library: object) -> list[Cell]:
         for method in args.methods:
             if method == "oracle" and not held_in:
                 continue
+            extra = {"expert_instructions": args.chosen_k} if method in ("glider", "global") else {}
             cfg = RouteConfig(method=method, top_k=args.top_k, alpha="held_in" if held_in else "held_out",
-                              seed=args.seed).model_dump(mode="json")
+                              seed=args.seed, **extra).model_dump(mode="json")
             key = {"library": digest, "config": cfg, "task": name, "n": args.n}
             result = args.out / "cells" / f"{method}-{name}.json"
             cells.append(Cell(f"{method}-{name}", score_cell, result,
@@ -191,6 +201,36 @@ def sweep(args: argparse.Namespace, model: str, library: object) -> list[Cell]:
                                "instructions": str(_instructions(args)), "result": str(result), "key": key},
                               model, {"key": key}))
     return cells
+
+
+def choose_expert_instructions(args: argparse.Namespace, loaded: object, library: object) -> dict:
+    """Step 0: the global router's ``expert_instructions`` with the best top-1 retrieval on the first
+    ``n_val`` *validation* queries of each held-in task (ties: the smaller value; test is never used).
+    Sets ``args.chosen_k`` and returns ``{"grid", "validation": {k: accuracy}, "chosen", "against_default"}``,
+    the last a paired test of the chosen value's hits against the RouteConfig default's."""
+    from expertkit.route import RouteConfig
+    from expertkit.route.api import global_top1, make_router
+    from expertkit.tasks.paired import compare
+
+    grid = sorted(set(args.expert_instructions))
+    default = RouteConfig().expert_instructions
+    if len(grid) == 1:
+        args.chosen_k = grid[0]
+        return {"grid": grid, "validation": {}, "chosen": grid[0], "against_default": None}
+    embedder, writer = _tools(loaded, args.smoke, _instructions(args))
+    hits, val = {}, {}
+    for k in grid:
+        router = make_router(loaded, library, RouteConfig(method="global", seed=args.seed, expert_instructions=k),
+                             embedder=embedder, writer=writer)
+        res = global_top1(router, library, args.held_in, n=args.n_val, split="validation", seed=args.seed)
+        hits[k], val[k] = res["hits"], res["accuracy"]
+        print(f"validation top-1 with expert_instructions = {k}: {res['accuracy']:.3f} (n = {res['n']})", flush=True)
+    chosen = max(grid, key=lambda k: (val[k], -k))
+    args.chosen_k = chosen
+    against = None
+    if default in hits and chosen != default:
+        against = compare([float(h) for h in hits[chosen]], [float(h) for h in hits[default]], seed=args.seed).as_dict()
+    return {"grid": grid, "validation": val, "chosen": chosen, "against_default": against}
 
 
 def _evaluate(args: argparse.Namespace, models: object, model: str,
@@ -289,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear e
     loaded = models.get(source)
     library = _library(args, loaded, model)
     print(f"library {library.root}: content digest {library.digest()}", flush=True)
+    choice = choose_expert_instructions(args, loaded, library)
     scores = _evaluate(args, models, source, library)
     embedder, writer = _tools(loaded, args.smoke, _instructions(args))
     settings = {"held_in": args.held_in, "held_out": args.held_out}
@@ -305,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear e
                 res = compare(_pooled(scores["glider"], ts), _pooled(scores[m], ts), seed=args.seed)
                 paired[s][m] = res.as_dict()
                 lines.append(verdict(f"GLIDER beats {m} ({s.replace('_', '-')})", res))
-    router = make_router(loaded, library, RouteConfig(method="global", seed=args.seed), embedder=embedder, writer=writer)
+    router = make_router(loaded, library, RouteConfig(method="global", seed=args.seed, expert_instructions=args.chosen_k),
+                         embedder=embedder, writer=writer)
     top1 = global_top1(router, library, args.held_in, n=args.n, seed=args.seed)
     goals = {}
     if {"glider", "oracle"} <= set(acc):
@@ -318,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear e
     goals["global_top1"] = {"accuracy": top1["accuracy"], "met": top1["accuracy"] >= 0.9}
     result = {"n": args.n, "held_in": args.held_in, "held_out": args.held_out, "top_k": args.top_k,
               "library": str(library.root), "scores": scores, "accuracy": acc, "paired": paired,
-              "global_top1": {k: top1[k] for k in ("accuracy", "n", "per_task")}, "goals": goals, "verdicts": lines,
-              "smoke": args.smoke}
+              "global_top1": {k: top1[k] for k in ("accuracy", "n", "per_task")}, "expert_instructions": choice,
+              "goals": goals, "verdicts": lines, "smoke": args.smoke}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     _plot(acc, args.out / "glider.png")
     print(f"\n## GLIDER (n = {args.n} per task; command: experiments/glider.py"
@@ -327,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:  # noqa: PLR0915 - one linear e
     print("| method | held-in | held-out |\n|---|---:|---:|")
     for m, a in acc.items():
         print(f"| {m} | {a.get('held_in', float('nan')):.3f} | {a.get('held_out', float('nan')):.3f} |")
+    if choice["validation"]:
+        print("\nexpert_instructions chosen on validation top-1: " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in choice["validation"].items()) + f" -> {choice['chosen']}"
+              + (f" (against the default: {choice['against_default']['diff']:+.3f}, "
+                 f"p = {choice['against_default']['p_value']:.2g})" if choice["against_default"] else ""))
     print(f"\nGlobal router top-1 retrieval on held-in queries: {top1['accuracy']:.3f} (n = {top1['n']}).\n")
     for line in lines:
         print(f"- {line}")

@@ -24,6 +24,13 @@ def test_experiment_smoke_run_scores_every_method_on_the_same_examples(tmp_path,
     assert set(res["paired"]["held_in"]) == {"arrow", "oracle", "base"} and set(res["paired"]["held_out"]) == {"arrow", "base"}
     assert res["global_top1"]["n"] == 4 and set(res["goals"]) >= {"held_in_vs_oracle", "global_top1"}
     assert (tmp_path / "run" / "glider.png").stat().st_size > 1000
+    choice = res["expert_instructions"]  # chosen on validation top-1 over the whole grid; GLIDER's cells use it
+    assert set(choice["validation"]) == {"0", "5", "10", "20"}
+    assert choice["validation"][str(choice["chosen"])] == max(choice["validation"].values())
+    glider_cell = json.loads((tmp_path / "run" / "cells" / "glider-gcd.json").read_text())
+    arrow_cell = json.loads((tmp_path / "run" / "cells" / "arrow-gcd.json").read_text())
+    assert glider_cell["key"]["config"]["expert_instructions"] == choice["chosen"]
+    assert arrow_cell["key"]["config"]["expert_instructions"] == 5  # the default: the others do not read it
     out = capsys.readouterr().out
     assert "| glider |" in out and "Global router top-1 retrieval" in out
     # a second run finds every (method, task) cell and recomputes none of them
@@ -82,7 +89,7 @@ def test_experiment_local_executor_cells_equal_the_direct_loop(tmp_path, monkeyp
     monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["glider.py", "--smoke", "--n", "2", "--out", str(run), "--executor", "local",
-                                      "--methods", "glider", "arrow", "oracle", "base"])
+                                      "--methods", "glider", "arrow", "oracle", "base", "--expert-instructions", "5"])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     library_root = json.loads((run / "results.json").read_text())["library"]
     want = _direct_cells(run, library_root)
