@@ -22,9 +22,9 @@ default recipe; never built by this script: build it first):
    ``min_tokens`` tokens); its Hessians are reused by every GPTQ model below.
 2. Systems: the unquantized MoE; RTN and GPTQ at uniform 2, 3, 4 bits; and at every average bit
    point (``--bits``, code bits; scales add ``16 / group`` bits to every system alike) GPTQ under each
-   budgeted policy: ``random`` (structure-blind priorities: the control at equal bits), ``block``
-   (attention), ``expert_frequency``, ``linear_kind`` (down), ``layer_position`` (the first 4 layers),
-   ``outlier`` and ``block_importance`` (predicted, the paper's scorer).
+   budgeted policy (widths from :func:`choices`: 2-4 bits at 2.5 and 3, 3-5 at 3.5 and 4): ``random``
+   (structure-blind priorities: the control at equal bits), ``block`` (attention), ``expert_frequency``,
+   ``linear_kind`` (down), ``layer_position`` (the first 4 layers), ``outlier`` and ``block_importance`` (predicted, the paper's scorer).
 3. Selection on validation only: the structure-aware policy with the lowest perplexity on BBC
    validation blocks *disjoint from the calibration blocks* at 3 bits is "mixed"; test data is
    never used to choose.
@@ -49,6 +49,12 @@ batches and validation/test blocks (``data.safetensors``); each cell reads them 
 copy of the MoE, so a cell gives the same model in any process. A cell writes
 ``<out>/cells/<system>.json`` (``acc-<system>.json`` for an accuracy): an interrupted run resumes from
 them (and from the systems of a ``results.json`` written before the cells existed).
+
+Every (matrix, bits) is solved once per run: the cells share ``<out>/state/codes/<Hessians digest>``
+(:class:`~expertkit.quant.codestore.CodeStore`, int8 codes, about 0.7 GB per bit-width on the bundled
+MoE). A matrix's GPTQ codes depend on its Hessian (from the unquantized MoE) and its bits, not on the
+policy, so after uniform 2-, 3- and 4-bit GPTQ (340-390 s each on 2 cores) every budgeted system is
+read and scored, not solved again; a cell's ``seconds`` is then mostly reading.
 """
 
 from __future__ import annotations
@@ -156,8 +162,16 @@ def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     scale = 16 / args.group  # float16 scale per group, the same for every system
     for bits in args.bits:
         for name in args.policies:
-            out[f"{name}@{bits:g}"] = ("gptq", {**POLICIES[name], "target_bits": bits + scale, "choices": [2, 3, 4]})
+            out[f"{name}@{bits:g}"] = ("gptq", {**POLICIES[name], "target_bits": bits + scale, "choices": choices(bits)})
     return out
+
+
+def choices(bits: float) -> list[int]:
+    """The widths a budgeted policy picks from at an average of ``bits`` code bits: one bit either side of
+    ``bits`` rounded up (2.5 and 3 -> 2, 3, 4; 3.5 and 4 -> 3, 4, 5), so that every point leaves room to
+    move bits both ways (at 4 with {2, 3, 4} every matrix would be at 4: uniform GPTQ-4 again)."""
+    top = math.ceil(bits)
+    return [b for b in (top - 1, top, top + 1) if b >= 2]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - one linear experiment
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     args = _args(argv)
     import numpy as np
 
-    from expertkit.fileio import write_atomic
+    from expertkit.fileio import sha256_file, write_atomic
     from expertkit.models import load_model
     from expertkit.tasks.perplexity import block_nll
     from expertkit.weights.fingerprint import model_digest
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
     results = saved_results(path, args.moe_digest) or {"systems": {}}  # refuses another MoE's results
     results["moe_digest"] = args.moe_digest
     state, val_blocks, test_blocks = _calibrate_once(args, loaded, cluster_tasks, results)
+    args.hessians_digest = sha256_file(state / "hessians.safetensors")[:16]  # names the cells' code store
 
     def record(name: str, model_loaded: Any, extra: dict) -> None:
         results["systems"][name] = {**extra, "val_nll": block_nll(model_loaded.model, val_blocks),
@@ -305,7 +320,7 @@ def system_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, 
 
     hessians, batches, data = _shared(state)
     t0 = time.perf_counter()
-    res = _quantize(moe, args, method, policy, hessians, batches)
+    res = _quantize(moe, args, method, policy, hessians, batches, state)
     rep = res.report()
     extra = {"method": method, "policy": policy, "bits": rep["bits"]["achieved_bits"],
              "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
@@ -325,7 +340,7 @@ def accuracy_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str
     from expertkit.fileio import write_atomic
 
     hessians, batches, _data = _shared(state)
-    res = _quantize(moe, args, method, policy, hessians, batches)
+    res = _quantize(moe, args, method, policy, hessians, batches, state)
     out = {**_identity(args, name, method, policy, accuracy=True), "scores": _accuracy(args, res.loaded, cache=False)}
     write_atomic(result, json.dumps(out, indent=1) + "\n")
     return out
@@ -402,14 +417,24 @@ def _base_name() -> str:
     return MoeBuildConfig().base
 
 
-def _quantize(moe: Path, args: argparse.Namespace, method: str, policy: dict, hessians, batches):
+def _quantize(moe: Path, args: argparse.Namespace, method: str, policy: dict, hessians, batches,
+              state: Path | None = None):
     """Quantize a fresh copy of the MoE from the shared Hessians (deterministic: the same system twice is
-    the same model)."""
+    the same model). Every (matrix, bits) is solved once for the whole run and kept in ``<state>/codes``
+    (:class:`~expertkit.quant.codestore.CodeStore`): the Hessians come from the unquantized MoE, so a
+    matrix's codes do not depend on the policy that chose its bits, and the 2-, 3- and 4-bit solutions
+    of the 840 matrices serve every policy at every bit point. Without ``state``: no store, every matrix solved."""
     from expertkit.models import load_model
+    from expertkit.quant.codestore import CodeStore
     from expertkit.quant.run import quantize_model
 
+    store = None
+    if state is not None:  # a calibration that came out otherwise (another Hessians digest): another folder
+        ident = {k: getattr(args, k) for k in ("moe_digest", "hessians_digest", "calib_blocks", "prompts",
+                                               "min_tokens", "seed", "smoke")}
+        store = CodeStore(state / "codes" / args.hessians_digest, ident)
     return quantize_model(_config(moe, args, method, policy), load_model(str(moe)), calibration=hessians,
-                          batches=batches)
+                          batches=batches, store=store)
 
 
 def _ppl(nll: list[float]) -> float:

@@ -39,7 +39,14 @@ def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
                             "acc-gptq-3.json", "acc-block_attention@3.json"])
     assert "block:attention@3 has lower test NLL than uniform GPTQ-3" in capsys.readouterr().out
 
-    # the direct path: one calibration pass in memory, every system quantized from it (the loop before cells)
+    # the run's code store: every matrix solved once by RTN-3 and once by GPTQ-3 (the mix's 3-bit matrices are
+    # those), the mix's 2- and 4-bit ones under keys of their own
+    n_targets = len(find_targets(load_model(str(run / "tiny-moe")).model))
+    per_key = sorted(len(list(k.glob("*.safetensors"))) for k in (run / "state" / "codes").glob("*/*/"))
+    assert per_key[2:] == [n_targets, n_targets] and len(per_key) == 4 and 0 < sum(per_key[:2]) < n_targets
+
+    # the direct path: one calibration pass in memory, every system quantized from it (the loop before cells),
+    # with no code store: every matrix solved again
     a = exp._args(argv)
     moe = run / "tiny-moe"
     loaded = load_model(str(moe))
@@ -87,3 +94,9 @@ def test_on_grid_counts_quantized_matrices_only():
     on, off = exp._on_grid(model, 3, 32)
     assert on == ["layers.0.q.weight"] and off == ["layers.0.router.weight"]
     assert exp._on_grid(model, 2, 32)[0] == []  # 8 levels do not fit 2 bits
+
+
+def test_every_bit_point_leaves_room_both_ways():
+    exp = load_script("experiments/moe_quant.py")
+    assert [exp.choices(b) for b in (2.5, 3.0, 3.5, 4.0)] == [[2, 3, 4], [2, 3, 4], [3, 4, 5], [3, 4, 5]]
+    assert exp.choices(2.0) == [2, 3]  # never below 2 bits

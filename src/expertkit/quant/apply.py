@@ -57,11 +57,13 @@ def _relative(w: torch.Tensor, h: torch.Tensor, *dequantized: torch.Tensor) -> l
 @torch.no_grad()
 def quantize_targets(model: Any, targets: list[Target], bits: dict[str, int], fmt: Format, *, method: str = "gptq",
                      settings: GptqSettings = GptqSettings(), hessian: Callable[[str], torch.Tensor | None] | None = None,
-                     compare_rtn: bool = True, description: str = "Quantizing") -> dict[str, Record]:
+                     compare_rtn: bool = True, description: str = "Quantizing", store: Any = None) -> dict[str, Record]:
     """Quantize every target to ``bits[name]`` (GPTQ with ``hessian(key)``, or RTN) and write it back.
 
     A target whose Hessian is missing or empty (an expert no token reached) is rounded to nearest and
-    marked ``rtn-no-tokens``.
+    marked ``rtn-no-tokens``. ``store`` (a :class:`~expertkit.quant.codestore.CodeStore`): a matrix already
+    quantized at its bits with these settings is read from it instead of solved again, and a new one is
+    kept there; only valid when ``hessian`` does not depend on the allocation (the caller's duty).
     """
     from expertkit.progress import track
 
@@ -77,23 +79,38 @@ def quantize_targets(model: Any, targets: list[Target], bits: dict[str, int], fm
             t.write(model, w.half().float())
             records[t.name] = Record(t, scheme, None, None, "keep")
             continue
-        h = hessian(t.hessian) if hessian is not None else None
-        usable = h is not None and bool(torch.diagonal(h).abs().sum() > 0)
-        if method == "gptq" and usable:
-            q, how = gptq(w, h, scheme, settings), "gptq"
+        hit = store.get(t.name, scheme, method, settings) if store is not None else None
+        if hit is not None:
+            q, info = hit
+            rec = Record(t, scheme, q.scale, q.zero, info["method"], info["error"], info["rtn_error"])
         else:
-            q, how = rtn(w, scheme), ("rtn" if method == "rtn" else "rtn-no-tokens")
-        deq = q.dequantize()
-        rec = Record(t, scheme, q.scale, q.zero, how)
-        if h is not None and usable:
-            if compare_rtn and how != "rtn":
-                rec.error, rec.rtn_error = _relative(w, h, deq, rtn(w, scheme).dequantize())
-            else:
-                (rec.error,) = _relative(w, h, deq)
-                rec.rtn_error = rec.error if how == "rtn" and compare_rtn else None
-        t.write(model, deq)
+            q, rec = _solve(t, w, scheme, method, settings, hessian, compare_rtn)
+            if store is not None:
+                store.put(t.name, scheme, method, settings, q,
+                          {"method": rec.method, "error": rec.error, "rtn_error": rec.rtn_error})
+        t.write(model, q.dequantize())
         records[t.name] = rec
     return records
+
+
+def _solve(t: Target, w: torch.Tensor, scheme: Scheme, method: str, settings: GptqSettings,
+           hessian: Callable[[str], torch.Tensor | None] | None, compare_rtn: bool) -> tuple[QuantizedWeight, Record]:
+    """One matrix quantized (GPTQ where its Hessian is usable, else RTN), with its layer errors."""
+    h = hessian(t.hessian) if hessian is not None else None
+    usable = h is not None and bool(torch.diagonal(h).abs().sum() > 0)
+    if method == "gptq" and usable:
+        q, how = gptq(w, h, scheme, settings), "gptq"
+    else:
+        q, how = rtn(w, scheme), ("rtn" if method == "rtn" else "rtn-no-tokens")
+    rec = Record(t, scheme, q.scale, q.zero, how)
+    if h is not None and usable:
+        deq = q.dequantize()
+        if compare_rtn and how != "rtn":
+            rec.error, rec.rtn_error = _relative(w, h, deq, rtn(w, scheme).dequantize())
+        else:
+            (rec.error,) = _relative(w, h, deq)
+            rec.rtn_error = rec.error if how == "rtn" and compare_rtn else None
+    return q, rec
 
 
 def codes_of(weight: torch.Tensor, record: Record) -> QuantizedWeight:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from expertkit.errors import ConfigError
 from expertkit.quant.apply import Record, quantize_targets, summarize
 from expertkit.quant.budget import Allocation, Format, Unit, allocation, solve_budget
 from expertkit.quant.calibrate import Calibration, calibrate, expert_token_table
@@ -109,16 +110,22 @@ def _frequencies(policy: ExpertFrequencyPolicy, loaded: Any, targets: list[Targe
 
 
 def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: Calibration | None = None,
-                   batches: list[Any] | None = None) -> QuantResult:
+                   batches: list[Any] | None = None, store: Any = None) -> QuantResult:
     """Quantize ``config.model`` (or ``loaded``) in memory as ``config`` says.
 
     ``calibration`` reuses Hessians collected earlier on the same (unquantized) model, e.g. to
-    quantize it several ways from one calibration pass (only with ``layers_per_pass: 0``).
+    quantize it several ways from one calibration pass (only with ``layers_per_pass: 0``). ``store``
+    (a :class:`~expertkit.quant.codestore.CodeStore` of this model and this calibration) then lets those
+    ways share every matrix already quantized at its bits; GPTQ needs ``calibration`` for it, since
+    Hessians gathered while quantizing depend on what was quantized before.
     """
     from expertkit.models import load_model
     from expertkit.quant.data import calibration_batches
     from expertkit.quant.scorers import BlockImportance, ffn_blocks
 
+    if store is not None and config.method == "gptq" and calibration is None:
+        raise ConfigError("a code store needs GPTQ's Hessians from one pass over the unquantized model "
+                          "(calibration=...): Hessians gathered while quantizing depend on the allocation.")
     started = time.perf_counter()
     loaded = loaded if loaded is not None else load_model(config.model)
     model, cal = loaded.model, config.calibration
@@ -163,7 +170,7 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
         part = [t for t in targets if t.layer_key in chunk]
         hess = calib.hessians.get if (calib is not None and config.method == "gptq") else None
         records.update(quantize_targets(model, part, alloc.bits, fmt, method=config.method, hessian=hess,
-                                        settings=settings))
+                                        settings=settings, store=store))
         seconds["quantize"] += time.perf_counter() - t0
         if calib is not None and calib is not calibration and len(chunks) > 1:
             calib.hessians.clear()  # this chunk is done: free its Hessians
