@@ -441,12 +441,14 @@ def _ppl(nll: list[float]) -> float:
     return math.exp(sum(nll) / len(nll))
 
 
-def _choose(args: argparse.Namespace, systems: dict) -> str:
-    """The structure-aware policy at 3 bits with the lowest *validation* perplexity."""
-    cands = [f"{p}@3" for p in args.policies if p != "random" and f"{p}@3" in systems]
-    if not cands:
+def _choose(args: argparse.Namespace, systems: dict, bits: float | None = None) -> str | None:
+    """The structure-aware policy with the lowest *validation* perplexity at 3 bits (the run's "mixed"; no
+    such policy is an error), or at ``bits`` (None if there is none)."""
+    tag = f"{3 if bits is None else bits:g}"
+    cands = [f"{p}@{tag}" for p in args.policies if p != "random" and f"{p}@{tag}" in systems]
+    if not cands and bits is None:
         raise SystemExit("selection needs 3.0 in --bits and at least one structure-aware policy.")
-    return min(cands, key=lambda n: _ppl(systems[n]["val_nll"]))
+    return min(cands, key=lambda n: _ppl(systems[n]["val_nll"])) if cands else None
 
 
 def _accuracy(args: argparse.Namespace, loaded, *, cache: bool) -> list[float]:
@@ -485,6 +487,20 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
     word = "supported" if lo >= 0.3 else ("contradicted" if hi < 0.3 else "not shown")
     lines.append(f"- {mixed} closes >= 30% of the perplexity gap between GPTQ-3 and the unquantized MoE: {word}; "
                  f"closed {closed:.1%} [{lo:.1%}, {hi:.1%}] (95% paired bootstrap over {len(test['fp'])} test blocks).")
+    for bits in args.bits:  # the other points: the policy chosen on validation there, against uniform GPTQ / random
+        best = _choose(args, systems, bits)
+        if bits == 3 or best is None:
+            continue
+        results.setdefault("selected_at", {})[f"{bits:g}"] = best
+        ref = f"gptq-{bits:g}" if f"gptq-{bits:g}" in test else f"random@{bits:g}"
+        if ref in test:
+            c = compare_continuous(test[ref], test[best], seed=args.seed)
+            lines.append("- " + verdict(f"{best} (selected on validation at {bits:g} bits) has lower test NLL than "
+                                        f"{ref}", c, test="Wilcoxon"))
+        if ref.startswith("gptq-"):
+            closed_b, lo_b, hi_b = _gap_closed(test["fp"], test[ref], test[best], np, args.seed)
+            lines.append(f"- {best} closes {closed_b:.1%} [{lo_b:.1%}, {hi_b:.1%}] of the perplexity gap between "
+                         f"{ref} and the unquantized MoE.")
     lines += ["", "Which structures deserve the bits (each policy against `random` priorities at equal bits, test NLL):"]
     for bits in args.bits:
         for name in args.policies:
