@@ -30,8 +30,10 @@ default recipe; never built by this script: build it first):
    never used to choose.
 4. Test: per-block NLL on BBC test blocks for every system (paired Wilcoxon), and accuracy on the
    same test examples of ``--tasks`` for the dense base (reference), the unquantized MoE, RTN-3,
-   GPTQ-3 and mixed-3 (exact McNemar). n per task: at least 300, and enough on the mix for ``mcnemar_sample_size(0.05, 0.2)``
-   (a 5-point difference with a fifth of pairs discordant, alpha 0.05, power 0.8).
+   GPTQ-3 and mixed-3, and at every other bit point for the policy chosen on validation there and its
+   reference (uniform GPTQ at integer points, else ``random``) (exact McNemar). n per task: at least
+   300, and enough on the mix for ``mcnemar_sample_size(0.05, 0.2)`` (a 5-point difference with a
+   fifth of pairs discordant, alpha 0.05, power 0.8).
 5. Claims with verdicts: mixed-3 beats GPTQ-3 (perplexity, accuracy); mixed-3 closes >= 30% of the
    perplexity gap between GPTQ-3 and the unquantized MoE (bootstrap interval over test blocks);
    GPTQ-3 beats RTN-3; and per policy, whether it beats ``random`` at equal bits (which structures
@@ -229,8 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
         if base is not None:
             acc["dense-base"] = _accuracy(args, base, cache=True)
         del loaded, base
-        names = ("rtn-3", "gptq-3", mixed)  # each cell re-quantizes its system: one quantized model at a time
         systems = results["systems"]
+        names = ["rtn-3", "gptq-3", mixed]  # each cell re-quantizes its system: one quantized model at a time
+        names += [k for _b, best, ref in _pairs(args, systems) for k in (best, ref) if k not in names]
         cells = [Cell(f"acc:{name}", accuracy_cell, _cell_file(args, name, "acc-"), {
             "args": args, "moe": moe, "state": state, "name": name, "method": systems[name]["method"],
             "policy": systems[name]["policy"], "result": _cell_file(args, name, "acc-")},
@@ -487,16 +490,14 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
     word = "supported" if lo >= 0.3 else ("contradicted" if hi < 0.3 else "not shown")
     lines.append(f"- {mixed} closes >= 30% of the perplexity gap between GPTQ-3 and the unquantized MoE: {word}; "
                  f"closed {closed:.1%} [{lo:.1%}, {hi:.1%}] (95% paired bootstrap over {len(test['fp'])} test blocks).")
-    for bits in args.bits:  # the other points: the policy chosen on validation there, against uniform GPTQ / random
-        best = _choose(args, systems, bits)
-        if bits == 3 or best is None:
-            continue
+    for bits, best, ref in _pairs(args, systems):  # the other points: the policy chosen on validation there
         results.setdefault("selected_at", {})[f"{bits:g}"] = best
-        ref = f"gptq-{bits:g}" if f"gptq-{bits:g}" in test else f"random@{bits:g}"
-        if ref in test:
-            c = compare_continuous(test[ref], test[best], seed=args.seed)
-            lines.append("- " + verdict(f"{best} (selected on validation at {bits:g} bits) has lower test NLL than "
-                                        f"{ref}", c, test="Wilcoxon"))
+        c = compare_continuous(test[ref], test[best], seed=args.seed)
+        lines.append("- " + verdict(f"{best} (selected on validation at {bits:g} bits) has lower test NLL than "
+                                    f"{ref}", c, test="Wilcoxon"))
+        if best in acc and ref in acc:
+            c = compare(acc[best], acc[ref], seed=args.seed)
+            lines.append("- " + verdict(f"{best} is more accurate than {ref}", c))
         if ref.startswith("gptq-"):
             closed_b, lo_b, hi_b = _gap_closed(test["fp"], test[ref], test[best], np, args.seed)
             lines.append(f"- {best} closes {closed_b:.1%} [{lo_b:.1%}, {hi_b:.1%}] of the perplexity gap between "
@@ -517,6 +518,19 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
         table.append(f"| {k} | {v['bits']:.3f} | {_ppl(v['val_nll']):.3f} | {_ppl(v['test_nll']):.3f} | {a} |")
     _plots(args, systems, mixed)
     print("\n".join(table + [""] + lines))
+
+
+def _pairs(args: argparse.Namespace, systems: dict) -> list[tuple[float, str, str]]:
+    """``(bits, selected, reference)`` at every bit point but 3 (whose pairs are the run's main claims): the
+    structure-aware policy chosen on validation there, and uniform GPTQ at those bits if the run has it
+    (integer points), else ``random`` priorities at equal bits."""
+    out = []
+    for bits in args.bits:
+        best = _choose(args, systems, bits)
+        ref = f"gptq-{bits:g}" if f"gptq-{bits:g}" in systems else f"random@{bits:g}"
+        if bits != 3 and best is not None and ref in systems:
+            out.append((bits, best, ref))
+    return out
 
 
 def _gap_closed(fp, uniform, mixed, np, seed: int, resamples: int = 5000) -> tuple[float, float, float]:
