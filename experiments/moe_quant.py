@@ -553,21 +553,30 @@ def _plots(args, systems: dict, mixed: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in args.policies:
-        pts = sorted((v["bits"], _ppl(v["test_nll"])) for k, v in systems.items() if k.startswith(f"{name}@"))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    for method in ("gptq", "rtn"):
-        pts = sorted((v["bits"], _ppl(v["test_nll"])) for k, v in systems.items() if k.startswith(f"{method}-"))
-        ax.plot(*zip(*pts, strict=True), marker="s", linestyle="--", label=f"{method} uniform")
-    if "auto-round-3" in systems:
-        ar = systems["auto-round-3"]
-        ax.plot([ar["bits"]], [_ppl(ar["test_nll"])], marker="*", markersize=12, linestyle="none",
-                color="k", label=f"auto-round uniform ({ar['policy']['iters']} iters)")
-    ax.axhline(_ppl(systems["fp"]["test_nll"]), color="k", linewidth=0.8, label="unquantized")
-    ax.set(xlabel="average bits per quantized weight (scales counted)", ylabel="test perplexity (BBC)", yscale="log")
-    ax.legend(fontsize=7)
+    # left: every point (log scale: 2-bit matrices reach 1e7); right: 3 bits and up, where the policies differ by %
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fp = _ppl(systems["fp"]["test_nll"])
+    for ax, low in zip(axes, (0.0, 3.0), strict=True):
+        def pts(prefix: str, low: float = low) -> list[tuple[float, float]]:
+            return sorted((v["bits"], _ppl(v["test_nll"])) for k, v in systems.items()
+                          if k.startswith(prefix) and v["bits"] >= low)
+
+        for name in args.policies:
+            if pts(f"{name}@"):
+                ax.plot(*zip(*pts(f"{name}@"), strict=True), marker="o", label=name)
+        for method in ("gptq", "rtn"):
+            if pts(f"{method}-"):
+                ax.plot(*zip(*pts(f"{method}-"), strict=True), marker="s", linestyle="--", label=f"{method} uniform")
+        if "auto-round-3" in systems:
+            ar = systems["auto-round-3"]
+            ax.plot([ar["bits"]], [_ppl(ar["test_nll"])], marker="*", markersize=12, linestyle="none",
+                    color="k", label=f"auto-round uniform ({ar['policy']['iters']} iters)")
+        ax.axhline(fp, color="k", linewidth=0.8, label="unquantized")
+        ax.set(xlabel="average bits per quantized weight (scales counted)", ylabel="test perplexity (BBC)")
+    axes[0].set(yscale="log", title="every bit point")
+    top = max([p for k, v in systems.items() if v["bits"] >= 3 and k != "fp" for p in [_ppl(v["test_nll"])]] or [fp])
+    axes[1].set(ylim=(fp * 0.95, min(top, 4 * fp) * 1.05), title=f"3 bits and up (y cut at {min(top, 4 * fp):.0f})")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "perplexity.png", dpi=120)
     by = systems[mixed]["by_structure"]
