@@ -1,7 +1,7 @@
 """Post-training quantization: expertkit's GPTQ and RTN against auto-round and optimum-quanto, in one run.
 
     flock /tmp/expertkit-bench.lock .venv/bin/python bench/quant.py [--model smollm2-135m | --tiny] \\
-        [--bits 4 3] [--tools gptq rtn auto-round quanto gptq-clip rtn-clip] [--group-size 64] [--calib-blocks 32] \\
+        [--bits 4 3] [--tools gptq rtn auto-round quanto gptq-clip rtn-clip gptq-stream] [--group-size 64] [--calib-blocks 32] \\
         [--seq-len 128] [--ppl-blocks 32] [--ar-iters 200] [--json OUT]
 
 Same model (``--model``: a bundled name or folder; ``--tiny``: a tiny random Llama with the
@@ -19,6 +19,8 @@ leave ``lm_head`` alone).
 * ``gptq`` / ``rtn``: :func:`expertkit.quant.quantize_model` (uniform policy); the time includes
   GPTQ's calibration pass (the Hessians). ``gptq-clip`` / ``rtn-clip``: the same with the scales'
   clipping search (``clip_grid`` 20: each group's range tried shrunk down to 40%, least squared error kept).
+  ``gptq-stream``: GPTQ with ``layers_per_pass: 1``, the Hessians of one layer at a time, each gathered on the
+  model whose earlier layers are already quantized (less memory; each layer sees its inputs' quantization error).
 * ``auto-round`` (0.16.1): ``AutoRound(model, tokenizer, bits, group_size, sym=True, dataset=texts,
   nsamples, seqlen, iters=--ar-iters, device_map="cpu").quantize()`` (SignRound; its default 200
   iterations per block; ``--ar-iters 0`` is its RTN mode).
@@ -65,15 +67,16 @@ def _quantize(tool: str, bits: int, loaded, args: argparse.Namespace) -> None:
     if tool == "none":
         return
     batches = calibration_batches(loaded.tokenizer, text_blocks=args.calib_blocks, seq_len=args.seq_len)
-    if tool in ("gptq", "rtn", "gptq-clip", "rtn-clip"):
+    if tool in ("gptq", "rtn", "gptq-clip", "rtn-clip", "gptq-stream"):
         from expertkit.quant.config import QuantizeConfig
         from expertkit.quant.run import quantize_model
 
         config = QuantizeConfig.model_validate({
-            "model": args.model, "method": tool.removesuffix("-clip"), "group_size": args.group_size, "symmetric": True,
-            "clip_grid": CLIP_GRID if tool.endswith("-clip") else 0,
+            "model": args.model, "method": tool.removesuffix("-clip").removesuffix("-stream"),
+            "group_size": args.group_size, "symmetric": True, "clip_grid": CLIP_GRID if tool.endswith("-clip") else 0,
             "policy": {"kind": "uniform", "bits": bits},
-            "calibration": {"text_blocks": args.calib_blocks, "seq_len": args.seq_len, "min_tokens_per_expert": 0}})
+            "calibration": {"text_blocks": args.calib_blocks, "seq_len": args.seq_len, "min_tokens_per_expert": 0,
+                            "layers_per_pass": 1 if tool.endswith("-stream") else 0}})
         quantize_model(config, loaded, batches=batches)
     elif tool == "auto-round":
         from auto_round import AutoRound
@@ -146,7 +149,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama (smoke test)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--tools", nargs="+", default=TOOLS, choices=[*TOOLS, "gptq-clip", "rtn-clip"])
+    ap.add_argument("--tools", nargs="+", default=TOOLS, choices=[*TOOLS, "gptq-clip", "rtn-clip", "gptq-stream"])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calib-blocks", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
