@@ -130,7 +130,7 @@ def test_hessians_save_and_load_round_trip(tmp_path):
     assert "model.layers.0.mlp.shared_expert.down_proj" in back.hessians  # the shared expert sees every token
 
 
-def test_chunked_calibration_quantizes_a_layer_at_a_time_with_the_same_first_layer(tmp_path):
+def test_chunked_calibration_quantizes_a_layer_at_a_time_with_the_same_first_layer(tmp_path, monkeypatch):
     from expertkit.quant.config import QuantizeConfig
     from expertkit.quant.run import quantize_model
     from expertkit.models.tiny import save_tiny
@@ -151,6 +151,14 @@ def test_chunked_calibration_quantizes_a_layer_at_a_time_with_the_same_first_lay
         for module, v in run.report()["tokens_per_expert"].items():
             seen = [run.calibration.tokens.get(f"{module}[{e}].in", 0) for e in range(4)]
             assert seen == [r + a for r, a in zip(v["routed"], v["added"], strict=True)]
+    # ending each pass after the chunk's last layer changes nothing: the same codes as full passes
+    import expertkit.quant.run as run_module
+
+    monkeypatch.setattr(run_module, "last_layer", lambda *a, **k: None)
+    full = quantize_model(QuantizeConfig.model_validate({**base, "calibration": {**base["calibration"],
+                                                                                  "layers_per_pass": 1}}))
+    c = full.loaded.model.state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b) and full.report()["tokens_per_expert"] == two.report()["tokens_per_expert"]
 
 
 def test_recorded_layer_errors_are_the_relative_output_errors_and_gptq_beats_rtn():
@@ -166,3 +174,38 @@ def test_recorded_layer_errors_are_the_relative_output_errors_and_gptq_beats_rtn
         want = layer_error(w, t.read(model), h) / layer_error(w, torch.zeros_like(w), h)
         assert r.method == "gptq" and abs(r.error - want) <= 1e-4 * want
         assert r.error <= r.rtn_error
+
+
+def test_a_pass_stopped_after_a_layer_gives_the_same_hessians_up_to_it_and_runs_nothing_after():
+    from expertkit.quant.calibrate import last_layer
+
+    model, tok = tiny_model("mixtral", seed=5), tiny_tokenizer()
+    batches, targets = _batches(tok), find_targets(model)
+    assert last_layer(model, targets) == "model.layers.1"
+    assert last_layer(model, targets, {(targets[0].stack, 0)}) == "model.layers.0"
+    full = calibrate(model, batches, targets, min_tokens_per_expert=6)
+    ran = []
+    handles = [model.model.layers[1].register_forward_pre_hook(lambda m, i: ran.append("layer 1")),
+               model.lm_head.register_forward_pre_hook(lambda m, i: ran.append("head"))]
+    first = {(targets[0].stack, 0)}
+    cut = calibrate(model, batches, targets, min_tokens_per_expert=6, layers=first, stop_after="model.layers.0")
+    whole = calibrate(model, batches, targets, min_tokens_per_expert=6, stop_after=last_layer(model, targets))
+    for h in handles:
+        h.remove()
+    assert ran.count("head") == 0 and ran.count("layer 1") == len(batches)  # only the second pass reached layer 1
+    layer0 = [k for k in full.hessians if k.startswith("model.layers.0.")]
+    assert layer0 and sorted(cut.hessians) == sorted(layer0)
+    for k in layer0:
+        assert torch.equal(cut.hessians[k], full.hessians[k]) and cut.tokens[k] == full.tokens[k]
+    assert sorted(whole.hessians) == sorted(full.hessians)
+    assert all(torch.equal(whole.hessians[k], v) for k, v in full.hessians.items())
+    assert whole.routed == full.routed and whole.added == full.added
+    assert cut.routed["model.layers.1.mlp.experts"] == [0, 0, 0, 0]  # layer 1 never ran on the cut pass
+
+
+def test_last_layer_is_none_across_an_encoder_and_a_decoder():
+    from expertkit.quant.calibrate import last_layer
+
+    model = tiny_model("t5", seed=0)
+    targets = find_targets(model)
+    assert len({t.stack for t in targets}) == 2 and last_layer(model, targets) is None

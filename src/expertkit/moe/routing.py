@@ -152,16 +152,26 @@ def layer_expert_counts(model: Any, keys: Sequence[LayerKey], default: int) -> d
     return {key: own.get(str(key[1]), default) if key[0] is None else default for key in keys}
 
 
+class _EndOfPass(Exception):
+    """Raised by :func:`forward_batches`' ``stop_at`` hook: the rest of the forward pass is not needed."""
+
+
+def _end_pass(_module: Any, _inputs: Any, _output: Any) -> None:
+    raise _EndOfPass
+
+
 @torch.no_grad()
 def forward_batches(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], description: str, *,
-                    watchers: Sequence[Any] = (), before: Callable[[int], None] | None = None) -> None:
+                    watchers: Sequence[Any] = (), before: Callable[[int], None] | None = None,
+                    stop_at: torch.nn.Module | None = None) -> None:
     """One eval-mode forward pass of ``model`` per ``(ids (B, T), mask (B, T))`` batch, with a progress bar.
 
     Before each pass every watcher's ``mask`` attribute is set to the batch's mask (a
     :class:`RoutingTap`, an observer) and ``before(i)`` is called with the batch's position. An
     encoder-decoder model gets one decoder start token per row (its encoder routers see the prompt).
-    The model's training mode is put back afterwards, also on failure; attaching and removing hooks
-    is the caller's (``with tap:``).
+    ``stop_at``: a submodule after whose forward the pass ends (what comes after it, e.g. the later
+    layers and the vocabulary head, is not computed; hooks on those never fire). The model's training
+    mode is put back afterwards, also on failure; attaching and removing hooks is the caller's (``with tap:``).
     """
     from expertkit.progress import track
 
@@ -169,6 +179,7 @@ def forward_batches(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tens
     start = getattr(model.config, "decoder_start_token_id", 0) or 0
     was_training = model.training
     model.eval()
+    stop = stop_at.register_forward_hook(_end_pass) if stop_at is not None else None
     try:
         for i, (ids, mask) in enumerate(track(list(batches), description)):
             for watcher in watchers:
@@ -176,8 +187,13 @@ def forward_batches(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tens
             if before is not None:
                 before(i)
             extra = {"decoder_input_ids": torch.full((ids.shape[0], 1), start)} if seq2seq else {}
-            model(input_ids=ids, attention_mask=mask, **extra)
+            try:
+                model(input_ids=ids, attention_mask=mask, **extra)
+            except _EndOfPass:
+                pass
     finally:
+        if stop is not None:
+            stop.remove()
         model.train(was_training)
 
 

@@ -233,11 +233,14 @@ def _linear_hook(calib: Calibration, key: str, state: _Mask):
 @torch.no_grad()
 def calibrate(model: Any, batches: Sequence[Batch], targets: Iterable[Target], *, min_tokens_per_expert: int = 0,
               layers: set[tuple[str | None, int]] | None = None, observers: Sequence[Any] = (),
-              description: str = "Calibrating") -> Calibration:
+              description: str = "Calibrating", stop_after: str | None = None) -> Calibration:
     """Hessians of ``targets``' inputs over ``batches`` (one forward pass each), expert-balanced.
 
     ``observers`` (e.g. :class:`~expertkit.quant.scorers.BlockImportance`) ride along on the same
     passes: each has ``attach(model) -> handles`` and a ``mask`` attribute set before every batch.
+    ``stop_after`` names a submodule (e.g. the last decoder layer that has targets, see
+    :func:`last_layer`) after which each pass ends: the layers after it and the vocabulary head are not
+    run, so routed-token counts then cover only the layers up to it.
     """
     from expertkit.moe.routing import NotAnMoeError, RoutingTap, forward_batches
 
@@ -263,13 +266,34 @@ def calibrate(model: Any, batches: Sequence[Batch], targets: Iterable[Target], *
     try:
         with tap if tap is not None else contextlib.nullcontext():
             forward_batches(model, batches, description,
-                            watchers=[state, *observers, *([tap] if tap is not None else [])])
+                            watchers=[state, *observers, *([tap] if tap is not None else [])],
+                            stop_at=model.get_submodule(stop_after) if stop_after else None)
     finally:
         for h in handles:
             h.remove()
     if sink is not None:
         sink.balance(min_tokens_per_expert)
     return calib
+
+
+def last_layer(model: Any, targets: Iterable[Target], layers: set[tuple[str | None, int]] | None = None) -> str | None:
+    """Name of the decoder layer (a child of an ``nn.ModuleList``) holding the last of ``targets``' layers
+    (among ``layers``), or ``None`` when the targets span several stacks (an encoder and a decoder: the
+    order the layers run in is then not their key order) or no such layer module is found."""
+    chosen = [t for t in targets if layers is None or t.layer_key in layers]
+    if not chosen or len({t.stack for t in chosen}) != 1:
+        return None
+    last = max(t.layer for t in chosen)
+    names = set()
+    for t in (t for t in chosen if t.layer == last):
+        parts = t.param.split(".")
+        for j, part in enumerate(parts[:-1]):
+            if part == str(last) and j and isinstance(model.get_submodule(".".join(parts[:j])), torch.nn.ModuleList):
+                names.add(".".join(parts[:j + 1]))
+                break
+        else:
+            return None
+    return names.pop() if len(names) == 1 else None
 
 
 def expert_token_table(calib: Calibration) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from expertkit.errors import ConfigError
 from expertkit.quant.apply import Record, quantize_targets, summarize
 from expertkit.quant.budget import Allocation, Format, Unit, allocation, solve_budget
-from expertkit.quant.calibrate import Calibration, calibrate, expert_token_table
+from expertkit.quant.calibrate import Calibration, calibrate, expert_token_table, last_layer
 from expertkit.quant.config import QuantizeConfig
 from expertkit.quant.gptq import GptqSettings
 from expertkit.quant.policy import (
@@ -151,8 +151,11 @@ def quantize_model(config: QuantizeConfig, loaded: Any = None, *, calibration: C
         calib = calibration
         if calib is None and (config.method == "gptq" or (needs_data and i == 0)):
             t0 = time.perf_counter()
+            # the pass ends after the last layer it needs: every layer with targets on the first pass (the
+            # allocation reads every MoE layer's routed counts then), the chunk's last layer on later ones
             calib = calibrate(model, batches, targets if config.method == "gptq" else [],
                               min_tokens_per_expert=cal.min_tokens_per_expert, layers=chunk,
+                              stop_after=last_layer(model, targets, chunk if i else None),
                               observers=[block_obs] if (block_obs is not None and i == 0) else [],
                               description=f"Calibrating ({i + 1}/{len(chunks)})" if len(chunks) > 1 else "Calibrating")
             seconds["calibrate"] += time.perf_counter() - t0
