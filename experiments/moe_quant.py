@@ -5,6 +5,14 @@
     .venv/bin/python experiments/moe_quant.py --executor ray [--address HOST:6379]   # the systems as Ray tasks
     PY=/path/to/peers-venv/bin/python; $PY experiments/moe_quant.py --bits 3 --auto-round   # + auto-round-3
     .venv/bin/python experiments/moe_quant.py --clip-grid 20 --out runs/experiments/moe_quant_clip  # clipped scales
+    .venv/bin/python experiments/moe_quant.py --clip-grid 20 --sequential --out ...  # + sequential GPTQ-3 and mix
+
+``--sequential`` adds GPTQ-3 and the 3-bit mix chosen on validation quantized *sequentially*
+(``layers_per_pass: 1``: each layer's Hessians gathered through the earlier layers already quantized,
+so the error of the earlier layers is fed forward; on the dense model this cut 3-bit GPTQ's perplexity
+by 21%, docs/benchmarks.md), each one cell with its accuracy, and the same claims between them: does
+the allocation still pay on top of the better quantizer? These Hessians depend on the allocation, so
+neither the shared Hessians nor the code store apply: each is a full sequential GPTQ run.
 
 ``--auto-round`` adds the peer the issue names, auto-round's uniform 3-bit (SignRound, 200 tuning
 iterations per block by default) at equal bits, in a venv with the ``peers`` extra
@@ -109,6 +117,9 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auto-round", action="store_true",
                    help="add auto-round's uniform 3-bit (SignRound; the peer, from the `peers` extra) at equal bits")
     p.add_argument("--ar-iters", type=int, default=200, help="auto-round's tuning iterations per block (its default 200)")
+    p.add_argument("--sequential", action="store_true",
+                   help="add GPTQ-3 and the 3-bit mix chosen on validation quantized sequentially (layers_per_pass 1: "
+                        "each layer's Hessians gathered through the already quantized earlier layers)")
     p.add_argument("--out", type=Path, default=Path("runs/experiments/moe_quant"))
     p.add_argument("--smoke", action="store_true", help="tiny random Mixtral, tiny n: checks the script runs")
     add_executor_args(p)
@@ -148,12 +159,13 @@ def _moe_folder(args: argparse.Namespace) -> tuple[Path, list[str]]:
     return folder, tasks
 
 
-def _config(moe: Path, args: argparse.Namespace, method: str, policy: dict) -> object:
+def _config(moe: Path, args: argparse.Namespace, method: str, policy: dict, layers_per_pass: int = 0) -> object:
     from expertkit.quant.config import QuantizeConfig
 
     return QuantizeConfig.model_validate({"model": str(moe), "method": method, "group_size": args.group,
                                           "clip_grid": args.clip_grid, "policy": policy,
-                                          "calibration": {"min_tokens_per_expert": args.min_tokens}})
+                                          "calibration": {"min_tokens_per_expert": args.min_tokens,
+                                                          "layers_per_pass": layers_per_pass}})
 
 
 def _systems(args: argparse.Namespace) -> dict[str, tuple[str, dict]]:
@@ -228,6 +240,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
             write_atomic(path, json.dumps(results, indent=1) + "\n")
         mixed = _choose(args, results["systems"])
         results["selected"] = mixed
+        seq_scores = {}
+        if args.sequential:  # GPTQ-3 and the chosen mix, each layer's Hessians through the quantized earlier ones
+            todo_seq = {f"{n}{SEQ}": results["systems"][n]["policy"] for n in ("gptq-3", mixed)}
+            cells = [Cell(key, sequential_cell, _cell_file(args, key), {
+                "args": args, "moe": moe, "state": state, "name": key, "policy": policy,
+                "result": _cell_file(args, key)}, match=_identity(args, key, "gptq-seq", policy, accuracy=True))
+                for key, policy in todo_seq.items()]
+            for key, row in zip(todo_seq, run_sweep("moe_quant sequential", cells, executor, args.out / "logs"),
+                                strict=True):
+                results["systems"][key] = row["system"]
+                seq_scores[key] = row["scores"]
+            write_atomic(path, json.dumps(results, indent=1) + "\n")
         acc = {"fp": _accuracy(args, loaded, cache=True)}
         if base is not None:
             acc["dense-base"] = _accuracy(args, base, cache=True)
@@ -244,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:  # noqa: PLR0915 - on
             acc[name] = row["scores"]
         if args.auto_round:
             acc["auto-round-3"] = ar_scores
+        acc.update(seq_scores)
     finally:
         executor.close()
     _report(args, results, acc, np)
@@ -401,6 +426,36 @@ def autoround_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: st
     return out
 
 
+SEQ = "+seq"  # name suffix of a system quantized sequentially (layers_per_pass 1)
+
+
+def sequential_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, policy: dict,
+                    result: Path) -> dict[str, Any]:
+    """GPTQ under ``policy`` quantized sequentially: ``layers_per_pass: 1``, each layer's Hessians gathered
+    on the shared calibration batches through the earlier layers already quantized (the error of the
+    earlier layers is fed forward, as sequential GPTQ does), so neither the shared Hessians nor the code
+    store apply. Its bits, validation and test block NLL and per-example test scores, written to ``result``."""
+    from expertkit.fileio import write_atomic
+    from expertkit.models import load_model
+    from expertkit.quant.run import quantize_model
+    from expertkit.tasks.perplexity import block_nll
+
+    _hessians, batches, data = _shared(state)
+    t0 = time.perf_counter()
+    res = quantize_model(_config(moe, args, "gptq", policy, layers_per_pass=1), load_model(str(moe)), batches=batches)
+    rep = res.report()
+    row = {"method": "gptq", "layers_per_pass": 1, "policy": policy, "bits": rep["bits"]["achieved_bits"],
+           "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
+           "seconds": round(time.perf_counter() - t0, 1),
+           "val_nll": block_nll(res.loaded.model, data["val_blocks"]),
+           "test_nll": block_nll(res.loaded.model, data["test_blocks"])}
+    print(f"{name}: {row['bits']:.4f} bits, test ppl {_ppl(row['test_nll']):.3f} ({row['seconds']} s)")
+    out = {**_identity(args, name, "gptq-seq", policy, accuracy=True), "system": row,
+           "scores": _accuracy(args, res.loaded, cache=False)}
+    write_atomic(result, json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def _on_grid(model: Any, bits: int, group: int, rows: int = 64) -> tuple[list[str], list[str]]:
     """The decoder's 2-D weights (auto-round unfuses the experts into ``nn.Linear``) whose groups of
     ``group`` input columns hold at most ``2 ** bits`` distinct values (checked on the first ``rows``
@@ -483,6 +538,24 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
         lines.append("- " + verdict(f"{mixed} has lower test NLL than auto-round-3 (equal bits)", c, test="Wilcoxon"))
         c = compare(acc[mixed], acc["auto-round-3"], seed=args.seed)
         lines.append("- " + verdict(f"{mixed} is more accurate than auto-round-3 (equal bits)", c))
+    seq_mixed, seq_gptq = f"{mixed}{SEQ}", f"gptq-3{SEQ}"
+    if seq_mixed in acc and seq_gptq in acc:  # the same claims with both quantized sequentially
+        for a_, b_ in ((seq_gptq, "gptq-3"), (seq_mixed, mixed), (seq_mixed, seq_gptq)):
+            c = compare_continuous(test[b_], test[a_], seed=args.seed)
+            lines.append("- " + verdict(f"{a_} has lower test NLL than {b_}", c, test="Wilcoxon"))
+            c = compare(acc[a_], acc[b_], seed=args.seed)
+            lines.append("- " + verdict(f"{a_} is more accurate than {b_}", c))
+        closed_s, lo_s, hi_s = _gap_closed(test["fp"], test[seq_gptq], test[seq_mixed], np, args.seed)
+        word = "supported" if lo_s >= 0.3 else ("contradicted" if hi_s < 0.3 else "not shown")
+        lines.append(f"- {seq_mixed} closes >= 30% of the perplexity gap between {seq_gptq} and the unquantized MoE: "
+                     f"{word}; closed {closed_s:.1%} [{lo_s:.1%}, {hi_s:.1%}].")
+        results["gap_closed_sequential"] = [closed_s, lo_s, hi_s]
+        if "auto-round-3" in acc:
+            c = compare_continuous(test["auto-round-3"], test[seq_mixed], seed=args.seed)
+            lines.append("- " + verdict(f"{seq_mixed} has lower test NLL than auto-round-3 (equal bits)", c,
+                                        test="Wilcoxon"))
+            c = compare(acc[seq_mixed], acc["auto-round-3"], seed=args.seed)
+            lines.append("- " + verdict(f"{seq_mixed} is more accurate than auto-round-3 (equal bits)", c))
     c = compare(acc["gptq-3"], acc["rtn-3"], seed=args.seed)
     lines.append("- " + verdict("GPTQ-3 is more accurate than RTN-3", c))
     c = compare_continuous(test["rtn-3"], test["gptq-3"], seed=args.seed)
@@ -560,7 +633,7 @@ def _plots(args, systems: dict, mixed: str) -> None:
     for ax, low in zip(axes, (0.0, 3.0), strict=True):
         def pts(prefix: str, low: float = low) -> list[tuple[float, float]]:
             return sorted((v["bits"], _ppl(v["test_nll"])) for k, v in systems.items()
-                          if k.startswith(prefix) and v["bits"] >= low)
+                          if k.startswith(prefix) and not k.endswith(SEQ) and v["bits"] >= low)
 
         for name in args.policies:
             if pts(f"{name}@"):
@@ -572,6 +645,10 @@ def _plots(args, systems: dict, mixed: str) -> None:
             ar = systems["auto-round-3"]
             ax.plot([ar["bits"]], [_ppl(ar["test_nll"])], marker="*", markersize=12, linestyle="none",
                     color="k", label=f"auto-round uniform ({ar['policy']['iters']} iters)")
+        for k, marker in ((f"gptq-3{SEQ}", "X"), (f"{mixed}{SEQ}", "P")):
+            if k in systems:
+                ax.plot([systems[k]["bits"]], [_ppl(systems[k]["test_nll"])], marker=marker, markersize=10,
+                        linestyle="none", color="tab:red" if marker == "P" else "tab:gray", label=k)
         ax.axhline(fp, color="k", linewidth=0.8, label="unquantized")
         ax.set(xlabel="average bits per quantized weight (scales counted)", ylabel="test perplexity (BBC)")
     axes[0].set(yscale="log", title="every bit point")

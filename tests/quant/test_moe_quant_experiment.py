@@ -100,3 +100,31 @@ def test_every_bit_point_leaves_room_both_ways():
     exp = load_script("experiments/moe_quant.py")
     assert [exp.choices(b) for b in (2.5, 3.0, 3.5, 4.0)] == [[2, 3, 4], [2, 3, 4], [3, 4, 5], [3, 4, 5]]
     assert exp.choices(2.0) == [2, 3]  # never below 2 bits
+
+
+def test_sequential_systems_are_streamed_gptq_with_their_own_verdicts(tmp_path, monkeypatch, capsys):
+    """--sequential: GPTQ-3 and the chosen mix quantized with layers_per_pass 1, each cell the model that
+    quantize_model gives with that setting (not the shared-Hessian one), scored and compared."""
+    from expertkit.models import load_model
+    from expertkit.quant.run import quantize_model
+    from expertkit.tasks.perplexity import block_nll
+
+    monkeypatch.setenv("EXPERTKIT_CACHE", str(tmp_path / "cache"))
+    exp = load_script("experiments/moe_quant.py")
+    argv = [*ARGV, "--sequential", "--out", str(tmp_path / "mq")]
+    res = exp.main(argv)
+    run = tmp_path / "mq_smoke"
+    assert {"gptq-3+seq", "block:attention@3+seq"} <= set(res["systems"])
+    assert {"gptq-3_seq.json", "block_attention@3_seq.json"} <= {p.name for p in (run / "cells").iterdir()}
+    out = capsys.readouterr().out
+    assert "block:attention@3+seq has lower test NLL than gptq-3+seq" in out
+    assert "closes >= 30% of the perplexity gap between gptq-3+seq" in out
+    a = exp._args(argv)
+    _h, batches, data = exp._shared(run / "state")
+    seq = res["systems"]["gptq-3+seq"]
+    q = quantize_model(exp._config(run / "tiny-moe", a, "gptq", seq["policy"], layers_per_pass=1),
+                       load_model(str(run / "tiny-moe")), batches=batches)
+    assert block_nll(q.loaded.model, data["test_blocks"]) == seq["test_nll"]
+    assert seq["test_nll"] != res["systems"]["gptq-3"]["test_nll"]  # layer 1 saw layer 0's quantized outputs
+    assert res["systems"]["block:attention@3+seq"]["bits"] == res["systems"]["block:attention@3"]["bits"]
+    assert len(res["gap_closed_sequential"]) == 3
