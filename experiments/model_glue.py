@@ -49,8 +49,9 @@ Writes ``<out>/results.json`` and ``<out>/model_glue.png`` and prints the markdo
 Cost: about 37,000 example evaluations (members 16,000; the planner at most 9,600 at budget 12 with clusters of
 5 and 3; bases 3,000; representatives 4,000; uniform merge and the two mixtures 4,500). Timed on the bundled
 model with one thread while another experiment kept both cores busy (20 examples per task): 0.31-0.45 s per
-example for a plain model, 0.41-0.63 s with a family-A adapter, so about 4 h at those rates and roughly 2-3 h
-on 2 quiet cores (an estimate, not measured end to end). The zoo is reused on this machine; a fresh one first
+example for a plain model, 0.41-0.63 s with a family-A adapter, so about 4 h at those rates. Measured end to
+end on 2 quiet cores (session 23, the library cached): about 50 min (family B 10 min, plan and build 11 min,
+evaluation 29 min; docs/results.md). The zoo is reused on this machine; a fresh one first
 builds the library (about 1 h) and family B (the evolved base and 3 experts, about 20 min).
 """
 
