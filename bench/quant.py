@@ -20,8 +20,8 @@ leave ``lm_head`` alone).
   GPTQ's calibration pass (the Hessians). ``gptq-clip`` / ``rtn-clip``: the same with the scales'
   clipping search (``clip_grid`` 20: each group's range tried shrunk down to 40%, least squared error kept).
   ``gptq-stream``: GPTQ with ``layers_per_pass: 1``, the Hessians of one layer at a time, each gathered on the
-  model whose earlier layers are already quantized (each layer sees its inputs' quantization error; meant to
-  need less memory, not yet measured on SmolLM2).
+  model whose earlier layers are already quantized (each layer sees its inputs' quantization error); measured
+  on SmolLM2-135M in docs/benchmarks.md (0.62-0.69x gptq's peak at 2.9-3.3x its time).
 * ``auto-round`` (0.16.1): ``AutoRound(model, tokenizer, bits, group_size, sym=True, dataset=texts,
   nsamples, seqlen, iters=--ar-iters, device_map="cpu").quantize()`` (SignRound; its default 200
   iterations per block; ``--ar-iters 0`` is its RTN mode).

@@ -345,21 +345,27 @@ def system_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, 
                 result: Path) -> dict[str, Any]:
     """One quantized system (step 2): its bits and its validation and test block NLL, written to ``result``."""
     from expertkit.fileio import write_atomic
-    from expertkit.tasks.perplexity import block_nll
 
     hessians, batches, data = _shared(state)
     t0 = time.perf_counter()
     res = _quantize(moe, args, method, policy, hessians, batches, state)
-    rep = res.report()
-    extra = {"method": method, "policy": policy, "bits": rep["bits"]["achieved_bits"],
-             "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
-             "seconds": round(time.perf_counter() - t0, 1)}
-    row = {**extra, "val_nll": block_nll(res.loaded.model, data["val_blocks"]),
-           "test_nll": block_nll(res.loaded.model, data["test_blocks"])}
-    print(f"{name}: {extra['bits']:.4f} bits, test ppl {_ppl(row['test_nll']):.3f}")
+    row = _system_row(name, res, {"method": method, "policy": policy}, t0, data)
     out = {**_identity(args, name, method, policy), "system": row}
     write_atomic(result, json.dumps(out, indent=1) + "\n")
     return out
+
+
+def _system_row(name: str, res: Any, head: dict, t0: float, data: dict[str, Any]) -> dict[str, Any]:
+    """A quantized system's row: ``head``, its bits, seconds since ``t0``, validation and test block NLL."""
+    from expertkit.tasks.perplexity import block_nll
+
+    rep = res.report()
+    row = {**head, "bits": rep["bits"]["achieved_bits"], "code_bits": rep["bits"]["code_bits"],
+           "by_structure": rep["bits_by_structure"], "seconds": round(time.perf_counter() - t0, 1),
+           "val_nll": block_nll(res.loaded.model, data["val_blocks"]),
+           "test_nll": block_nll(res.loaded.model, data["test_blocks"])}
+    print(f"{name}: {row['bits']:.4f} bits, test ppl {_ppl(row['test_nll']):.3f} ({row['seconds']} s)")
+    return row
 
 
 def accuracy_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: str, method: str, policy: dict,
@@ -438,18 +444,11 @@ def sequential_cell(*, args: argparse.Namespace, moe: Path, state: Path, name: s
     from expertkit.fileio import write_atomic
     from expertkit.models import load_model
     from expertkit.quant.run import quantize_model
-    from expertkit.tasks.perplexity import block_nll
 
     _hessians, batches, data = _shared(state)
     t0 = time.perf_counter()
     res = quantize_model(_config(moe, args, "gptq", policy, layers_per_pass=1), load_model(str(moe)), batches=batches)
-    rep = res.report()
-    row = {"method": "gptq", "layers_per_pass": 1, "policy": policy, "bits": rep["bits"]["achieved_bits"],
-           "code_bits": rep["bits"]["code_bits"], "by_structure": rep["bits_by_structure"],
-           "seconds": round(time.perf_counter() - t0, 1),
-           "val_nll": block_nll(res.loaded.model, data["val_blocks"]),
-           "test_nll": block_nll(res.loaded.model, data["test_blocks"])}
-    print(f"{name}: {row['bits']:.4f} bits, test ppl {_ppl(row['test_nll']):.3f} ({row['seconds']} s)")
+    row = _system_row(name, res, {"method": "gptq", "layers_per_pass": 1, "policy": policy}, t0, data)
     out = {**_identity(args, name, "gptq-seq", policy, accuracy=True), "system": row,
            "scores": _accuracy(args, res.loaded, cache=False)}
     write_atomic(result, json.dumps(out, indent=1) + "\n")
