@@ -523,57 +523,50 @@ def _accuracy(args: argparse.Namespace, loaded, *, cache: bool) -> list[float]:
 
 
 def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]], np) -> None:
-    from expertkit.tasks.paired import compare, compare_continuous, verdict
+    from expertkit.tasks.paired import compare, compare_continuous, gap_closed, verdict
 
     systems, mixed = results["systems"], results["selected"]
     test = {k: np.array(v["test_nll"]) for k, v in systems.items()}
     lines = [f"Selected on validation: `{mixed}` ({systems[mixed]['bits']:.4f} bits with scales).", ""]
-    c = compare_continuous(test["gptq-3"], test[mixed], seed=args.seed)
-    lines.append("- " + verdict(f"{mixed} has lower test NLL than uniform GPTQ-3", c, test="Wilcoxon"))
-    c = compare(acc[mixed], acc["gptq-3"], seed=args.seed)
-    lines.append("- " + verdict(f"{mixed} is more accurate than GPTQ-3 on {', '.join(args.tasks)}", c))
+
+    def claim(a: str, b: str, what: str = "", on: str = "") -> None:
+        """Verdicts for "a beats b": lower test NLL (Wilcoxon), and higher accuracy (``on`` the tasks) where
+        both have it."""
+        c = compare_continuous(test[b], test[a], seed=args.seed)
+        lines.append("- " + verdict(f"{a} has lower test NLL than {b}{what}", c, test="Wilcoxon"))
+        if a in acc and b in acc:
+            c = compare(acc[a], acc[b], seed=args.seed)
+            lines.append("- " + verdict(f"{a} is more accurate than {b}{on}{what}", c))
+
+    def closes(uniform: str, system: str) -> tuple[float, float, float]:
+        return gap_closed(test["fp"], test[uniform], test[system], seed=args.seed)
+
+    def goal(system: str, uniform: str, span: str) -> list[float]:
+        """The 30% goal: does ``system`` close >= 30% of ``uniform``'s perplexity gap? (bootstrap interval)"""
+        share, lo, hi = closes(uniform, system)
+        word = "supported" if lo >= 0.3 else ("contradicted" if hi < 0.3 else "not shown")
+        lines.append(f"- {system} closes >= 30% of the perplexity gap between {uniform} and the unquantized MoE: "
+                     f"{word}; closed {share:.1%} [{lo:.1%}, {hi:.1%}]{span}.")
+        return [share, lo, hi]
+
+    claim(mixed, "gptq-3", on=f" on {', '.join(args.tasks)}")
     if "auto-round-3" in acc:
-        c = compare_continuous(test["auto-round-3"], test[mixed], seed=args.seed)
-        lines.append("- " + verdict(f"{mixed} has lower test NLL than auto-round-3 (equal bits)", c, test="Wilcoxon"))
-        c = compare(acc[mixed], acc["auto-round-3"], seed=args.seed)
-        lines.append("- " + verdict(f"{mixed} is more accurate than auto-round-3 (equal bits)", c))
+        claim(mixed, "auto-round-3", " (equal bits)")
     seq_mixed, seq_gptq = f"{mixed}{SEQ}", f"gptq-3{SEQ}"
     if seq_mixed in acc and seq_gptq in acc:  # the same claims with both quantized sequentially
         for a_, b_ in ((seq_gptq, "gptq-3"), (seq_mixed, mixed), (seq_mixed, seq_gptq)):
-            c = compare_continuous(test[b_], test[a_], seed=args.seed)
-            lines.append("- " + verdict(f"{a_} has lower test NLL than {b_}", c, test="Wilcoxon"))
-            c = compare(acc[a_], acc[b_], seed=args.seed)
-            lines.append("- " + verdict(f"{a_} is more accurate than {b_}", c))
-        closed_s, lo_s, hi_s = _gap_closed(test["fp"], test[seq_gptq], test[seq_mixed], np, args.seed)
-        word = "supported" if lo_s >= 0.3 else ("contradicted" if hi_s < 0.3 else "not shown")
-        lines.append(f"- {seq_mixed} closes >= 30% of the perplexity gap between {seq_gptq} and the unquantized MoE: "
-                     f"{word}; closed {closed_s:.1%} [{lo_s:.1%}, {hi_s:.1%}].")
-        results["gap_closed_sequential"] = [closed_s, lo_s, hi_s]
+            claim(a_, b_)
+        results["gap_closed_sequential"] = goal(seq_mixed, seq_gptq, "")
         if "auto-round-3" in acc:
-            c = compare_continuous(test["auto-round-3"], test[seq_mixed], seed=args.seed)
-            lines.append("- " + verdict(f"{seq_mixed} has lower test NLL than auto-round-3 (equal bits)", c,
-                                        test="Wilcoxon"))
-            c = compare(acc[seq_mixed], acc["auto-round-3"], seed=args.seed)
-            lines.append("- " + verdict(f"{seq_mixed} is more accurate than auto-round-3 (equal bits)", c))
-    c = compare(acc["gptq-3"], acc["rtn-3"], seed=args.seed)
-    lines.append("- " + verdict("GPTQ-3 is more accurate than RTN-3", c))
-    c = compare_continuous(test["rtn-3"], test["gptq-3"], seed=args.seed)
-    lines.append("- " + verdict("GPTQ-3 has lower test NLL than RTN-3", c, test="Wilcoxon"))
-    closed, lo, hi = _gap_closed(test["fp"], test["gptq-3"], test[mixed], np, args.seed)
-    word = "supported" if lo >= 0.3 else ("contradicted" if hi < 0.3 else "not shown")
-    lines.append(f"- {mixed} closes >= 30% of the perplexity gap between GPTQ-3 and the unquantized MoE: {word}; "
-                 f"closed {closed:.1%} [{lo:.1%}, {hi:.1%}] (95% paired bootstrap over {len(test['fp'])} test blocks).")
+            claim(seq_mixed, "auto-round-3", " (equal bits)")
+    claim("gptq-3", "rtn-3")
+    results["gap_closed"] = goal(mixed, "gptq-3", f" (95% paired bootstrap over {len(test['fp'])} test blocks)")
     for bits, best, ref in _pairs(args, systems):  # the other points: the policy chosen on validation there
         results.setdefault("selected_at", {})[f"{bits:g}"] = best
-        c = compare_continuous(test[ref], test[best], seed=args.seed)
-        lines.append("- " + verdict(f"{best} (selected on validation at {bits:g} bits) has lower test NLL than "
-                                    f"{ref}", c, test="Wilcoxon"))
-        if best in acc and ref in acc:
-            c = compare(acc[best], acc[ref], seed=args.seed)
-            lines.append("- " + verdict(f"{best} is more accurate than {ref}", c))
+        claim(best, ref, f" (selected on validation at {bits:g} bits)")
         if ref.startswith("gptq-"):
-            closed_b, lo_b, hi_b = _gap_closed(test["fp"], test[ref], test[best], np, args.seed)
-            lines.append(f"- {best} closes {closed_b:.1%} [{lo_b:.1%}, {hi_b:.1%}] of the perplexity gap between "
+            share, lo, hi = closes(ref, best)
+            lines.append(f"- {best} closes {share:.1%} [{lo:.1%}, {hi:.1%}] of the perplexity gap between "
                          f"{ref} and the unquantized MoE.")
     lines += ["", "Which structures deserve the bits (each policy against `random` priorities at equal bits, test NLL):"]
     for bits in args.bits:
@@ -583,7 +576,6 @@ def _report(args: argparse.Namespace, results: dict, acc: dict[str, list[float]]
                 c = compare_continuous(test[ref], test[key], seed=args.seed)
                 lines.append("- " + verdict(f"{key} beats random@{bits:g}", c, test="Wilcoxon"))
     results["accuracy"] = {k: float(np.mean(v)) for k, v in acc.items()}
-    results["gap_closed"] = [closed, lo, hi]
     results["verdicts"] = lines
     table = ["| system | bits (with scales) | val ppl | test ppl | accuracy |", "|---|---:|---:|---:|---:|"]
     for k, v in systems.items():
@@ -604,20 +596,6 @@ def _pairs(args: argparse.Namespace, systems: dict) -> list[tuple[float, str, st
         if bits != 3 and best is not None and ref in systems:
             out.append((bits, best, ref))
     return out
-
-
-def _gap_closed(fp, uniform, mixed, np, seed: int, resamples: int = 5000) -> tuple[float, float, float]:
-    """Share of the perplexity gap ``ppl(uniform) - ppl(fp)`` that ``mixed`` closes, and a 95% paired
-    bootstrap interval (test blocks resampled together for the three systems)."""
-    def closed(idx):
-        f, u, m = (math.exp(x[idx].mean()) for x in (fp, uniform, mixed))
-        return (u - m) / (u - f) if u != f else float("nan")
-
-    rng = np.random.default_rng(seed)
-    n = len(fp)
-    boot = np.array([closed(rng.integers(0, n, n)) for _ in range(resamples)])
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-    return closed(np.arange(n)), float(lo), float(hi)
 
 
 def _plots(args, systems: dict, mixed: str) -> None:

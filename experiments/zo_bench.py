@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/zo_bench.py [--budget 4000] [--batch 8] [--n-val 200] [--n-test 426]
         [--methods zo-sgd zo-adam forward-grad zo-sgd-block zo-sgd-sparse adamw] [--sweep-frac 0.25]
-        [--out runs/experiments/zo_bench_bbc] [--executor {local,ray}] [--address HOST:6379]
+        [--extend 2] [--out runs/experiments/zo_bench_bbc] [--executor {local,ray}] [--address HOST:6379]
     .venv/bin/python experiments/zo_bench.py --smoke      # tiny random Llama, toy choice task: checks the script
 
 **Task.** ``bbc_topic`` (five topics) scored by label words, as MeZO scores classification: each
@@ -24,8 +24,12 @@ block-wise ZO runs one estimate per layer, so 2 x layers per step). ``steps = bu
 **Learning rate on validation only.** For each method, every lr of its grid (``GRIDS``) runs the
 method's full-budget configuration, stopped after ``--sweep-frac`` of its steps (the lr is constant,
 so those steps are exactly the start of the full run); that point is scored on the validation
-split (``--n-val``). The best (accuracy, then the mean log-probability of the right label) is
-resumed from its checkpoint to the full budget, so the chosen run's start is not trained twice.
+split (``--n-val``). When the best lies at an edge of the lrs tried, the next lr beyond it on the
+1-3-10 ladder is swept as well, and so on while the best stays at the edge, at most ``--extend``
+(default 2) lrs per method: a best at the grid's edge is not taken for the optimum untested (ZO-Adam's
+first sweep peaked at the grid's top, 1e-3). The best (accuracy, then the mean log-probability of
+the right label) is resumed from its checkpoint to the full budget, so the chosen run's start is not
+trained twice.
 "Best ZO method", for the claim against AdamW, is the ZO method with the highest final validation
 accuracy.
 
@@ -52,7 +56,8 @@ prints the markdown for docs/results.md.
 Cost on 2 cores (estimated from bench/zo_memory.py, not measured end to end): a LoRA ZO-SGD step on 16
 bbc articles took 4.84 s on a shared machine (load 1.8); on 8 articles, idle, about 1.2-2.4 s, so 2,000
 ZO-SGD steps take 40-80 min, Forward-Grad about 1.6 times that (its jvp step is slower than two
-forwards), each method half again for the other two learning rates of its sweep, plus about 1 min per
+forwards), each method half again for the other two learning rates of its sweep (a quarter run more for
+each lr swept beyond the grid), plus about 1 min per
 validation or test scoring: 6-10 h for the six default methods, over several sessions (it resumes).
 ``--executor ray`` runs the cells of each phase side by side.
 """
@@ -61,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -359,6 +365,24 @@ def choose(rows: list[dict]) -> dict:
     return max(rows, key=key)
 
 
+def ladder(lr: float, up: bool) -> float:
+    """The learning rate next to ``lr`` on the 1-3-10 ladder (1e-4, 3e-4, 1e-3, ...), above or below."""
+    k = math.floor(math.log10(lr) + 1e-9)
+    low = lr / 10**k < 2  # lr is 1e-k, not 3e-k
+    nxt = (3 * 10**k if low else 10 ** (k + 1)) if up else (3 * 10 ** (k - 1) if low else 10**k)
+    return float(f"{nxt:.0e}")
+
+
+def beyond(rows: list[dict]) -> float | None:
+    """The lr to sweep next for a method whose best sweep row is at an edge of the lrs tried (None if it is
+    inside them)."""
+    lrs = sorted(r["lr"] for r in rows)
+    best = choose(rows)["lr"]
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    return ladder(best, up=best == lrs[-1])
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every phase on the executor of ``args``: zero-shot and the lr sweeps, the full runs, the
     equal-wall scores."""
@@ -368,20 +392,28 @@ def run(args: argparse.Namespace) -> dict:
             for m in args.methods}
     executor = sweep_executor(args, ModelCache(args.model), args.out)
     try:
+        def point(m: str, lr: float) -> Cell:
+            cfg = cfgs[m].setdefault(lr, settings(m, lr, args.budget, args.batch, args.n_layers, args.pool))
+            stop = sweep_stop(cfg, args.sweep_frac)
+            return _cell(args, f"sweep-{m}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop, "n_val": args.n_val},
+                         cfg=cfg, run=str(run_path(args, m, lr, cfg)), stop=stop, n_val=args.n_val)
+
         cells = [_cell(args, "zero-shot", zero_shot_cell, {"n_val": args.n_val, "n_test": args.n_test},
                        n_val=args.n_val, n_test=args.n_test)]
-        owners = []
-        for m in args.methods:
-            for lr, cfg in cfgs[m].items():
-                stop = sweep_stop(cfg, args.sweep_frac)
-                cells.append(_cell(args, f"sweep-{m}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop,
-                                                                              "n_val": args.n_val},
-                                   cfg=cfg, run=str(run_path(args, m, lr, cfg)), stop=stop, n_val=args.n_val))
-                owners.append(m)
+        owners = [m for m in args.methods for _ in cfgs[m]]
+        cells += [point(m, lr) for m in args.methods for lr in list(cfgs[m])]
         rows = run_sweep("zo_bench sweep", cells, executor, args.out / "logs")
         zero, sweeps = rows[0], {m: [] for m in args.methods}
         for m, row in zip(owners, rows[1:], strict=True):
             sweeps[m].append(row)
+        for _ in range(args.extend):  # beyond the grid while the best is at its edge
+            more = {m: lr for m in args.methods if (lr := beyond(sweeps[m])) is not None}
+            if not more:
+                break
+            cells = [point(m, lr) for m, lr in more.items()]
+            for m, row in zip(more, run_sweep("zo_bench sweep beyond the grid", cells, executor,
+                                              args.out / "logs"), strict=True):
+                sweeps[m].append(row)
         chosen = {m: choose(sweeps[m])["lr"] for m in args.methods}
         best = {m: cfgs[m][chosen[m]] for m in args.methods}
         folder = {m: str(run_path(args, m, chosen[m], best[m])) for m in args.methods}
@@ -504,6 +536,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-val", type=int, default=200, help="validation examples (the lr choice)")
     ap.add_argument("--n-test", type=int, default=426, help="test examples (the same for every method)")
     ap.add_argument("--sweep-frac", type=float, default=0.25, help="share of the steps at which lrs are compared")
+    ap.add_argument("--extend", type=int, default=2,
+                    help="lrs swept beyond a method's grid at most, while its best is at the edge (0: the grid only)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: runs/experiments/zo_bench_bbc (smoke: a temp folder)")
@@ -516,6 +550,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = (args.out or Path("runs/experiments/zo_bench_bbc")).absolute()  # absolute: Ray workers read it
     if not 0 < args.sweep_frac <= 1:
         ap.error(f"--sweep-frac must be in (0, 1], got {args.sweep_frac}.")
+    if args.extend < 0:
+        ap.error(f"--extend must be 0 or more, got {args.extend}.")
     if min(args.budget, args.batch, args.n_val, args.n_test, 1 if args.pool is None else args.pool) < 1:
         ap.error("--budget, --batch, --pool, --n-val and --n-test must each be at least 1.")
     if len(set(args.methods)) != len(args.methods):

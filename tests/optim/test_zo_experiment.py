@@ -63,6 +63,21 @@ def test_choose_prefers_validation_accuracy_then_the_right_labels_log_probabilit
     assert exp.choose([row(1e-3, 0.6, [-2.0]), row(1e-4, 0.6, [-2.0])])["lr"] == 1e-4
 
 
+def test_a_best_lr_at_the_grids_edge_is_swept_beyond_on_the_1_3_10_ladder(exp):
+    def row(lr, acc):
+        return {"lr": lr, "validation": {"accuracy": acc, "gold_lp": [-1.0]}}
+
+    assert [exp.ladder(x, up=True) for x in (1e-4, 3e-4, 1e-3, 3e-5)] == [3e-4, 1e-3, 3e-3, 1e-4]
+    assert [exp.ladder(x, up=False) for x in (1e-4, 3e-4, 1e-5, 3e-3)] == [3e-5, 1e-4, 3e-6, 1e-3]
+    grid = [row(1e-4, 0.5), row(3e-4, 0.5), row(1e-3, 0.62)]
+    assert exp.beyond(grid) == 3e-3  # best at the top
+    assert exp.beyond([*grid, row(3e-3, 0.2)]) is None  # the best is inside the lrs tried now
+    assert exp.beyond([*grid, row(3e-3, 0.7)]) == 1e-2
+    assert exp.beyond([row(1e-5, 0.6), row(3e-5, 0.5), row(1e-4, 0.4)]) == 3e-6  # best at the bottom
+    assert exp.beyond([row(1e-4, 0.5), row(3e-4, 0.6), row(1e-3, 0.2)]) is None
+    assert exp.beyond([row(1e-4, 0.5)]) is None  # one lr: no edge to tell
+
+
 def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp, toy, tmp_path, capsys):
     from expertkit.tasks.paired import compare
 
@@ -71,7 +86,11 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
     res = exp.main(args)
     assert set(res["sweep"]) == {"zo-sgd", "adamw"}
     for m in ("zo-sgd", "adamw"):
-        assert [r["lr"] for r in res["sweep"][m]] == list(exp.grid(m))
+        lrs = [r["lr"] for r in res["sweep"][m]]
+        assert lrs[:3] == list(exp.grid(m)) and len(lrs) <= 3 + 2  # the grid, then at most --extend beyond it
+        for i in range(3, len(lrs)):  # each lr beyond the grid: the best of those before it was at their edge
+            assert lrs[i] == exp.beyond(res["sweep"][m][:i])
+        assert exp.beyond(res["sweep"][m]) is None or len(lrs) == 5  # it stopped at the inside or at the cap
         assert res["full"][m]["lr"] == exp.choose(res["sweep"][m])["lr"]  # chosen on validation
         assert len(res["full"][m]["test"]["scores"]) == 8 == len(res["zero-shot"]["test"]["scores"])
     assert res["full"]["zo-sgd"]["steps"] == 12 and res["full"]["adamw"]["steps"] == 8  # 24 units: 2 and 3 per step
@@ -95,7 +114,8 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
     printed = capsys.readouterr().out
     assert "| zo-sgd | " in printed and "AdamW beats the best ZO method on validation (zo-sgd)" in printed
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
-    assert len(stamps) == 1 + 3 + 3 + 2 + sum(r["seconds"] > limit for r in res["full"].values())
+    swept = sum(len(v) for v in res["sweep"].values())
+    assert len(stamps) == 1 + swept + 2 + sum(r["seconds"] > limit for r in res["full"].values())
     rerun = exp.main(args)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps  # nothing ran again
     assert rerun["full"] == res["full"] and rerun["claims"] == res["claims"]
@@ -137,7 +157,8 @@ def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp,
 def test_bad_arguments_get_one_clear_error(exp, toy, tmp_path, capsys):
     from expertkit.errors import ConfigError
 
-    for bad in (["--sweep-frac", "0"], ["--budget", "0"], ["--pool", "0"], ["--methods", "zo-sgd", "zo-sgd"]):
+    for bad in (["--sweep-frac", "0"], ["--budget", "0"], ["--pool", "0"], ["--methods", "zo-sgd", "zo-sgd"],
+                ["--extend", "-1"]):
         with pytest.raises(SystemExit):
             exp._args(["--out", str(tmp_path / "x"), *bad])
         assert "error: --" in capsys.readouterr().err

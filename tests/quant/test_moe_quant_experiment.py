@@ -37,7 +37,7 @@ def test_smoke_cells_equal_the_in_memory_loop(tmp_path, monkeypatch, capsys):
     cells = sorted(p.name for p in (run / "cells").iterdir())
     assert cells == sorted(["rtn-3.json", "gptq-3.json", "block_attention@3.json", "acc-rtn-3.json",
                             "acc-gptq-3.json", "acc-block_attention@3.json"])
-    assert "block:attention@3 has lower test NLL than uniform GPTQ-3" in capsys.readouterr().out
+    assert "block:attention@3 has lower test NLL than gptq-3:" in capsys.readouterr().out
 
     # the run's code store (GPTQ only): every matrix solved once at 3 bits (the mix's 3-bit matrices are those),
     # the mix's 2- and 4-bit ones under keys of their own

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from expertkit.errors import ConfigError
-from expertkit.tasks.paired import compare, compare_continuous, mcnemar, mcnemar_sample_size, paired_bootstrap, verdict
+from expertkit.tasks.paired import (
+    compare,
+    compare_continuous,
+    gap_closed,
+    mcnemar,
+    mcnemar_sample_size,
+    paired_bootstrap,
+    verdict,
+)
 
 
 def test_mcnemar_counts_discordant_pairs_and_matches_the_binomial_by_hand():
@@ -61,3 +69,27 @@ def test_continuous_comparison_uses_the_signed_rank_test():
     res = compare_continuous(a, b)
     assert res.p_value == pytest.approx(wilcoxon(a, b).pvalue)
     assert (res.a_only, res.b_only) == (13, 7) and res.diff_low <= res.diff <= res.diff_high
+
+
+def test_gap_closed_by_hand_and_its_interval_is_paired_and_seeded():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(3.0, 0.5, 200)  # per-block NLLs
+    base = ref + 0.4 + rng.normal(0, 0.05, 200)
+    mid = ref + 0.2 + rng.normal(0, 0.05, 200)
+    f, b, m = (math.exp(x.mean()) for x in (ref, base, mid))
+    share, lo, hi = gap_closed(ref, base, mid, seed=1)
+    assert share == pytest.approx((b - m) / (b - f)) and 0.4 < share < 0.6
+    assert lo < share < hi and hi - lo < 0.1  # pairing removes the blocks' own spread (sd 0.5)
+    assert (share, lo, hi) == gap_closed(ref, base, mid, seed=1)
+    assert gap_closed(ref, base, base)[0] == 0.0 and gap_closed(ref, base, ref)[0] == pytest.approx(1.0)
+    worse, _, w_hi = gap_closed(ref, base, base + 0.1)
+    assert worse < 0 and w_hi < 0
+
+
+def test_gap_closed_refuses_no_gap_and_mismatched_lengths():
+    with pytest.raises(ConfigError, match="no gap"):
+        gap_closed([1.0, 2.0], [1.0, 2.0], [1.5, 2.5])
+    with pytest.raises(ConfigError, match="one length"):
+        gap_closed([1.0, 2.0], [1.0, 2.0, 3.0], [1.0, 2.0])

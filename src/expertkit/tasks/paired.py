@@ -6,6 +6,8 @@
 * :func:`compare_continuous`: the same for continuous paired values (Wilcoxon signed-rank test).
 * :func:`paired_bootstrap`: a percentile bootstrap interval (``scipy.stats.bootstrap``, resampling
   examples, so the pairing is kept) of the difference of mean scores.
+* :func:`gap_closed`: the share of a baseline's loss gap to a reference that a system closes, in
+  perplexity, with a paired percentile bootstrap interval (``scipy.stats.bootstrap``, ``paired=True``).
 * :func:`mcnemar_sample_size`: how many paired examples detect an accuracy difference ``delta``
   when a share ``discordant`` of pairs disagree (Connor 1987's normal approximation), so that an
   experiment can say why its n is large enough.
@@ -102,6 +104,37 @@ def compare_continuous(a: Sequence[float], b: Sequence[float], *, seed: int = 0)
     p = 1.0 if np.all(d == 0) else float(wilcoxon(x, y).pvalue)
     lo, hi = paired_bootstrap(x, y, seed=seed)
     return PairedResult(int(x.size), float(x.mean()), float(y.mean()), int((d > 0).sum()), int((d < 0).sum()), p, lo, hi)
+
+
+def gap_closed(reference: Sequence[float], baseline: Sequence[float], system: Sequence[float], *,
+               resamples: int = 5000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Share of the perplexity gap ``ppl(baseline) - ppl(reference)`` that ``system`` closes, with a
+    paired percentile bootstrap interval: ``(share, low, high)``.
+
+    The three sequences are per-example mean NLLs on the same examples (e.g. test blocks);
+    ``ppl = exp(mean NLL)``. 1 means the system reaches the reference, 0 the baseline, < 0 worse than
+    the baseline. The examples are resampled together for the three systems.
+    """
+    from scipy.stats import bootstrap
+
+    r = np.asarray(reference, dtype=np.float64)
+    u = np.asarray(baseline, dtype=np.float64)
+    m = np.asarray(system, dtype=np.float64)
+    if not r.shape == u.shape == m.shape or r.ndim != 1 or r.size < 2:
+        raise ConfigError(f"gap_closed needs three 1-D sequences of one length >= 2; got {r.shape}, {u.shape}, "
+                          f"{m.shape}.")
+
+    def share(r_: np.ndarray, u_: np.ndarray, m_: np.ndarray, axis: int = -1) -> np.ndarray:
+        f, b, s = (np.exp(x.mean(axis=axis)) for x in (r_, u_, m_))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(b != f, (b - s) / (b - f), np.nan)
+
+    point = float(share(r, u, m))
+    if not np.isfinite(point):
+        raise ConfigError("gap_closed: the baseline's perplexity equals the reference's; there is no gap to close.")
+    res = bootstrap((r, u, m), share, paired=True, vectorized=True, n_resamples=resamples, confidence_level=level,
+                    method="percentile", random_state=np.random.default_rng(seed))
+    return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def mcnemar_sample_size(delta: float, discordant: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
