@@ -492,12 +492,12 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
 def markdown(res: dict, args: argparse.Namespace) -> str:
     """The tables and verdict lines for docs/results.md."""
     z = res["zero-shot"]
-    lines = [f"| method | lr (grid) | steps | forward units | training s | validation | test, equal forwards | "
+    lines = [f"| method | lr (swept) | steps | forward units | training s | validation | test, equal forwards | "
              f"test, equal wall time ({res['limit']:.4g} s) at step |", "|---|---|---:|---:|---:|---:|---:|---|",
              f"| zero-shot | - | 0 | 0 | 0 | {z['validation']['accuracy']:.3f} | {z['test']['accuracy']:.3f} | "
              f"{z['test']['accuracy']:.3f} at 0 |"]
     for m, r in res["full"].items():
-        g = ", ".join(f"{lr:g}" for lr in grid(m))
+        g = ", ".join(f"{row['lr']:g}" for row in res["sweep"][m])  # the grid and any lr beyond it
         wall = res["wall"][m]
         lines.append(f"| {m} | {r['lr']:g} ({g}) | {r['steps']} | {r['steps'] * units_per_step(m, args.n_layers)} | "
                      f"{r['seconds']:.0f} | {r['validation']['accuracy']:.3f} | {r['test']['accuracy']:.3f} | "
