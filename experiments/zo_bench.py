@@ -1,8 +1,8 @@
 """ZO-Bench on SmolLM2-135M: zeroth-order LoRA fine-tuning given thousands of steps, against AdamW.
 
     .venv/bin/python experiments/zo_bench.py [--budget 4000] [--batch 8] [--n-val 200] [--n-test 426]
-        [--methods zo-sgd zo-adam forward-grad zo-sgd-block zo-sgd-sparse adamw] [--sweep-frac 0.25]
-        [--extend 2] [--out runs/experiments/zo_bench_bbc] [--executor {local,ray}] [--address HOST:6379]
+        [--methods adamw zo-sgd zo-adam forward-grad zo-sgd-block zo-sgd-sparse] [--sweep-frac 0.25]
+        [--extend 2] [--keep-runs] [--out runs/experiments/zo_bench_bbc] [--executor {local,ray}] [--address HOST:6379]
     .venv/bin/python experiments/zo_bench.py --smoke      # tiny random Llama, toy choice task: checks the script
 
 **Task.** ``bbc_topic`` (five topics) scored by label words, as MeZO scores classification: each
@@ -33,13 +33,16 @@ trained twice.
 "Best ZO method", for the claim against AdamW, is the ZO method with the highest final validation
 accuracy.
 
-**Equal wall time.** Every run saves its LoRA weights 20 times with the training seconds so far
-(``<out>/runs/<method>/lr-<lr>-<settings digest>/snapshots``, beside its ``adapter``). W is the
-shortest full-run training time of all methods; each method is also scored on test at its last
-snapshot within W (its LoRA start, which equals the base model, if none is). Seconds are training time only (no evaluation), so this
-comparison means something only when the run had the machine to itself (not with ``--executor ray``,
-whose cells train side by side); the load average is recorded at the start and end of the run and
-of each full run.
+**Order.** The methods run one after another (``--methods`` order, AdamW first by default): each
+method's sweep, then its full run, then the next method.
+
+**Equal wall time.** W is the training time of the first method's full run (AdamW's by default): fixed
+before any other method trains, so each later run keeps, from its first step, only its last checkpoint
+trained within W (``wall.safetensors`` in its run folder; the LoRA start, which equals the base model,
+until one is). Each method is also scored on test at that point, or by its final weights when it
+finished within W. Seconds are training time only (no evaluation), so this comparison means something
+only when the run had the machine to itself (not with ``--executor ray``, whose cells train side by
+side); the load average is recorded at the start and end of the run and after each full run.
 
 **Paired tests.** Every system scores the same ``--n-test`` test examples (all 426 by default);
 exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim, at
@@ -48,18 +51,20 @@ discordant, ``mcnemar_sample_size(0.06, 0.15)`` = 325 pairs detect a 6-point dif
 power, and ``mcnemar_sample_size(0.05, 0.15)`` = 469 a 5-point one: differences under about 5 points
 between two ZO methods are below what this split can tell.
 
-Resumable: every cell (a zero-shot score, a sweep point, a full run, an equal-wall score) writes its
-file under ``<out>/cells`` atomically and every run checkpoints 20 times, so rerunning the same
-command continues where it stopped. Writes ``<out>/results.json`` and ``<out>/zo_bench.png`` and
-prints the markdown for docs/results.md.
+Resumable: every cell (a zero-shot score, a sweep point, a full run with its equal-wall score) writes
+its file under ``<out>/cells`` atomically and every run checkpoints 20 times, so rerunning the same
+command continues where it stopped. Unless ``--keep-runs``, ``<out>`` holds only what that needs: a sweep
+point's run folder is deleted once another point of its method beats it, a full run's once it is scored
+(its result file keeps every per-example score). So ``<out>`` stays a few MB (the cells, the best
+sweep point's checkpoint, the run in progress) and can be committed between sessions on machines that
+do not keep their disks, as ``experiments/state/zo_bench_bbc`` is. Writes ``<out>/results.json`` and
+``<out>/zo_bench.png`` and prints the markdown for docs/results.md.
 
-Cost on 2 cores (estimated from bench/zo_memory.py, not measured end to end): a LoRA ZO-SGD step on 16
-bbc articles took 4.84 s on a shared machine (load 1.8); on 8 articles, idle, about 1.2-2.4 s, so 2,000
-ZO-SGD steps take 40-80 min, Forward-Grad about 1.6 times that (its jvp step is slower than two
-forwards), each method half again for the other two learning rates of its sweep (a quarter run more for
-each lr swept beyond the grid), plus about 1 min per
-validation or test scoring: 6-10 h for the six default methods, over several sessions (it resumes).
-``--executor ray`` runs the cells of each phase side by side.
+Cost on 2 cores, measured in the first sweep (idle machine, 8 articles per step): ZO-SGD and ZO-Adam
+2.05-2.2 s per step, Forward-Grad 3.3 s, so 2,000 ZO-SGD steps take about 70 min, each method a
+quarter run more for each other lr of its sweep (and each lr swept beyond its grid), plus about 1 min
+per validation or test scoring: about 10 h for the six default methods, over several sessions.
+``--executor ray`` runs the grid points of a method's sweep side by side (with ``--keep-runs``).
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "zo-sgd-cons": ("zo-sgd-cons", {}),
     "adamw": ("adamw", {}),
 }
-METHODS = ["zo-sgd", "zo-adam", "forward-grad", "zo-sgd-block", "zo-sgd-sparse", "adamw"]
+METHODS = ["adamw", "zo-sgd", "zo-adam", "forward-grad", "zo-sgd-block", "zo-sgd-sparse"]  # the first sets W
 ZO_GRID = (1e-4, 3e-4, 1e-3)  # MeZO's LoRA lr (1e-4) and two above it: thousands of steps, not tens of thousands
 GRIDS: dict[str, tuple[float, ...]] = {"zo-sgd-sign": (1e-5, 3e-5, 1e-4), "zo-adam": (1e-4, 3e-4, 1e-3),
                                        "adamw": (3e-4, 1e-3, 3e-3)}
@@ -154,13 +159,13 @@ class _Stop(Exception):
     """Raised by the snapshot callback to end a sweep run at its scoring step (its checkpoint is saved)."""
 
 
-def _write_snapshot(path: Path, tensors: dict, seconds: float) -> None:
+def _write_snapshot(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
     from expertkit.fileio import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"seconds": repr(seconds)}))
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def snapshots(run: Path) -> list[tuple[int, float, Path]]:
@@ -174,36 +179,74 @@ def snapshots(run: Path) -> list[tuple[int, float, Path]]:
     return out
 
 
-def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None) -> Any:
-    """Train (or resume) ``cfg`` into ``run``, snapshotting the LoRA weights at every checkpoint;
-    stop after step ``stop`` when given (its checkpoint and snapshot written). The TrainResult, or
-    None when stopped early."""
+def _wall_file(run: Path) -> Path:
+    return run / "wall.safetensors"
+
+
+def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
+    """``(step, training seconds, limit, tensors)`` of the last checkpoint of ``run`` trained within the
+    equal-wall limit (step 0 and no tensors: the LoRA start)."""
+    from safetensors.torch import load_file
+
+    from expertkit.errors import ConfigError
+
+    path = _wall_file(run)
+    if not path.is_file():
+        raise ConfigError(f"{run} was trained without the equal-wall limit (no {path.name}); delete the folder "
+                          "and run again.")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    step = int(meta["step"])
+    return step, float(meta["seconds"]), float(meta["limit"]), load_file(str(path)) if step else None
+
+
+def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None,
+              limit: float | None = None) -> Any:
+    """Train (or resume) ``cfg`` into ``run``; stop after step ``stop`` when given (its checkpoint and a
+    snapshot of its LoRA weights written). With ``limit`` (seconds), ``run/wall.safetensors`` holds the
+    last checkpoint trained within it from the first step on. The TrainResult, or None when stopped early."""
+    from expertkit.errors import ConfigError
     from expertkit.train import train_lora
     from expertkit.train.lora import CHECKPOINT
     from expertkit.train.state import load_checkpoint
 
     adapter = run / "adapter"  # train_lora owns this folder (the finished adapter replaces it whole)
     ckpt = adapter / CHECKPOINT
+    finished = (adapter / "adapter_config.json").is_file()
 
-    def snap(step: int, seconds: float) -> None:
-        target = run / "snapshots" / f"step-{step:06d}.safetensors"
-        if not target.is_file():
-            trainable, _, _, _ = load_checkpoint(ckpt)
-            _write_snapshot(target, trainable, seconds)
+    def keep(step: int, seconds: float) -> None:
+        trainable = load_checkpoint(ckpt)[0] if step else {}
+        if stop is not None and step == stop:
+            target = run / "snapshots" / f"step-{step:06d}.safetensors"
+            if not target.is_file():
+                _write_snapshot(target, trainable, {"seconds": repr(seconds)})
+        if limit is not None and seconds <= limit:
+            _write_snapshot(_wall_file(run), trainable, {"step": str(step), "seconds": repr(seconds),
+                                                         "limit": repr(limit)})
 
-    if ckpt.is_file() and not (adapter / "adapter_config.json").is_file():
+    if limit is not None:
+        if _wall_file(run).is_file():
+            if wall_point(run)[2] != limit:
+                raise ConfigError(f"{run} kept its equal-wall point for another limit ({wall_point(run)[2]:g} s, not "
+                                  f"{limit:g} s): the first full run changed. Delete the folder and run again.")
+        elif ckpt.is_file() or finished:
+            wall_point(run)  # trained before the limit was known: its clear error
+        else:
+            keep(0, 0.0)  # the LoRA start, until a checkpoint within the limit replaces it
+    if ckpt.is_file() and not finished:
         record = load_checkpoint(ckpt)[3]  # killed between a checkpoint and its snapshot: write it now
-        snap(int(record["step"]), float(record["seconds"]))
+        keep(int(record["step"]), float(record["seconds"]))
 
     def callback(info: Any) -> None:
-        if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:
-            snap(info.step, info.seconds)
+        if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:  # a checkpoint was just written
+            keep(info.step, info.seconds)
         if stop is not None and stop < cfg["steps"] and info.step >= stop:
             raise _Stop  # a stop at the last step is the whole run: train_lora writes its adapter
 
     if stop is not None and stop < cfg["steps"]:
-        done = snapshots(run)
-        if any(s == stop for s, _, _ in done) or (adapter / "adapter_config.json").is_file():
+        if any(s == stop for s, _, _ in snapshots(run)) or finished:
             return None  # this point was reached before
     try:
         return train_lora(loaded, task, adapter, callbacks=[callback], **cfg)
@@ -283,12 +326,13 @@ def zero_shot_cell(loaded: Any, task: str, n_val: int, n_test: int, result: str,
 
 
 def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: int, result: str,
-               smoke: bool = False, match: dict | None = None) -> dict:
-    """Train ``cfg`` into ``run`` up to step ``stop`` and score that point on validation."""
+               limit: float | None = None, smoke: bool = False, match: dict | None = None) -> dict:
+    """Train ``cfg`` into ``run`` up to step ``stop`` and score that point on validation (``limit``: the
+    equal-wall limit, when known, kept track of from the first step: this run may become the full one)."""
     from expertkit.fileio import write_atomic
 
     spec, run_dir = _task(task, smoke), Path(run)
-    train_run(loaded, spec, cfg, run_dir, stop=stop)
+    train_run(loaded, spec, cfg, run_dir, stop=stop, limit=limit)
     if stop < cfg["steps"]:
         _, seconds, path = next(s for s in snapshots(run_dir) if s[0] == stop)
         val = evaluate_weights(loaded, spec, cfg, _load(path), "validation", n_val)
@@ -303,37 +347,35 @@ def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: in
 
 
 def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: int, result: str,
-              smoke: bool = False, match: dict | None = None) -> dict:
-    """Train (resume) ``cfg`` to its full budget in ``run``; score it on validation and test."""
+              limit: float | None = None, keep_run: bool = True, smoke: bool = False,
+              match: dict | None = None) -> dict:
+    """Train (resume) ``cfg`` to its full budget in ``run``; score it on validation and test, and on test
+    at equal wall time: its last checkpoint within ``limit`` seconds (None: this run sets the limit; a run
+    that finishes within it is scored by its final weights). ``keep_run`` False: delete ``run`` once scored."""
+    import shutil
+
     from expertkit.fileio import write_atomic
 
     spec, run_dir = _task(task, smoke), Path(run)
-    train_run(loaded, spec, cfg, run_dir)
+    train_run(loaded, spec, cfg, run_dir, limit=limit)
     meta = json.loads((run_dir / "adapter" / "expertkit.json").read_text())
     row = {"lr": cfg["lr"], "steps": cfg["steps"], "seconds": meta["seconds"], "losses": meta["losses"],
            "load_average_after": list(os.getloadavg()),
-           "snapshots": [[s, t] for s, t, _ in snapshots(run_dir)],
            "validation": evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val),
            "test": evaluate_adapter(loaded, spec, run_dir / "adapter", "test", n_test)}
+    if limit is None or meta["seconds"] <= limit:
+        row["wall"] = {"step": cfg["steps"], "seconds": meta["seconds"], "test": row["test"]}
+    else:
+        step, seconds, _, tensors = wall_point(run_dir)
+        row["wall"] = {"step": step, "seconds": seconds,
+                       "test": evaluate_weights(loaded, spec, cfg, tensors, "test", n_test)}
     row["match"] = match  # what a rerun checks before reusing this file
     write_atomic(Path(result), json.dumps(row).encode())
+    if not keep_run:  # everything later phases read is in the result file
+        shutil.rmtree(run_dir)
     print(f"full {run_dir.parent.name} lr {cfg['lr']:g}: {cfg['steps']} steps in {meta['seconds']:.0f} s, "
-          f"test {row['test']['accuracy']:.3f}", flush=True)
-    return row
-
-
-def wall_cell(loaded: Any, task: str, cfg: dict, run: str, limit: float, n_test: int, result: str,
-              smoke: bool = False, match: dict | None = None) -> dict:
-    """Score on test the last snapshot of ``run`` trained within ``limit`` seconds (none: the LoRA start)."""
-    from expertkit.fileio import write_atomic
-
-    spec = _task(task, smoke)
-    within = [s for s in snapshots(Path(run)) if s[1] <= limit]
-    step, seconds, path = within[-1] if within else (0, 0.0, None)
-    test = evaluate_weights(loaded, spec, cfg, _load(path) if path else None, "test", n_test)
-    row = {"step": step, "seconds": seconds, "limit": limit, "test": test}
-    row["match"] = match  # what a rerun checks before reusing this file
-    write_atomic(Path(result), json.dumps(row).encode())
+          f"test {row['test']['accuracy']:.3f}; at equal wall time (step {row['wall']['step']}) "
+          f"{row['wall']['test']['accuracy']:.3f}", flush=True)
     return row
 
 
@@ -352,7 +394,7 @@ def run_path(args: argparse.Namespace, method: str, lr: float, cfg: dict) -> Pat
     import hashlib
 
     ident = json.dumps({"cfg": cfg, "task": args.task, "model": str(args.model)}, sort_keys=True, default=str)
-    return args.out / "runs" / method / f"lr-{lr:g}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+    return args.out / "train" / method / f"lr-{lr:g}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 
 def choose(rows: list[dict]) -> dict:
@@ -383,54 +425,70 @@ def beyond(rows: list[dict]) -> float | None:
     return ladder(best, up=best == lrs[-1])
 
 
+def prune(args: argparse.Namespace, method: str, rows: list[dict]) -> None:
+    """Delete the run folders of ``method``'s sweep points that can no longer be chosen (all but the best
+    so far: the choice is a maximum, so a point beaten now stays beaten)."""
+    import shutil
+
+    best = choose(rows)
+    for r in rows:
+        if r is not best:
+            folder = run_path(args, method, r["lr"], _cfg(args, method, r["lr"]))
+            if folder.is_dir():
+                shutil.rmtree(folder)
+
+
+def _cfg(args: argparse.Namespace, method: str, lr: float) -> dict:
+    return settings(method, lr, args.budget, args.batch, args.n_layers, args.pool)
+
+
+def sweep_method(args: argparse.Namespace, executor: Any, method: str, limit: float | None) -> list[dict]:
+    """``method``'s sweep points: its grid, then beyond it while the best is at an edge (``--extend``).
+    Without ``--keep-runs`` the points run one at a time, each beaten one's folder deleted at once."""
+    def point(lr: float) -> Cell:
+        cfg = _cfg(args, method, lr)
+        stop = sweep_stop(cfg, args.sweep_frac)
+        return _cell(args, f"sweep-{method}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop, "n_val": args.n_val},
+                     cfg=cfg, run=str(run_path(args, method, lr, cfg)), stop=stop, n_val=args.n_val, limit=limit)
+
+    todo, rows, extra = list(grid(method)), [], args.extend
+    while todo:
+        now = todo if args.keep_runs else todo[:1]
+        rows += run_sweep(f"zo_bench sweep {method}", [point(lr) for lr in now], executor, args.out / "logs")
+        todo = todo[len(now):]
+        if not args.keep_runs:
+            prune(args, method, rows)
+        if not todo and extra and (lr := beyond(rows)) is not None:
+            todo, extra = [lr], extra - 1
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Every phase on the executor of ``args``: zero-shot and the lr sweeps, the full runs, the
-    equal-wall scores."""
+    """Zero-shot, then for each method in turn its lr sweep and its full run (the first full run sets the
+    equal-wall limit), on the executor of ``args``."""
     from expertkit.pipeline.executor import ModelCache
 
-    cfgs = {m: {lr: settings(m, lr, args.budget, args.batch, args.n_layers, args.pool) for lr in grid(m)}
-            for m in args.methods}
     executor = sweep_executor(args, ModelCache(args.model), args.out)
+    sweeps: dict[str, list[dict]] = {}
+    full: dict[str, dict] = {}
+    limit = None
     try:
-        def point(m: str, lr: float) -> Cell:
-            cfg = cfgs[m].setdefault(lr, settings(m, lr, args.budget, args.batch, args.n_layers, args.pool))
-            stop = sweep_stop(cfg, args.sweep_frac)
-            return _cell(args, f"sweep-{m}-lr{lr:g}", sweep_cell, {"cfg": cfg, "stop": stop, "n_val": args.n_val},
-                         cfg=cfg, run=str(run_path(args, m, lr, cfg)), stop=stop, n_val=args.n_val)
-
-        cells = [_cell(args, "zero-shot", zero_shot_cell, {"n_val": args.n_val, "n_test": args.n_test},
-                       n_val=args.n_val, n_test=args.n_test)]
-        owners = [m for m in args.methods for _ in cfgs[m]]
-        cells += [point(m, lr) for m in args.methods for lr in list(cfgs[m])]
-        rows = run_sweep("zo_bench sweep", cells, executor, args.out / "logs")
-        zero, sweeps = rows[0], {m: [] for m in args.methods}
-        for m, row in zip(owners, rows[1:], strict=True):
-            sweeps[m].append(row)
-        for _ in range(args.extend):  # beyond the grid while the best is at its edge
-            more = {m: lr for m in args.methods if (lr := beyond(sweeps[m])) is not None}
-            if not more:
-                break
-            cells = [point(m, lr) for m, lr in more.items()]
-            for m, row in zip(more, run_sweep("zo_bench sweep beyond the grid", cells, executor,
-                                              args.out / "logs"), strict=True):
-                sweeps[m].append(row)
-        chosen = {m: choose(sweeps[m])["lr"] for m in args.methods}
-        best = {m: cfgs[m][chosen[m]] for m in args.methods}
-        folder = {m: str(run_path(args, m, chosen[m], best[m])) for m in args.methods}
-        cells = [_cell(args, f"full-{m}", full_cell, {"cfg": best[m], "n_val": args.n_val, "n_test": args.n_test},
-                       cfg=best[m], run=folder[m], n_val=args.n_val, n_test=args.n_test) for m in args.methods]
-        full = dict(zip(args.methods, run_sweep("zo_bench full", cells, executor, args.out / "logs"), strict=True))
-        limit = min(r["seconds"] for r in full.values())
-        slower = [m for m in args.methods if full[m]["seconds"] > limit]
-        cells = [_cell(args, f"wall-{m}", wall_cell, {"cfg": best[m], "limit": limit, "n_test": args.n_test},
-                       cfg=best[m], run=folder[m], limit=limit, n_test=args.n_test) for m in slower]
-        walls = run_sweep("zo_bench wall", cells, executor, args.out / "logs") if cells else []
+        cell = _cell(args, "zero-shot", zero_shot_cell, {"n_val": args.n_val, "n_test": args.n_test},
+                     n_val=args.n_val, n_test=args.n_test)
+        zero = run_sweep("zo_bench zero-shot", [cell], executor, args.out / "logs")[0]
+        for m in args.methods:
+            sweeps[m] = sweep_method(args, executor, m, limit)
+            lr = choose(sweeps[m])["lr"]
+            cfg = _cfg(args, m, lr)
+            cell = _cell(args, f"full-{m}", full_cell,
+                         {"cfg": cfg, "limit": limit, "n_val": args.n_val, "n_test": args.n_test},
+                         cfg=cfg, run=str(run_path(args, m, lr, cfg)), n_val=args.n_val, n_test=args.n_test,
+                         limit=limit, keep_run=args.keep_runs)
+            full[m] = run_sweep(f"zo_bench full {m}", [cell], executor, args.out / "logs")[0]
+            limit = full[m]["seconds"] if limit is None else limit
     finally:
         executor.close()
-    wall = dict(zip(slower, walls, strict=True))
-    for m in args.methods:
-        wall.setdefault(m, {"step": full[m]["steps"], "seconds": full[m]["seconds"], "limit": limit,
-                            "test": full[m]["test"]})  # the fastest run: its final weights
+    wall = {m: {**r["wall"], "limit": limit} for m, r in full.items()}
     return {"zero-shot": zero, "sweep": sweeps, "full": full, "wall": wall, "limit": limit}
 
 
@@ -493,7 +551,7 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
     """The tables and verdict lines for docs/results.md."""
     z = res["zero-shot"]
     lines = [f"| method | lr (swept) | steps | forward units | training s | validation | test, equal forwards | "
-             f"test, equal wall time ({res['limit']:.4g} s) at step |", "|---|---|---:|---:|---:|---:|---:|---|",
+             f"test, equal wall time ({res['limit']:.4g} s, the first full run's) at step |", "|---|---|---:|---:|---:|---:|---:|---|",
              f"| zero-shot | - | 0 | 0 | 0 | {z['validation']['accuracy']:.3f} | {z['test']['accuracy']:.3f} | "
              f"{z['test']['accuracy']:.3f} at 0 |"]
     for m, r in res["full"].items():
@@ -538,6 +596,8 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sweep-frac", type=float, default=0.25, help="share of the steps at which lrs are compared")
     ap.add_argument("--extend", type=int, default=2,
                     help="lrs swept beyond a method's grid at most, while its best is at the edge (0: the grid only)")
+    ap.add_argument("--keep-runs", action="store_true",
+                    help="keep every run folder (default: delete beaten sweep points and scored full runs)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: runs/experiments/zo_bench_bbc (smoke: a temp folder)")

@@ -95,13 +95,16 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
         assert len(res["full"][m]["test"]["scores"]) == 8 == len(res["zero-shot"]["test"]["scores"])
     assert res["full"]["zo-sgd"]["steps"] == 12 and res["full"]["adamw"]["steps"] == 8  # 24 units: 2 and 3 per step
     limit = res["limit"]
+    assert limit == res["full"]["zo-sgd"]["seconds"]  # the first method's full run sets the limit
     for m, w in res["wall"].items():
-        snaps = res["full"][m]["snapshots"]
-        if res["full"][m]["seconds"] > limit:  # the last snapshot trained within the limit
-            within = [s for s, t in snaps if t <= limit]
-            assert w["step"] == (within[-1] if within else 0) and w["seconds"] <= limit
+        full = res["full"][m]
+        assert w["limit"] == limit
+        if full["seconds"] > limit:  # a checkpoint trained within the limit (step 0: the LoRA start)
+            assert w["seconds"] <= limit and 0 <= w["step"] < full["steps"]
+            assert len(w["test"]["scores"]) == 8
         else:
-            assert w["step"] == res["full"][m]["steps"] and w["test"] == res["full"][m]["test"]
+            assert w["step"] == full["steps"] and w["test"] == full["test"]
+    assert not list((out / "train").glob("*/lr-*"))  # every run folder deleted once its result was written
     tests = res["claims"]["tests"]
     assert res["claims"]["best_zo"] == "zo-sgd"
     assert [(t["a"], t["b"], t["setting"]) for t in tests] == [
@@ -115,7 +118,7 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
     assert "| zo-sgd | " in printed and "AdamW beats the best ZO method on validation (zo-sgd)" in printed
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     swept = sum(len(v) for v in res["sweep"].values())
-    assert len(stamps) == 1 + swept + 2 + sum(r["seconds"] > limit for r in res["full"].values())
+    assert len(stamps) == 1 + swept + 2
     rerun = exp.main(args)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps  # nothing ran again
     assert rerun["full"] == res["full"] and rerun["claims"] == res["claims"]
@@ -130,7 +133,7 @@ def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp,
     loaded = load_model(exp._smoke_model(tmp_path))
     cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a snapshot every step
     assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # the sweep point
-    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [1, 2, 3]
+    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [3]  # the sweep point's weights only
     assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # reached before: nothing trained
     resumed = exp.train_run(loaded, task, cfg, tmp_path / "a")
     assert resumed.resumed_from == 3
@@ -138,7 +141,7 @@ def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp,
     assert resumed.losses == straight.losses
     a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == list(range(1, 8))  # every checkpoint, none at the end
+    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [3]
     # snapshot weights are scored as the same weights saved as an adapter
     final = {k.replace(".weight", ".default.weight"): v for k, v in a.items()}  # PEFT saves without the adapter name
     via_snapshot = exp.evaluate_weights(loaded, task, cfg, final, "test", 8)
@@ -168,3 +171,46 @@ def test_bad_arguments_get_one_clear_error(exp, toy, tmp_path, capsys):
     args.smoke = False
     with pytest.raises(ConfigError, match="needs a choice task"):
         exp._prepare(args)
+
+
+def test_the_equal_wall_point_is_the_last_checkpoint_within_the_limit(exp, toy, tmp_path):
+    from expertkit.errors import ConfigError
+    from expertkit.models import load_model
+    from expertkit.tasks.toy import register_smoke_task
+
+    task = exp._task(register_smoke_task(), True)
+    loaded = load_model(exp._smoke_model(tmp_path))
+    cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a checkpoint after each of steps 1-7
+    exp.train_run(loaded, task, cfg, tmp_path / "none", limit=0.0)
+    step, seconds, limit, tensors = exp.wall_point(tmp_path / "none")
+    assert (step, seconds, limit, tensors) == (0, 0.0, 0.0, None)  # nothing trained within 0 s: the LoRA start
+    # a sweep point that knows the limit, resumed to the full run: the wall point is its last checkpoint (7)
+    assert exp.train_run(loaded, task, cfg, tmp_path / "all", stop=3, limit=float("inf")) is None
+    assert exp.wall_point(tmp_path / "all")[0] == 3
+    exp.train_run(loaded, task, cfg, tmp_path / "all", limit=float("inf"))
+    step, seconds, _, tensors = exp.wall_point(tmp_path / "all")
+    assert step == 7 and seconds > 0
+    exp.train_run(loaded, task, cfg, tmp_path / "seven", stop=7)  # the same run stopped at step 7
+    (_, _, path), = exp.snapshots(tmp_path / "seven")
+    same = load_file(str(path))
+    assert tensors.keys() == same.keys() and all(torch.equal(tensors[k], same[k]) for k in same)
+    with pytest.raises(ConfigError, match="another limit"):  # the first full run changed: not silently reused
+        exp.train_run(loaded, task, cfg, tmp_path / "all", limit=5.0)
+    with pytest.raises(ConfigError, match="without the equal-wall limit"):
+        exp.train_run(loaded, task, cfg, tmp_path / "seven", limit=5.0)
+
+
+def test_prune_keeps_only_the_best_sweep_points_run(exp, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(out=tmp_path, task="bbc_topic", model="smollm2", budget=4000, batch=8, n_layers=30,
+                              pool=1487)
+    rows = [{"lr": lr, "validation": {"accuracy": acc, "gold_lp": [-1.0]}}
+            for lr, acc in ((1e-4, 0.5), (3e-4, 0.7), (1e-3, 0.6))]
+    folders = [exp.run_path(args, "zo-sgd", r["lr"], exp._cfg(args, "zo-sgd", r["lr"])) for r in rows]
+    for f in folders:
+        (f / "adapter").mkdir(parents=True)
+    exp.prune(args, "zo-sgd", rows[:1])  # one point: it is the best
+    assert all(f.is_dir() for f in folders)
+    exp.prune(args, "zo-sgd", rows)
+    assert [f.is_dir() for f in folders] == [False, True, False]
