@@ -186,6 +186,7 @@ def _wall_file(run: Path) -> Path:
 def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
     """``(step, training seconds, limit, tensors)`` of the last checkpoint of ``run`` trained within the
     equal-wall limit (step 0 and no tensors: the LoRA start)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from expertkit.errors import ConfigError
@@ -194,8 +195,6 @@ def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
     if not path.is_file():
         raise ConfigError(f"{run} was trained without the equal-wall limit (no {path.name}); delete the folder "
                           "and run again.")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     step = int(meta["step"])
@@ -216,13 +215,14 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
     ckpt = adapter / CHECKPOINT
     finished = (adapter / "adapter_config.json").is_file()
 
-    def keep(step: int, seconds: float) -> None:
-        trainable = load_checkpoint(ckpt)[0] if step else {}
-        if stop is not None and step == stop:
-            target = run / "snapshots" / f"step-{step:06d}.safetensors"
-            if not target.is_file():
-                _write_snapshot(target, trainable, {"seconds": repr(seconds)})
-        if limit is not None and seconds <= limit:
+    def keep(step: int, seconds: float) -> None:  # after the checkpoint of ``step``: the files it feeds
+        target = run / "snapshots" / f"step-{step:06d}.safetensors"
+        snap = stop is not None and step == stop and not target.is_file()
+        wall = limit is not None and seconds <= limit
+        trainable = load_checkpoint(ckpt)[0] if step and (snap or wall) else {}
+        if snap:
+            _write_snapshot(target, trainable, {"seconds": repr(seconds)})
+        if wall:
             _write_snapshot(_wall_file(run), trainable, {"step": str(step), "seconds": repr(seconds),
                                                          "limit": repr(limit)})
 
