@@ -60,10 +60,11 @@ sweep point's checkpoint, the run in progress) and can be committed between sess
 do not keep their disks, as ``experiments/state/zo_bench_bbc`` is. Writes ``<out>/results.json`` and
 ``<out>/zo_bench.png`` and prints the markdown for docs/results.md.
 
-Cost on 2 cores, measured in the first sweep (idle machine, 8 articles per step): ZO-SGD and ZO-Adam
-2.05-2.2 s per step, Forward-Grad 3.3 s, so 2,000 ZO-SGD steps take about 70 min, each method a
-quarter run more for each other lr of its sweep (and each lr swept beyond its grid), plus about 1 min
-per validation or test scoring: about 10 h for the six default methods, over several sessions.
+Cost on 2 cores, measured (idle machines, 8 articles per step): a ZO-SGD or ZO-Adam step 2.05-2.2 s on
+one machine, 2.7 s on another, Forward-Grad 3.3 s (the first), AdamW 2.75 s (the second); so 2,000
+ZO-SGD steps take 70-90 min, each method a quarter run more for each other lr of its sweep (and each lr
+swept beyond its grid), plus under a minute per validation or test scoring: 10-13 h for the six
+default methods, over several sessions.
 ``--executor ray`` runs the grid points of a method's sweep side by side (with ``--keep-runs``).
 """
 
