@@ -30,23 +30,31 @@ split (``--n-val``). When the best lies at an edge of the lrs tried, the next lr
 first sweep peaked at the grid's top, 1e-3). The best (accuracy, then the mean log-probability of
 the right label) is resumed from its checkpoint to the full budget, so the chosen run's start is not
 trained twice.
-"Best ZO method", for the claim against AdamW, is the ZO method with the highest final validation
-accuracy.
+"Best ZO method", for the claim against AdamW, is the ZO method whose point chosen on validation
+(below) scores highest on validation.
+
+**Checkpoints chosen on validation.** Every run scores the LoRA start and each of its 20 checkpoints on
+validation as it writes them (on a second copy of the base model; that time is not training time). A
+constant lr that is best after a quarter of the run can still diverge later: ZO-SGD at 3e-4 reached a
+training loss of 0.54 and 0.73 test accuracy by step 1,300 of 2,000, then diverged to 0.21 (the first
+full ZO-SGD run, kept in ``superseded/``). So each method is read three ways: its final weights at the
+full budget; the point (start, checkpoint or final weights) best on validation, as early stopping would
+keep it; and that choice made among the points trained within the equal wall time.
 
 **Order.** The methods run one after another (``--methods`` order, AdamW first by default): each
 method's sweep, then its full run, then the next method.
 
 **Equal wall time.** W is the training time of the first method's full run (AdamW's by default): fixed
-before any other method trains, so each later run keeps, from its first step, only its last checkpoint
-trained within W (``wall.safetensors`` in its run folder; the LoRA start, which equals the base model,
-until one is). Each method is also scored on test at that point, or by its final weights when it
-finished within W. Seconds are training time only (no evaluation), so this comparison means something
+before any other method trains, so each later run keeps, from its first step, only its point best on
+validation among those trained within W (``wall.safetensors`` in its run folder; the LoRA start, which
+equals the base model, until a checkpoint beats it). A run that finished within W is read as its point
+chosen on validation overall. Seconds are training time only (no evaluation), so this comparison means something
 only when the run had the machine to itself (not with ``--executor ray``, whose cells train side by
 side); the load average is recorded at the start and end of the run and after each full run.
 
 **Paired tests.** Every system scores the same ``--n-test`` test examples (all 426 by default);
-exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim, at
-equal forwards and at equal wall time, one verdict line each. Why n = 426: with 15% of the pairs
+exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim in each
+of the three readings (``SETTINGS``), one verdict line each. Why n = 426: with 15% of the pairs
 discordant, ``mcnemar_sample_size(0.06, 0.15)`` = 325 pairs detect a 6-point difference at 80%
 power, and ``mcnemar_sample_size(0.05, 0.15)`` = 469 a 5-point one: differences under about 5 points
 between two ZO methods are below what this split can tell.
@@ -63,8 +71,8 @@ do not keep their disks, as ``experiments/state/zo_bench_bbc`` is. Writes ``<out
 Cost on 2 cores, measured (idle machines, 8 articles per step): a ZO-SGD or ZO-Adam step 2.05-2.2 s on
 one machine, 2.7 s on another, Forward-Grad 3.3 s (the first), AdamW 2.75 s (the second); so 2,000
 ZO-SGD steps take 70-90 min, each method a quarter run more for each other lr of its sweep (and each lr
-swept beyond its grid), plus under a minute per validation or test scoring: 10-13 h for the six
-default methods, over several sessions.
+swept beyond its grid), plus under half a minute per validation scoring (21 per full run, 6 per sweep
+point) and per test scoring: 12-15 h for the six default methods, over several sessions.
 ``--executor ray`` runs the grid points of a method's sweep side by side (with ``--keep-runs``).
 """
 
@@ -101,6 +109,8 @@ UNITS = {"zo-sgd-cons": 5, "forward-grad": 2, "adamw": 3}  # forward units per e
 LORA = {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "max_prompt_tokens": 128}
 SNAPSHOTS = 20
 ZO_EPS = 1e-2
+SETTINGS = (("equal forwards, final weights", "full"), ("equal forwards, chosen on validation", "chosen"),
+            ("equal wall time, chosen on validation", "wall"))  # (name, table of results) of each comparison
 CLAIMS = [  # (claim, method A, method B): A beats B
     ("ZO-SGD (MeZO) beats zero-shot", "zo-sgd", "zero-shot"),
     ("ZO-Adam beats ZO-SGD", "zo-adam", "zo-sgd"),
@@ -184,9 +194,48 @@ def _wall_file(run: Path) -> Path:
     return run / "wall.safetensors"
 
 
+def _history_file(run: Path) -> Path:
+    return run / "validation.json"
+
+
+def history(run: Path) -> list[dict]:
+    """Every checkpoint of ``run`` scored on validation so far: ``{"step", "seconds", "validation"}``, by step
+    (step 0: the LoRA start)."""
+    path = _history_file(run)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def rank(entry: dict) -> tuple:
+    """How a checkpoint is chosen on validation: accuracy, then the mean log-probability of the right
+    label, then the earlier step."""
+    gold = entry["validation"]["gold_lp"]
+    return (entry["validation"]["accuracy"], sum(gold) / len(gold) if gold else 0.0, -entry["step"])
+
+
+def _best_file(run: Path) -> Path:
+    return run / "best.safetensors"
+
+
+def _point(path: Path) -> tuple[int, float, dict | None]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    step = int(meta["step"])
+    return step, float(meta["seconds"]), load_file(str(path)) if step else None
+
+
+def best_point(run: Path) -> tuple[int, float, dict | None]:
+    """``(step, training seconds, tensors)`` of the checkpoint of ``run`` best on validation (step 0 and no
+    tensors: the LoRA start)."""
+    return _point(_best_file(run))
+
+
 def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
-    """``(step, training seconds, limit, tensors)`` of the last checkpoint of ``run`` trained within the
-    equal-wall limit (step 0 and no tensors: the LoRA start)."""
+    """``(step, training seconds, limit, tensors)`` of the checkpoint of ``run`` trained within the equal-wall
+    limit that is best on validation (without validation: the last one; step 0 and no tensors: the LoRA
+    start)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -203,11 +252,17 @@ def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
 
 
 def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None,
-              limit: float | None = None) -> Any:
+              limit: float | None = None, validate: Any = None) -> Any:
     """Train (or resume) ``cfg`` into ``run``; stop after step ``stop`` when given (its checkpoint and a
-    snapshot of its LoRA weights written). With ``limit`` (seconds), ``run/wall.safetensors`` holds the
-    last checkpoint trained within it from the first step on. The TrainResult, or None when stopped early."""
+    snapshot of its LoRA weights written). ``validate`` (LoRA tensors, None for the LoRA start -> scores):
+    every checkpoint, and the start, is scored on validation as it is written (``history``; its time is not
+    training time), the best kept in ``run/best.safetensors``. With ``limit`` (seconds),
+    ``run/wall.safetensors`` holds the checkpoint trained within it that is best on validation (without
+    ``validate``: the last one). The TrainResult, or None when stopped early."""
+    import torch
+
     from expertkit.errors import ConfigError
+    from expertkit.fileio import write_atomic
     from expertkit.train import train_lora
     from expertkit.train.lora import CHECKPOINT
     from expertkit.train.state import load_checkpoint
@@ -220,13 +275,32 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
         target = run / "snapshots" / f"step-{step:06d}.safetensors"
         snap = stop is not None and step == stop and not target.is_file()
         wall = limit is not None and seconds <= limit
-        trainable = load_checkpoint(ckpt)[0] if step and (snap or wall) else {}
+        past = history(run)
+        check = validate is not None and all(e["step"] != step for e in past)
+        trainable = load_checkpoint(ckpt)[0] if step and (snap or wall or check) else {}
         if snap:
             _write_snapshot(target, trainable, {"seconds": repr(seconds)})
+        meta = {"step": str(step), "seconds": repr(seconds)}
+        if check:
+            with torch.random.fork_rng(devices=[]):  # training's random stream is not touched
+                entry = {"step": step, "seconds": seconds, "validation": validate(trainable or None)}
+            past = sorted([*past, entry], key=lambda e: e["step"])
+            run.mkdir(parents=True, exist_ok=True)
+            write_atomic(_history_file(run), json.dumps(past).encode())
+            if max(past, key=rank) is entry:
+                _write_snapshot(_best_file(run), trainable, meta)
+        if wall and validate is not None and _wall_file(run).is_file():  # replace only a worse point
+            kept = int(wall_point(run)[0])
+            scored = {e["step"]: e for e in past}
+            wall = step not in scored or kept not in scored or rank(scored[step]) > rank(scored[kept])
         if wall:
-            _write_snapshot(_wall_file(run), trainable, {"step": str(step), "seconds": repr(seconds),
-                                                         "limit": repr(limit)})
+            _write_snapshot(_wall_file(run), trainable, {**meta, "limit": repr(limit)})
 
+    if validate is not None and (ckpt.is_file() or finished) and not history(run):
+        raise ConfigError(f"{run} was trained without validating its checkpoints (no {_history_file(run).name}); "
+                          "delete the folder and run again.")
+    if validate is not None and not ckpt.is_file() and not finished:
+        keep(0, 0.0)  # the LoRA start is a candidate too
     if limit is not None:
         if _wall_file(run).is_file():
             if wall_point(run)[2] != limit:
@@ -306,10 +380,19 @@ def evaluate_adapter(loaded: Any, task: Any, adapter: Path | None, split: str, n
     return scored(result, task.examples(split, n, 0))
 
 
-def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
+def validator(loaded: Any, task: Any, cfg: dict, n: int) -> Any:
+    """``tensors -> scores`` on ``n`` validation examples, for ``train_run``: on a second copy of the base
+    model, loaded at the first call (during training the first copy carries the LoRA being trained)."""
+    copy: list = []
 
-    return load_file(str(path))
+    def validate(tensors: dict | None) -> dict:
+        if not copy:
+            from expertkit.models import load_model
+
+            copy.append(load_model(loaded.path))
+        return evaluate_weights(copy[0], task, cfg, tensors, "validation", n)
+
+    return validate
 
 
 # --------------------------------------------------------------------------------------------- cells
@@ -333,10 +416,10 @@ def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: in
     from expertkit.fileio import write_atomic
 
     spec, run_dir = _task(task, smoke), Path(run)
-    train_run(loaded, spec, cfg, run_dir, stop=stop, limit=limit)
-    if stop < cfg["steps"]:
-        _, seconds, path = next(s for s in snapshots(run_dir) if s[0] == stop)
-        val = evaluate_weights(loaded, spec, cfg, _load(path), "validation", n_val)
+    train_run(loaded, spec, cfg, run_dir, stop=stop, limit=limit, validate=validator(loaded, spec, cfg, n_val))
+    if stop < cfg["steps"]:  # scored on validation as its checkpoint was written
+        entry = next(e for e in history(run_dir) if e["step"] == stop)
+        seconds, val = entry["seconds"], entry["validation"]
     else:  # the sweep point is the whole run
         seconds = json.loads((run_dir / "adapter" / "expertkit.json").read_text())["seconds"]
         val = evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val)
@@ -350,32 +433,48 @@ def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: in
 def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: int, result: str,
               limit: float | None = None, keep_run: bool = True, smoke: bool = False,
               match: dict | None = None) -> dict:
-    """Train (resume) ``cfg`` to its full budget in ``run``; score it on validation and test, and on test
-    at equal wall time: its last checkpoint within ``limit`` seconds (None: this run sets the limit; a run
-    that finishes within it is scored by its final weights). ``keep_run`` False: delete ``run`` once scored."""
+    """Train (resume) ``cfg`` to its full budget in ``run``, every checkpoint scored on validation; score
+    on test its final weights, the point chosen on validation among the start, the checkpoints and the
+    final weights (``chosen``), and at equal wall time the point chosen on validation among those trained
+    within ``limit`` seconds (``wall``; None: this run sets the limit). ``keep_run`` False: delete ``run``
+    once scored."""
     import shutil
 
     from expertkit.fileio import write_atomic
 
     spec, run_dir = _task(task, smoke), Path(run)
-    train_run(loaded, spec, cfg, run_dir, limit=limit)
+    train_run(loaded, spec, cfg, run_dir, limit=limit, validate=validator(loaded, spec, cfg, n_val))
     meta = json.loads((run_dir / "adapter" / "expertkit.json").read_text())
     row = {"lr": cfg["lr"], "steps": cfg["steps"], "seconds": meta["seconds"], "losses": meta["losses"],
            "load_average_after": list(os.getloadavg()),
            "validation": evaluate_adapter(loaded, spec, run_dir / "adapter", "validation", n_val),
            "test": evaluate_adapter(loaded, spec, run_dir / "adapter", "test", n_test)}
+    points = [*history(run_dir), {"step": cfg["steps"], "seconds": meta["seconds"], "validation": row["validation"]}]
+    row["curve"] = [[e["step"], e["seconds"], e["validation"]["accuracy"]] for e in points]
+    tested = {cfg["steps"]: row["test"]}
+
+    def point(entry: dict, tensors: dict | None) -> dict:
+        if entry["step"] not in tested:
+            tested[entry["step"]] = evaluate_weights(loaded, spec, cfg, tensors, "test", n_test)
+        return {"step": entry["step"], "seconds": entry["seconds"],
+                "validation": entry["validation"]["accuracy"], "test": tested[entry["step"]]}
+
+    chosen = max(points, key=rank)
+    best = best_point(run_dir) if chosen["step"] != cfg["steps"] else (cfg["steps"], 0.0, None)
+    assert best[0] == chosen["step"], (best[0], chosen["step"])  # best.safetensors is the best checkpoint
+    row["chosen"] = point(chosen, best[2])
     if limit is None or meta["seconds"] <= limit:
-        row["wall"] = {"step": cfg["steps"], "seconds": meta["seconds"], "test": row["test"]}
+        row["wall"] = row["chosen"]
     else:
-        step, seconds, _, tensors = wall_point(run_dir)
-        row["wall"] = {"step": step, "seconds": seconds,
-                       "test": evaluate_weights(loaded, spec, cfg, tensors, "test", n_test)}
+        step, _, _, tensors = wall_point(run_dir)
+        row["wall"] = point(next(e for e in points if e["step"] == step), tensors)
     row["match"] = match  # what a rerun checks before reusing this file
     write_atomic(Path(result), json.dumps(row).encode())
     if not keep_run:  # everything later phases read is in the result file
         shutil.rmtree(run_dir)
     print(f"full {run_dir.parent.name} lr {cfg['lr']:g}: {cfg['steps']} steps in {meta['seconds']:.0f} s, "
-          f"test {row['test']['accuracy']:.3f}; at equal wall time (step {row['wall']['step']}) "
+          f"test {row['test']['accuracy']:.3f}; chosen on validation (step {row['chosen']['step']}) "
+          f"{row['chosen']['test']['accuracy']:.3f}; at equal wall time (step {row['wall']['step']}) "
           f"{row['wall']['test']['accuracy']:.3f}", flush=True)
     return row
 
@@ -481,8 +580,9 @@ def run(args: argparse.Namespace) -> dict:
             sweeps[m] = sweep_method(args, executor, m, limit)
             lr = choose(sweeps[m])["lr"]
             cfg = _cfg(args, m, lr)
-            cell = _cell(args, f"full-{m}", full_cell,
-                         {"cfg": cfg, "limit": limit, "n_val": args.n_val, "n_test": args.n_test},
+            cell = _cell(args, f"full-{m}", full_cell,  # "select": checkpoints chosen on validation
+                         {"cfg": cfg, "limit": limit, "n_val": args.n_val, "n_test": args.n_test,
+                          "select": "validation"},
                          cfg=cfg, run=str(run_path(args, m, lr, cfg)), n_val=args.n_val, n_test=args.n_test,
                          limit=limit, keep_run=args.keep_runs)
             full[m] = run_sweep(f"zo_bench full {m}", [cell], executor, args.out / "logs")[0]
@@ -490,7 +590,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         executor.close()
     wall = {m: {**r["wall"], "limit": limit} for m, r in full.items()}
-    return {"zero-shot": zero, "sweep": sweeps, "full": full, "wall": wall, "limit": limit}
+    chosen = {m: r["chosen"] for m, r in full.items()}
+    return {"zero-shot": zero, "sweep": sweeps, "full": full, "chosen": chosen, "wall": wall, "limit": limit}
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -499,14 +600,14 @@ def claims(res: dict, methods: list[str], seed: int = 0) -> dict:
     from expertkit.tasks.paired import compare, verdict
 
     zo = [m for m in methods if m != "adamw"]
-    best_zo = max(zo, key=lambda m: (res["full"][m]["validation"]["accuracy"], -zo.index(m))) if zo else None
+    best_zo = max(zo, key=lambda m: (res["chosen"][m]["validation"], -zo.index(m))) if zo else None
     out: dict = {"best_zo": best_zo, "tests": []}
     for claim, a, b in CLAIMS:
         b = best_zo if b == "best-zo" else b
         if b is None or a == b or any(x != "zero-shot" and x not in res["full"] for x in (a, b)):
             continue
         name = claim.replace("the best ZO method", f"the best ZO method on validation ({b})")
-        for setting, table in (("equal forwards", "full"), ("equal wall time", "wall")):
+        for setting, table in SETTINGS:
             def test(m: str, table: str = table) -> list[float]:
                 return res["zero-shot"]["test"]["scores"] if m == "zero-shot" else res[table][m]["test"]["scores"]
 
@@ -525,15 +626,22 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
     import numpy as np
 
     methods = list(res["full"])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(17, 4.2))
     x = np.arange(len(methods))
-    for j, (table, label) in enumerate((("full", "equal forward budget"), ("wall", "equal wall time"))):
-        ax.bar(x + (j - 0.5) * 0.38, [res[table][m]["test"]["accuracy"] for m in methods], 0.38, label=label)
+    for j, (label, table) in enumerate(SETTINGS):
+        ax.bar(x + (j - 1) * 0.27, [res[table][m]["test"]["accuracy"] for m in methods], 0.27, label=label)
     ax.axhline(res["zero-shot"]["test"]["accuracy"], color="k", ls="--", lw=1, label="zero-shot")
     ax.set_xticks(x, methods, rotation=30, ha="right")
     ax.set_ylabel(f"test accuracy (n = {len(res['zero-shot']['test']['scores'])})")
     ax.set_title(f"{args.task}: {args.budget} forward units per method")
     ax.legend(fontsize=8)
+    for m in methods:  # validation accuracy of every checkpoint (and the start, and the final weights)
+        steps, _, acc = zip(*res["full"][m]["curve"], strict=True)
+        cx.plot(np.asarray(steps) * units_per_step(m, args.n_layers), acc, marker=".", label=m)
+    cx.axhline(res["zero-shot"]["validation"]["accuracy"], color="k", ls="--", lw=1)
+    cx.set_xlabel("forward units")
+    cx.set_ylabel(f"validation accuracy (n = {args.n_val})")
+    cx.legend(fontsize=8)
     for m in methods:
         losses = np.asarray(res["full"][m]["losses"], dtype=float)
         w = max(1, len(losses) // 50)
@@ -551,16 +659,20 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
 def markdown(res: dict, args: argparse.Namespace) -> str:
     """The tables and verdict lines for docs/results.md."""
     z = res["zero-shot"]
-    lines = [f"| method | lr (swept) | steps | forward units | training s | validation | test, equal forwards | "
-             f"test, equal wall time ({res['limit']:.4g} s, the first full run's) at step |", "|---|---|---:|---:|---:|---:|---:|---|",
-             f"| zero-shot | - | 0 | 0 | 0 | {z['validation']['accuracy']:.3f} | {z['test']['accuracy']:.3f} | "
-             f"{z['test']['accuracy']:.3f} at 0 |"]
+    lines = [f"| method | lr (swept) | steps | forward units | training s | final: validation, test | "
+             "chosen on validation: step, validation, test | equal wall time "
+             f"({res['limit']:.4g} s, the first full run's), chosen on validation: step, validation, test |",
+             "|---|---|---:|---:|---:|---|---|---|",
+             f"| zero-shot | - | 0 | 0 | 0 | {z['validation']['accuracy']:.3f}, {z['test']['accuracy']:.3f} | - | - |"]
+
+    def at(p: dict) -> str:
+        return f"{p['step']}, {p['validation']:.3f}, **{p['test']['accuracy']:.3f}**"
+
     for m, r in res["full"].items():
         g = ", ".join(f"{row['lr']:g}" for row in res["sweep"][m])  # the grid and any lr beyond it
-        wall = res["wall"][m]
         lines.append(f"| {m} | {r['lr']:g} ({g}) | {r['steps']} | {r['steps'] * units_per_step(m, args.n_layers)} | "
-                     f"{r['seconds']:.0f} | {r['validation']['accuracy']:.3f} | {r['test']['accuracy']:.3f} | "
-                     f"{wall['test']['accuracy']:.3f} at {wall['step']} |")
+                     f"{r['seconds']:.0f} | {r['validation']['accuracy']:.3f}, **{r['test']['accuracy']:.3f}** | "
+                     f"{at(res['chosen'][m])} | {at(res['wall'][m])} |")
     width = max(len(v) for v in res["sweep"].values())
     lines += ["", f"Learning-rate sweep (validation accuracy, n = {args.n_val}, after {args.sweep_frac:g} of the "
               "steps):", "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",

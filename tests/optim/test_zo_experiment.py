@@ -103,15 +103,23 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
             assert w["seconds"] <= limit and 0 <= w["step"] < full["steps"]
             assert len(w["test"]["scores"]) == 8
         else:
-            assert w["step"] == full["steps"] and w["test"] == full["test"]
+            assert {k: v for k, v in w.items() if k != "limit"} == res["chosen"][m]
+        chosen, curve = res["chosen"][m], full["curve"]
+        assert [c[0] for c in curve] == [0, *range(1, full["steps"] + 1)]  # the start, each checkpoint, the end
+        assert chosen["validation"] == max(c[2] for c in curve)  # the best on validation
+        assert [chosen["step"], chosen["validation"]] in [c[::2] for c in curve]
+        if chosen["step"] == full["steps"]:
+            assert chosen["test"] == full["test"]
     assert not list((out / "train").glob("*/lr-*"))  # every run folder deleted once its result was written
     tests = res["claims"]["tests"]
     assert res["claims"]["best_zo"] == "zo-sgd"
+    settings = [name for name, _ in exp.SETTINGS]
     assert [(t["a"], t["b"], t["setting"]) for t in tests] == [
-        ("zo-sgd", "zero-shot", "equal forwards"), ("zo-sgd", "zero-shot", "equal wall time"),
-        ("adamw", "zo-sgd", "equal forwards"), ("adamw", "zo-sgd", "equal wall time")]
+        *(("zo-sgd", "zero-shot", x) for x in settings), *(("adamw", "zo-sgd", x) for x in settings)]
     again = compare(res["wall"]["adamw"]["test"]["scores"], res["wall"]["zo-sgd"]["test"]["scores"])
-    assert {k: tests[3][k] for k in again.as_dict()} == again.as_dict()
+    assert {k: tests[5][k] for k in again.as_dict()} == again.as_dict()
+    again = compare(res["chosen"]["zo-sgd"]["test"]["scores"], res["zero-shot"]["test"]["scores"])
+    assert {k: tests[1][k] for k in again.as_dict()} == again.as_dict()
     assert json.loads((out / "results.json").read_text())["claims"] == res["claims"]
     assert (out / "zo_bench.png").stat().st_size > 1000
     printed = capsys.readouterr().out
@@ -214,3 +222,43 @@ def test_prune_keeps_only_the_best_sweep_points_run(exp, tmp_path):
     assert all(f.is_dir() for f in folders)
     exp.prune(args, "zo-sgd", rows)
     assert [f.is_dir() for f in folders] == [False, True, False]
+
+
+def test_checkpoints_are_chosen_on_validation_without_touching_training(exp, toy, tmp_path):
+    """With ``validate``, every checkpoint and the start are scored as they are written; ``best.safetensors``
+    holds the best (ties: the earlier), ``wall.safetensors`` the best within the limit; the training run is
+    the same as without validation; a folder trained without it is refused."""
+    from expertkit.errors import ConfigError
+    from expertkit.models import load_model
+    from expertkit.tasks.toy import register_smoke_task
+
+    task = exp._task(register_smoke_task(), True)
+    loaded = load_model(exp._smoke_model(tmp_path))
+    cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a checkpoint after each of steps 1-7
+    accuracy = iter([0.2, 0.5, 0.3, 0.9, 0.1, 0.9, 0.4, 0.6])  # steps 0-7 in order: step 3 best (5 ties, later)
+    seen: list = []
+
+    def validate(tensors):
+        seen.append(tensors)
+        torch.rand(3)  # a validation that draws random numbers does not move training's stream
+        return {"accuracy": next(accuracy), "gold_lp": [-1.0], "scores": [0.0]}
+
+    run = tmp_path / "v"
+    assert exp.train_run(loaded, task, cfg, run, stop=3, limit=float("inf"), validate=validate) is None
+    assert [e["step"] for e in exp.history(run)] == [0, 1, 2, 3] and seen[0] is None  # the start: no tensors
+    validated = exp.train_run(loaded, task, cfg, run, limit=float("inf"), validate=validate)
+    assert [e["step"] for e in exp.history(run)] == list(range(8)) and len(seen) == 8  # each one once
+    plain = exp.train_run(loaded, task, cfg, tmp_path / "plain")
+    assert validated.losses == plain.losses
+    step, _, tensors = exp.best_point(run)
+    assert step == 3 and exp.wall_point(run)[0] == 3
+    exp.train_run(loaded, task, cfg, tmp_path / "three", stop=3)
+    (_, _, path), = exp.snapshots(tmp_path / "three")
+    same = load_file(str(path))
+    assert tensors.keys() == same.keys() and all(torch.equal(tensors[k], same[k]) for k in same)
+    accuracy = iter([0.5, 0.1, 0.2])
+    exp.train_run(loaded, task, cfg, tmp_path / "zero", stop=2, limit=0.0, validate=validate)
+    assert exp.wall_point(tmp_path / "zero")[0] == 0 and exp.best_point(tmp_path / "zero")[0] == 0  # the start
+    exp.train_run(loaded, task, cfg, tmp_path / "old", stop=2)
+    with pytest.raises(ConfigError, match="without validating its checkpoints"):
+        exp.train_run(loaded, task, cfg, tmp_path / "old", validate=validate)

@@ -128,6 +128,29 @@ def test_resume_after_interrupt_gives_identical_adapter(tmp_path, optimizer: str
     assert not (out / "checkpoint").exists()
 
 
+def test_callback_time_is_not_training_time(loaded, tmp_path, monkeypatch) -> None:
+    """``seconds`` counts the steps, not what callbacks do between them (a validation, a snapshot): on a fake
+    clock that a callback moves by 100 s per step, the reported training time stays under 100 s."""
+    import expertkit.train.lora as lora
+
+    clock = [0.0]
+
+    def perf_counter() -> float:
+        clock[0] += 0.5  # every reading of the clock: half a second of "training"
+        return clock[0]
+
+    def slow(info) -> None:
+        seen.append(info.seconds)
+        clock[0] += 100.0  # a long callback
+
+    seen: list[float] = []
+    monkeypatch.setattr(lora.time, "perf_counter", perf_counter)
+    res = train_lora(loaded, CLASSIFY, tmp_path / "a", steps=3, **FAST, callbacks=[slow])
+    assert len(seen) == 3 and seen == sorted(seen)
+    assert res.seconds < 100.0 and seen[-1] < 100.0  # without the exclusion: over 200 s
+    assert clock[0] > 300.0  # the callbacks did move the clock
+
+
 def test_finished_adapter_is_reused(loaded, tmp_path, monkeypatch) -> None:
     first = train_lora(loaded, CLASSIFY, tmp_path / "a", steps=2, **FAST)
 

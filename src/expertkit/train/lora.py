@@ -55,7 +55,7 @@ class StepInfo:
     step: int  # completed steps, 1-based
     loss: float
     lr: float
-    seconds: float  # training time so far
+    seconds: float  # training time so far (callbacks' own time is not counted)
 
 
 @dataclass
@@ -186,7 +186,7 @@ def train_lora(
             its fields, and are validated the same way (a typo names the nearest field).
         callbacks: called with a :class:`StepInfo` after every step; an exception raised there
             (e.g. ``KeyboardInterrupt``) stops training, and a later call resumes from the
-            last checkpoint.
+            last checkpoint. The time spent in callbacks is not counted in ``seconds``.
     """
     from expertkit.models.loader import LoadedModel, load_model
     from expertkit.weights.fingerprint import fingerprint, model_digest
@@ -280,8 +280,10 @@ def _run(
                     record={**ident, "step": step + 1, "position": (step + 1) * config.batch_size,
                             "losses": losses, "seconds": seconds},
                 )
+            called = time.perf_counter()
             for cb in callbacks:
                 cb(StepInfo(step=step + 1, loss=loss, lr=lr, seconds=seconds))
+            started += time.perf_counter() - called  # a callback's work (e.g. a validation) is not training time
     model.eval()
     seconds = prior_seconds + time.perf_counter() - started
     metrics = _evaluate(model, tok, task, config) if config.eval_n else None
