@@ -216,12 +216,18 @@ def _best_file(run: Path) -> Path:
     return run / "best.safetensors"
 
 
-def _point(path: Path) -> tuple[int, float, dict | None]:
+def _meta(path: Path) -> dict:
+    """The metadata of a point file (step, seconds, limit) without reading its tensors."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+        return fh.metadata() or {}
+
+
+def _point(path: Path) -> tuple[int, float, dict | None]:
+    from safetensors.torch import load_file
+
+    meta = _meta(path)
     step = int(meta["step"])
     return step, float(meta["seconds"]), load_file(str(path)) if step else None
 
@@ -236,19 +242,14 @@ def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
     """``(step, training seconds, limit, tensors)`` of the checkpoint of ``run`` trained within the equal-wall
     limit that is best on validation (without validation: the last one; step 0 and no tensors: the LoRA
     start)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from expertkit.errors import ConfigError
 
     path = _wall_file(run)
     if not path.is_file():
         raise ConfigError(f"{run} was trained without the equal-wall limit (no {path.name}); delete the folder "
                           "and run again.")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    step = int(meta["step"])
-    return step, float(meta["seconds"]), float(meta["limit"]), load_file(str(path)) if step else None
+    step, seconds, tensors = _point(path)
+    return step, seconds, float(_meta(path)["limit"]), tensors
 
 
 def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None,
@@ -290,7 +291,7 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
             if max(past, key=rank) is entry:
                 _write_snapshot(_best_file(run), trainable, meta)
         if wall and validate is not None and _wall_file(run).is_file():  # replace only a worse point
-            kept = int(wall_point(run)[0])
+            kept = int(_meta(_wall_file(run))["step"])  # the step only: its tensors are not needed
             scored = {e["step"]: e for e in past}
             wall = step not in scored or kept not in scored or rank(scored[step]) > rank(scored[kept])
         if wall:
@@ -303,8 +304,9 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
         keep(0, 0.0)  # the LoRA start is a candidate too
     if limit is not None:
         if _wall_file(run).is_file():
-            if wall_point(run)[2] != limit:
-                raise ConfigError(f"{run} kept its equal-wall point for another limit ({wall_point(run)[2]:g} s, not "
+            kept_limit = float(_meta(_wall_file(run))["limit"])
+            if kept_limit != limit:
+                raise ConfigError(f"{run} kept its equal-wall point for another limit ({kept_limit:g} s, not "
                                   f"{limit:g} s): the first full run changed. Delete the folder and run again.")
         elif ckpt.is_file() or finished:
             wall_point(run)  # trained before the limit was known: its clear error
