@@ -619,6 +619,19 @@ def claims(res: dict, methods: list[str], seed: int = 0) -> dict:
     return out
 
 
+def nonfinite(res: dict) -> dict[str, int]:
+    """Method -> the first step whose training loss was not finite (NaN or inf), for the runs that had one.
+
+    A run that stays NaN ends with NaN weights: every label then scores NaN and ties (NaN included) fall to the
+    first label, so its final accuracy is that label's share of the split, not a score of a model."""
+    out = {}
+    for m, r in res["full"].items():
+        bad = [i for i, x in enumerate(r["losses"]) if x is None or not math.isfinite(x)]
+        if bad:
+            out[m] = bad[0] + 1
+    return out
+
+
 def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
     """Test accuracy per method (equal forwards, equal wall time) and the training loss curves."""
     import matplotlib
@@ -682,6 +695,12 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
     for m, rows in res["sweep"].items():
         lines.append(f"| {m} | " + " | ".join(f"{r['lr']:g} @ step {r['step']}: {r['validation']['accuracy']:.3f}"
                                               for r in rows) + " |")
+    bad = nonfinite(res)
+    if bad:
+        lines += ["", "Training loss not finite (NaN or inf), first at step " +
+                  ", ".join(f"{s}: {m}" for m, s in bad.items()) + ". A run whose loss is still NaN at its last "
+                  "step ends with NaN weights: every label scores NaN, the tie falls to the first label, and the "
+                  "final accuracy is that label's share of the split."]
     lines += ["", f"Best ZO method on validation: {res['claims']['best_zo']}.", ""]
     lines += [f"- {t['verdict']}" for t in res["claims"]["tests"]]
     return "\n".join(lines)
@@ -769,6 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, load_before = time.perf_counter(), os.getloadavg()
     res = run(args)
     res["claims"] = claims(res, args.methods, args.seed)
+    res["nonfinite_from"] = nonfinite(res)
     res["settings"] = {"task": args.task, "budget": args.budget, "batch": args.batch, "pool": args.pool,
                        "n_val": args.n_val, "n_test": args.n_test, "sweep_frac": args.sweep_frac,
                        "n_layers": args.n_layers, "units": {m: units_per_step(m, args.n_layers) for m in args.methods},

@@ -5,6 +5,7 @@ resumed to the full budget equals an uninterrupted run; snapshot weights score a
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -262,3 +263,21 @@ def test_checkpoints_are_chosen_on_validation_without_touching_training(exp, toy
     exp.train_run(loaded, task, cfg, tmp_path / "old", stop=2)
     with pytest.raises(ConfigError, match="without validating its checkpoints"):
         exp.train_run(loaded, task, cfg, tmp_path / "old", validate=validate)
+
+
+def test_a_run_whose_loss_went_nan_is_named_with_its_first_bad_step(exp):
+    nan, inf = float("nan"), float("inf")
+    res = {"full": {"zo-sgd": {"losses": [3.0, 2.0, 1.0]}, "forward-grad": {"losses": [3.0, 9.0, inf, nan, nan]},
+                    "zo-adam": {"losses": [3.0, None, 1.0]}}}
+    assert exp.nonfinite(res) == {"forward-grad": 3, "zo-adam": 2}  # steps count from 1
+    assert exp.nonfinite({"full": {"adamw": {"losses": [1.0]}}}) == {}
+    acc = {"accuracy": 0.5}
+    point = {"step": 1, "validation": 0.5, "test": acc}
+    full = {"lr": 1e-4, "steps": 2, "seconds": 1.0, "validation": acc, "test": acc}
+    res = {"zero-shot": {"validation": acc, "test": acc}, "limit": 1.0, "claims": {"best_zo": "zo-sgd", "tests": []},
+           "full": {"zo-sgd": {**full, "losses": [1.0, 2.0]}, "forward-grad": {**full, "losses": [1.0, nan]}},
+           "chosen": {"zo-sgd": point, "forward-grad": point}, "wall": {"zo-sgd": point, "forward-grad": point},
+           "sweep": {m: [{"lr": 1e-4, "step": 1, "validation": acc}] for m in ("zo-sgd", "forward-grad")}}
+    text = exp.markdown(res, SimpleNamespace(n_layers=2, n_val=8, sweep_frac=0.25))
+    [line] = [x for x in text.splitlines() if "not finite" in x]  # one line, naming only the run that went NaN
+    assert "first at step 2: forward-grad." in line and "zo-sgd" not in line
