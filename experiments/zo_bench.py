@@ -316,9 +316,18 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
         record = load_checkpoint(ckpt)[3]  # killed between a checkpoint and its snapshot: write it now
         keep(int(record["step"]), float(record["seconds"]))
 
+    window: list[float] = []  # training losses since the last checkpoint (or the resume)
+
     def callback(info: Any) -> None:
+        window.append(info.loss)
         if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:  # a checkpoint was just written
             keep(info.step, info.seconds)
+            val = {e["step"]: e["validation"]["accuracy"] for e in history(run)}.get(info.step)
+            val = "" if val is None else f", validation {val:.3f}"
+            print(f"  {run.parent.name} {run.name} step {info.step}: mean training loss of steps "
+                  f"{info.step - len(window) + 1}-{info.step} {sum(window) / len(window):.4g}{val}, "
+                  f"{info.seconds:.0f} s", flush=True)  # the live view of a run: a divergence shows here first
+            window.clear()
         if stop is not None and stop < cfg["steps"] and info.step >= stop:
             raise _Stop  # a stop at the last step is the whole run: train_lora writes its adapter
 
@@ -633,7 +642,8 @@ def nonfinite(res: dict) -> dict[str, int]:
 
 
 def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
-    """Test accuracy per method (equal forwards, equal wall time) and the training loss curves."""
+    """Test accuracy per method in the three readings; validation accuracy over forward units and over
+    training seconds (W marked); the training loss curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -641,7 +651,7 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
     import numpy as np
 
     methods = list(res["full"])
-    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(17, 4.2))
+    fig, (ax, cx, wx, bx) = plt.subplots(1, 4, figsize=(22, 4.4))
     x = np.arange(len(methods))
     for j, (label, table) in enumerate(SETTINGS):
         ax.bar(x + (j - 1) * 0.27, [res[table][m]["test"]["accuracy"] for m in methods], 0.27, label=label)
@@ -649,14 +659,19 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
     ax.set_xticks(x, methods, rotation=30, ha="right")
     ax.set_ylabel(f"test accuracy (n = {len(res['zero-shot']['test']['scores'])})")
     ax.set_title(f"{args.task}: {args.budget} forward units per method")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.3)  # room above the bars for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     for m in methods:  # validation accuracy of every checkpoint (and the start, and the final weights)
-        steps, _, acc = zip(*res["full"][m]["curve"], strict=True)
+        steps, seconds, acc = zip(*res["full"][m]["curve"], strict=True)
         cx.plot(np.asarray(steps) * units_per_step(m, args.n_layers), acc, marker=".", label=m)
-    cx.axhline(res["zero-shot"]["validation"]["accuracy"], color="k", ls="--", lw=1)
-    cx.set_xlabel("forward units")
-    cx.set_ylabel(f"validation accuracy (n = {args.n_val})")
-    cx.legend(fontsize=8)
+        wx.plot(seconds, acc, marker=".", label=m)
+    for axis, xlabel in ((cx, "forward units"), (wx, "training seconds")):
+        axis.axhline(res["zero-shot"]["validation"]["accuracy"], color="k", ls="--", lw=1)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(f"validation accuracy (n = {args.n_val})")
+        axis.legend(fontsize=8)
+    wx.axvline(res["limit"], color="k", ls=":", lw=1)
+    wx.set_title(f"equal wall time: W = {res['limit']:.0f} s (dotted)")
     for m in methods:
         losses = np.asarray(res["full"][m]["losses"], dtype=float)
         w = max(1, len(losses) // 50)

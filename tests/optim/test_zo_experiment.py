@@ -5,6 +5,7 @@ resumed to the full budget equals an uninterrupted run; snapshot weights score a
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -125,6 +126,7 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
     assert (out / "zo_bench.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "| zo-sgd | " in printed and "AdamW beats the best ZO method on validation (zo-sgd)" in printed
+    assert re.search(r"zo-sgd lr-\S+ step 1: mean training loss of steps 1-1 \S+, validation 0\.\d{3}, ", printed)
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     swept = sum(len(v) for v in res["sweep"].values())
     assert len(stamps) == 1 + swept + 2
