@@ -275,7 +275,8 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
     ckpt = adapter / CHECKPOINT
     finished = (adapter / "adapter_config.json").is_file()
 
-    def keep(step: int, seconds: float) -> None:  # after the checkpoint of ``step``: the files it feeds
+    def keep(step: int, seconds: float) -> float | None:  # after the checkpoint of ``step``: the files it feeds
+        """Write what the checkpoint of ``step`` feeds; its validation accuracy (None without ``validate``)."""
         target = run / "snapshots" / f"step-{step:06d}.safetensors"
         snap = stop is not None and step == stop and not target.is_file()
         wall = limit is not None and seconds <= limit
@@ -299,6 +300,7 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
             wall = step not in scored or kept not in scored or rank(scored[step]) > rank(scored[kept])
         if wall:
             _write_snapshot(_wall_file(run), trainable, {**meta, "limit": repr(limit)})
+        return next((e["validation"]["accuracy"] for e in past if e["step"] == step), None)
 
     if validate is not None and (ckpt.is_file() or finished) and not history(run):
         raise ConfigError(f"{run} was trained without validating its checkpoints (no {_history_file(run).name}); "
@@ -324,8 +326,7 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
     def callback(info: Any) -> None:
         window.append(info.loss)
         if info.step % cfg["save_every"] == 0 and info.step < cfg["steps"]:  # a checkpoint was just written
-            keep(info.step, info.seconds)
-            val = {e["step"]: e["validation"]["accuracy"] for e in history(run)}.get(info.step)
+            val = keep(info.step, info.seconds)
             val = "" if val is None else f", validation {val:.3f}"
             print(f"  {run.parent.name} {run.name} step {info.step}: mean training loss of steps "
                   f"{info.step - len(window) + 1}-{info.step} {sum(window) / len(window):.4g}{val}, "
