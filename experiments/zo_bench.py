@@ -50,7 +50,12 @@ validation among those trained within W (``wall.safetensors`` in its run folder;
 equals the base model, until a checkpoint beats it). A run that finished within W is read as its point
 chosen on validation overall. Seconds are training time only (no evaluation), so this comparison means something
 only when the run had the machine to itself (not with ``--executor ray``, whose cells train side by
-side); the load average is recorded at the start and end of the run and after each full run.
+side); the load average is recorded at the start and end of the run and after each full run. A full run
+trained on another machine than its sweep point (a session's disk lost, the run restarted from step 0
+elsewhere) times its sweep point's steps again: from that step on its seconds are scaled by the ratio of the
+two timings of the same work (``wall_scale``, in the result file and under the table), so a faster machine
+does not buy checkpoints past W. This assumes the sweep point ran on W's machine, as every sweep point
+of ``experiments/state/zo_bench_bbc`` did.
 
 **Paired tests.** Every system scores the same ``--n-test`` test examples (all 426 by default);
 exact McNemar and a paired bootstrap interval (:mod:`expertkit.tasks.paired`) for each claim in each
@@ -255,14 +260,27 @@ def wall_point(run: Path) -> tuple[int, float, float, dict | None]:
     return step, seconds, float(_meta(path)["limit"]), tensors
 
 
+def wall_scale(reference: list | None, past: list[dict], step: int = -1, seconds: float = 0.0) -> float:
+    """Seconds of this machine -> seconds of the machine that trained ``reference = [step S, seconds]`` (the
+    method's sweep point: the same first S steps of the same configuration, so the ratio of the two times is
+    the ratio of the two machines' speeds on this very work). 1.0 until this run has timed step S itself, and
+    exactly 1.0 when the run resumed from the sweep point (its step S is the sweep's, seconds included)."""
+    if not reference:
+        return 1.0
+    s_step, s_seconds = reference
+    own = seconds if step == s_step else next((e["seconds"] for e in past if e["step"] == s_step), None)
+    return float(s_seconds) / own if own else 1.0
+
+
 def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = None,
-              limit: float | None = None, validate: Any = None) -> Any:
+              limit: float | None = None, validate: Any = None, reference: list | None = None) -> Any:
     """Train (or resume) ``cfg`` into ``run``; stop after step ``stop`` when given (its checkpoint and a
     snapshot of its LoRA weights written). ``validate`` (LoRA tensors, None for the LoRA start -> scores):
     every checkpoint, and the start, is scored on validation as it is written (``history``; its time is not
     training time), the best kept in ``run/best.safetensors``. With ``limit`` (seconds),
     ``run/wall.safetensors`` holds the checkpoint trained within it that is best on validation (without
-    ``validate``: the last one). The TrainResult, or None when stopped early."""
+    ``validate``: the last one); ``reference``: the seconds are scaled to the machine that set ``limit``
+    (``wall_scale``). The TrainResult, or None when stopped early."""
     import torch
 
     from expertkit.errors import ConfigError
@@ -271,6 +289,8 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
     from expertkit.train.lora import CHECKPOINT
     from expertkit.train.state import load_checkpoint
 
+    if reference and validate is None:  # the run's own time of the sweep step is read from its history
+        raise ValueError("train_run: reference needs validate")
     adapter = run / "adapter"  # train_lora owns this folder (the finished adapter replaces it whole)
     ckpt = adapter / CHECKPOINT
     finished = (adapter / "adapter_config.json").is_file()
@@ -279,8 +299,8 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
         """Write what the checkpoint of ``step`` feeds; its validation accuracy (None without ``validate``)."""
         target = run / "snapshots" / f"step-{step:06d}.safetensors"
         snap = stop is not None and step == stop and not target.is_file()
-        wall = limit is not None and seconds <= limit
         past = history(run)
+        wall = limit is not None and seconds * wall_scale(reference, past, step, seconds) <= limit
         check = validate is not None and all(e["step"] != step for e in past)
         trainable = load_checkpoint(ckpt)[0] if step and (snap or wall or check) else {}
         if snap:
@@ -447,18 +467,19 @@ def sweep_cell(loaded: Any, task: str, cfg: dict, run: str, stop: int, n_val: in
 
 def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: int, result: str,
               limit: float | None = None, keep_run: bool = True, smoke: bool = False,
-              match: dict | None = None) -> dict:
+              match: dict | None = None, reference: list | None = None) -> dict:
     """Train (resume) ``cfg`` to its full budget in ``run``, every checkpoint scored on validation; score
     on test its final weights, the point chosen on validation among the start, the checkpoints and the
     final weights (``chosen``), and at equal wall time the point chosen on validation among those trained
-    within ``limit`` seconds (``wall``; None: this run sets the limit). ``keep_run`` False: delete ``run``
-    once scored."""
+    within ``limit`` seconds (``wall``; None: this run sets the limit), its seconds scaled by ``wall_scale``
+    (``reference``: its sweep point's step and seconds). ``keep_run`` False: delete ``run`` once scored."""
     import shutil
 
     from expertkit.fileio import write_atomic
 
     spec, run_dir = _task(task, smoke), Path(run)
-    train_run(loaded, spec, cfg, run_dir, limit=limit, validate=validator(loaded, spec, cfg, n_val))
+    train_run(loaded, spec, cfg, run_dir, limit=limit, validate=validator(loaded, spec, cfg, n_val),
+              reference=reference)
     meta = json.loads((run_dir / "adapter" / "expertkit.json").read_text())
     row = {"lr": cfg["lr"], "steps": cfg["steps"], "seconds": meta["seconds"], "losses": meta["losses"],
            "load_average_after": list(os.getloadavg()),
@@ -478,7 +499,8 @@ def full_cell(loaded: Any, task: str, cfg: dict, run: str, n_val: int, n_test: i
     best = best_point(run_dir) if chosen["step"] != cfg["steps"] else (cfg["steps"], 0.0, None)
     assert best[0] == chosen["step"], (best[0], chosen["step"])  # best.safetensors is the best checkpoint
     row["chosen"] = point(chosen, best[2])
-    if limit is None or meta["seconds"] <= limit:
+    row["wall_scale"] = scale = wall_scale(reference, history(run_dir))
+    if limit is None or meta["seconds"] * scale <= limit:
         row["wall"] = row["chosen"]
     else:
         step, _, _, tensors = wall_point(run_dir)
@@ -593,13 +615,14 @@ def run(args: argparse.Namespace) -> dict:
         zero = run_sweep("zo_bench zero-shot", [cell], executor, args.out / "logs")[0]
         for m in args.methods:
             sweeps[m] = sweep_method(args, executor, m, limit)
-            lr = choose(sweeps[m])["lr"]
+            best = choose(sweeps[m])
+            lr, reference = best["lr"], [best["step"], best["seconds"]]  # not in match: a calibration
             cfg = _cfg(args, m, lr)
             cell = _cell(args, f"full-{m}", full_cell,  # "select": checkpoints chosen on validation
                          {"cfg": cfg, "limit": limit, "n_val": args.n_val, "n_test": args.n_test,
                           "select": "validation"},
                          cfg=cfg, run=str(run_path(args, m, lr, cfg)), n_val=args.n_val, n_test=args.n_test,
-                         limit=limit, keep_run=args.keep_runs)
+                         limit=limit, keep_run=args.keep_runs, reference=reference)
             full[m] = run_sweep(f"zo_bench full {m}", [cell], executor, args.out / "logs")[0]
             limit = full[m]["seconds"] if limit is None else limit
     finally:
@@ -668,8 +691,8 @@ def plot(res: dict, args: argparse.Namespace, path: Path) -> None:
     for m in methods:  # validation accuracy of every checkpoint (and the start, and the final weights)
         steps, seconds, acc = zip(*res["full"][m]["curve"], strict=True)
         cx.plot(np.asarray(steps) * units_per_step(m, args.n_layers), acc, marker=".", label=m)
-        wx.plot(seconds, acc, marker=".", label=m)
-    for axis, xlabel in ((cx, "forward units"), (wx, "training seconds")):
+        wx.plot(np.asarray(seconds) * res["full"][m].get("wall_scale", 1.0), acc, marker=".", label=m)
+    for axis, xlabel in ((cx, "forward units"), (wx, "training seconds (on W's machine)")):
         axis.axhline(res["zero-shot"]["validation"]["accuracy"], color="k", ls="--", lw=1)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(f"validation accuracy (n = {args.n_val})")
@@ -714,6 +737,13 @@ def markdown(res: dict, args: argparse.Namespace) -> str:
     for m, rows in res["sweep"].items():
         lines.append(f"| {m} | " + " | ".join(f"{r['lr']:g} @ step {r['step']}: {r['validation']['accuracy']:.3f}"
                                               for r in rows) + " |")
+    moved = {m: r["wall_scale"] for m, r in res["full"].items() if r.get("wall_scale", 1.0) != 1.0}
+    if moved:
+        lines += ["", "Trained on another machine than the sweep point (and W): " + "; ".join(
+            f"{m}, whose first {choose(res['sweep'][m])['step']} steps took "
+            f"{choose(res['sweep'][m])['seconds']:.0f} s there and {choose(res['sweep'][m])['seconds'] / k:.0f} s "
+            f"here (x {k:.3g})" for m, k in moved.items()) + ". Its equal-wall point is chosen on its seconds times "
+            "that ratio; the table's training s are its own."]
     bad = nonfinite(res)
     if bad:
         lines += ["", "Training loss not finite (NaN or inf), first at step " +

@@ -100,7 +100,7 @@ def test_smoke_run_chooses_on_validation_pairs_on_test_and_reuses_every_cell(exp
     assert limit == res["full"]["zo-sgd"]["seconds"]  # the first method's full run sets the limit
     for m, w in res["wall"].items():
         full = res["full"][m]
-        assert w["limit"] == limit
+        assert w["limit"] == limit and full["wall_scale"] == 1.0  # resumed from its sweep point: one machine
         if full["seconds"] > limit:  # a checkpoint trained within the limit (step 0: the LoRA start)
             assert w["seconds"] <= limit and 0 <= w["step"] < full["steps"]
             assert len(w["test"]["scores"]) == 8
@@ -209,6 +209,35 @@ def test_the_equal_wall_point_is_the_last_checkpoint_within_the_limit(exp, toy, 
         exp.train_run(loaded, task, cfg, tmp_path / "all", limit=5.0)
     with pytest.raises(ConfigError, match="without the equal-wall limit"):
         exp.train_run(loaded, task, cfg, tmp_path / "seven", limit=5.0)
+
+
+def test_a_run_on_another_machine_is_timed_on_the_machine_that_set_the_limit(exp, toy, tmp_path):
+    """``reference`` (the sweep point's step and seconds): from that step on, the run's seconds are scaled by
+    the ratio of the two timings of the same steps, so a faster machine does not buy checkpoints past W."""
+    from expertkit.models import load_model
+    from expertkit.tasks.toy import register_smoke_task
+
+    past = [{"step": 0, "seconds": 0.0}, {"step": 3, "seconds": 2.0}]
+    assert exp.wall_scale(None, past) == 1.0 and exp.wall_scale([3, 4.0], past[:1]) == 1.0  # not timed yet
+    assert exp.wall_scale([3, 4.0], past) == 2.0 and exp.wall_scale([3, 4.0], past[:1], 3, 8.0) == 0.5
+    assert exp.wall_scale([3, 2.0], past) == 1.0  # resumed from the sweep point: its own seconds
+    task = exp._task(register_smoke_task(), True)
+    loaded = load_model(exp._smoke_model(tmp_path))
+    cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a checkpoint after each of steps 1-7
+
+    def validate(tensors):  # steps are scored in order, each better: the wall point is the last within W
+        return {"accuracy": next(rising), "gold_lp": [-1.0], "scores": [0.0]}
+
+    rising = iter(range(100))
+
+    # the sweep machine took 1e6 s for steps 1-3, and W = 1e6 s: here step 3 is the last one within W
+    exp.train_run(loaded, task, cfg, tmp_path / "slow", limit=1e6, validate=validate, reference=[3, 1e6])
+    assert exp.wall_point(tmp_path / "slow")[0] == 3
+    rising = iter(range(100))
+    exp.train_run(loaded, task, cfg, tmp_path / "own", limit=1e6, validate=validate)  # every step within W
+    assert exp.wall_point(tmp_path / "own")[0] == 7
+    with pytest.raises(ValueError, match="reference needs validate"):
+        exp.train_run(loaded, task, cfg, tmp_path / "x", limit=1e6, reference=[3, 1e6])
 
 
 def test_prune_keeps_only_the_best_sweep_points_run(exp, tmp_path):
