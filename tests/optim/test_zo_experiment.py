@@ -1,6 +1,7 @@
 """experiments/zo_bench.py: the smoke run end to end (lr chosen on validation, equal forwards and equal wall
 time, paired claims), a rerun that reuses every cell, and the pieces that must be exact: a sweep run
-resumed to the full budget equals an uninterrupted run; snapshot weights score as the saved adapter does."""
+resumed to the full budget equals an uninterrupted run; snapshot weights score as the saved adapter does.
+Its run machinery (``expertkit.train.validated``) is tested here, on the script's smoke model and task."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from expertkit.train import validated
 from tests.scripts import load_script
 
 
@@ -143,16 +145,16 @@ def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp,
     task = exp._task(register_smoke_task(), True)
     loaded = load_model(exp._smoke_model(tmp_path))
     cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a snapshot every step
-    assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # the sweep point
-    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [3]  # the sweep point's weights only
-    assert exp.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # reached before: nothing trained
-    resumed = exp.train_run(loaded, task, cfg, tmp_path / "a")
+    assert validated.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # the sweep point
+    assert [s for s, _, _ in validated.snapshots(tmp_path / "a")] == [3]  # the sweep point's weights only
+    assert validated.train_run(loaded, task, cfg, tmp_path / "a", stop=3) is None  # reached before: nothing trained
+    resumed = validated.train_run(loaded, task, cfg, tmp_path / "a")
     assert resumed.resumed_from == 3
-    straight = exp.train_run(loaded, task, cfg, tmp_path / "b")
+    straight = validated.train_run(loaded, task, cfg, tmp_path / "b")
     assert resumed.losses == straight.losses
     a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (tmp_path / "a", tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [s for s, _, _ in exp.snapshots(tmp_path / "a")] == [3]
+    assert [s for s, _, _ in validated.snapshots(tmp_path / "a")] == [3]
     # snapshot weights are scored as the same weights saved as an adapter
     final = {k.replace(".weight", ".default.weight"): v for k, v in a.items()}  # PEFT saves without the adapter name
     via_snapshot = exp.evaluate_weights(loaded, task, cfg, final, "test", 8)
@@ -164,7 +166,7 @@ def test_a_sweep_run_resumed_to_the_full_budget_equals_an_uninterrupted_run(exp,
         exp.evaluate_weights(loaded, task, cfg, dict(list(final.items())[:1]), "test", 8)
     # a sweep point at the last step is the whole run: its adapter is written, not stopped short
     short = exp.settings("zo-sgd", 1e-3, 6, 4, 2, None)  # 3 steps
-    assert exp.train_run(loaded, task, short, tmp_path / "c", stop=3).steps == 3
+    assert validated.train_run(loaded, task, short, tmp_path / "c", stop=3).steps == 3
     assert (tmp_path / "c" / "adapter" / "adapter_config.json").is_file()
 
 
@@ -192,23 +194,23 @@ def test_the_equal_wall_point_is_the_last_checkpoint_within_the_limit(exp, toy, 
     task = exp._task(register_smoke_task(), True)
     loaded = load_model(exp._smoke_model(tmp_path))
     cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a checkpoint after each of steps 1-7
-    exp.train_run(loaded, task, cfg, tmp_path / "none", limit=0.0)
-    step, seconds, limit, tensors = exp.wall_point(tmp_path / "none")
+    validated.train_run(loaded, task, cfg, tmp_path / "none", limit=0.0)
+    step, seconds, limit, tensors = validated.wall_point(tmp_path / "none")
     assert (step, seconds, limit, tensors) == (0, 0.0, 0.0, None)  # nothing trained within 0 s: the LoRA start
     # a sweep point that knows the limit, resumed to the full run: the wall point is its last checkpoint (7)
-    assert exp.train_run(loaded, task, cfg, tmp_path / "all", stop=3, limit=float("inf")) is None
-    assert exp.wall_point(tmp_path / "all")[0] == 3
-    exp.train_run(loaded, task, cfg, tmp_path / "all", limit=float("inf"))
-    step, seconds, _, tensors = exp.wall_point(tmp_path / "all")
+    assert validated.train_run(loaded, task, cfg, tmp_path / "all", stop=3, limit=float("inf")) is None
+    assert validated.wall_point(tmp_path / "all")[0] == 3
+    validated.train_run(loaded, task, cfg, tmp_path / "all", limit=float("inf"))
+    step, seconds, _, tensors = validated.wall_point(tmp_path / "all")
     assert step == 7 and seconds > 0
-    exp.train_run(loaded, task, cfg, tmp_path / "seven", stop=7)  # the same run stopped at step 7
-    (_, _, path), = exp.snapshots(tmp_path / "seven")
+    validated.train_run(loaded, task, cfg, tmp_path / "seven", stop=7)  # the same run stopped at step 7
+    (_, _, path), = validated.snapshots(tmp_path / "seven")
     same = load_file(str(path))
     assert tensors.keys() == same.keys() and all(torch.equal(tensors[k], same[k]) for k in same)
     with pytest.raises(ConfigError, match="another limit"):  # the first full run changed: not silently reused
-        exp.train_run(loaded, task, cfg, tmp_path / "all", limit=5.0)
+        validated.train_run(loaded, task, cfg, tmp_path / "all", limit=5.0)
     with pytest.raises(ConfigError, match="without the equal-wall limit"):
-        exp.train_run(loaded, task, cfg, tmp_path / "seven", limit=5.0)
+        validated.train_run(loaded, task, cfg, tmp_path / "seven", limit=5.0)
 
 
 def test_a_run_on_another_machine_is_timed_on_the_machine_that_set_the_limit(exp, toy, tmp_path):
@@ -218,9 +220,9 @@ def test_a_run_on_another_machine_is_timed_on_the_machine_that_set_the_limit(exp
     from expertkit.tasks.toy import register_smoke_task
 
     past = [{"step": 0, "seconds": 0.0}, {"step": 3, "seconds": 2.0}]
-    assert exp.wall_scale(None, past) == 1.0 and exp.wall_scale([3, 4.0], past[:1]) == 1.0  # not timed yet
-    assert exp.wall_scale([3, 4.0], past) == 2.0 and exp.wall_scale([3, 4.0], past[:1], 3, 8.0) == 0.5
-    assert exp.wall_scale([3, 2.0], past) == 1.0  # resumed from the sweep point: its own seconds
+    assert validated.wall_scale(None, past) == 1.0 and validated.wall_scale([3, 4.0], past[:1]) == 1.0  # not timed yet
+    assert validated.wall_scale([3, 4.0], past) == 2.0 and validated.wall_scale([3, 4.0], past[:1], 3, 8.0) == 0.5
+    assert validated.wall_scale([3, 2.0], past) == 1.0  # resumed from the sweep point: its own seconds
     task = exp._task(register_smoke_task(), True)
     loaded = load_model(exp._smoke_model(tmp_path))
     cfg = exp.settings("zo-sgd", 1e-3, 16, 4, 2, None)  # 8 steps, a checkpoint after each of steps 1-7
@@ -231,13 +233,13 @@ def test_a_run_on_another_machine_is_timed_on_the_machine_that_set_the_limit(exp
     rising = iter(range(100))
 
     # the sweep machine took 1e6 s for steps 1-3, and W = 1e6 s: here step 3 is the last one within W
-    exp.train_run(loaded, task, cfg, tmp_path / "slow", limit=1e6, validate=validate, reference=[3, 1e6])
-    assert exp.wall_point(tmp_path / "slow")[0] == 3
+    validated.train_run(loaded, task, cfg, tmp_path / "slow", limit=1e6, validate=validate, reference=[3, 1e6])
+    assert validated.wall_point(tmp_path / "slow")[0] == 3
     rising = iter(range(100))
-    exp.train_run(loaded, task, cfg, tmp_path / "own", limit=1e6, validate=validate)  # every step within W
-    assert exp.wall_point(tmp_path / "own")[0] == 7
+    validated.train_run(loaded, task, cfg, tmp_path / "own", limit=1e6, validate=validate)  # every step within W
+    assert validated.wall_point(tmp_path / "own")[0] == 7
     with pytest.raises(ValueError, match="reference needs validate"):
-        exp.train_run(loaded, task, cfg, tmp_path / "x", limit=1e6, reference=[3, 1e6])
+        validated.train_run(loaded, task, cfg, tmp_path / "x", limit=1e6, reference=[3, 1e6])
 
 
 def test_prune_keeps_only_the_best_sweep_points_run(exp, tmp_path):
@@ -276,24 +278,24 @@ def test_checkpoints_are_chosen_on_validation_without_touching_training(exp, toy
         return {"accuracy": next(accuracy), "gold_lp": [-1.0], "scores": [0.0]}
 
     run = tmp_path / "v"
-    assert exp.train_run(loaded, task, cfg, run, stop=3, limit=float("inf"), validate=validate) is None
-    assert [e["step"] for e in exp.history(run)] == [0, 1, 2, 3] and seen[0] is None  # the start: no tensors
-    validated = exp.train_run(loaded, task, cfg, run, limit=float("inf"), validate=validate)
-    assert [e["step"] for e in exp.history(run)] == list(range(8)) and len(seen) == 8  # each one once
-    plain = exp.train_run(loaded, task, cfg, tmp_path / "plain")
-    assert validated.losses == plain.losses
-    step, _, tensors = exp.best_point(run)
-    assert step == 3 and exp.wall_point(run)[0] == 3
-    exp.train_run(loaded, task, cfg, tmp_path / "three", stop=3)
-    (_, _, path), = exp.snapshots(tmp_path / "three")
+    assert validated.train_run(loaded, task, cfg, run, stop=3, limit=float("inf"), validate=validate) is None
+    assert [e["step"] for e in validated.history(run)] == [0, 1, 2, 3] and seen[0] is None  # the start: no tensors
+    checked = validated.train_run(loaded, task, cfg, run, limit=float("inf"), validate=validate)
+    assert [e["step"] for e in validated.history(run)] == list(range(8)) and len(seen) == 8  # each one once
+    plain = validated.train_run(loaded, task, cfg, tmp_path / "plain")
+    assert checked.losses == plain.losses
+    step, _, tensors = validated.best_point(run)
+    assert step == 3 and validated.wall_point(run)[0] == 3
+    validated.train_run(loaded, task, cfg, tmp_path / "three", stop=3)
+    (_, _, path), = validated.snapshots(tmp_path / "three")
     same = load_file(str(path))
     assert tensors.keys() == same.keys() and all(torch.equal(tensors[k], same[k]) for k in same)
     accuracy = iter([0.5, 0.1, 0.2])
-    exp.train_run(loaded, task, cfg, tmp_path / "zero", stop=2, limit=0.0, validate=validate)
-    assert exp.wall_point(tmp_path / "zero")[0] == 0 and exp.best_point(tmp_path / "zero")[0] == 0  # the start
-    exp.train_run(loaded, task, cfg, tmp_path / "old", stop=2)
+    validated.train_run(loaded, task, cfg, tmp_path / "zero", stop=2, limit=0.0, validate=validate)
+    assert validated.wall_point(tmp_path / "zero")[0] == 0 and validated.best_point(tmp_path / "zero")[0] == 0  # the start
+    validated.train_run(loaded, task, cfg, tmp_path / "old", stop=2)
     with pytest.raises(ConfigError, match="without validating its checkpoints"):
-        exp.train_run(loaded, task, cfg, tmp_path / "old", validate=validate)
+        validated.train_run(loaded, task, cfg, tmp_path / "old", validate=validate)
 
 
 def test_a_run_whose_loss_went_nan_is_named_with_its_first_bad_step(exp):
