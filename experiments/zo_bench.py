@@ -76,11 +76,12 @@ training loss since the last one, its validation accuracy, the training seconds)
 a divergence shows first. Runs whose training loss turned NaN or inf are named under the table
 (``nonfinite_from`` in results.json): NaN weights tie every label, and a tie falls to the first label.
 
-Cost on 2 cores, measured (idle machines, 8 articles per step): a ZO-SGD or ZO-Adam step 2.05-2.2 s on
-one machine, 2.7 s on another, Forward-Grad 3.3 s (the first), AdamW 2.75 s (the second), sparse ZO-SGD
-2.6 s (the second) and 1.35 s on a third; so 2,000 ZO-SGD steps take 45-90 min, each method a quarter run more for each other lr of its sweep (and each lr
-swept beyond its grid), plus under half a minute per validation scoring (21 per full run, 6 per sweep
-point) and per test scoring: 12-15 h for the six default methods, over several sessions.
+Cost on 2 cores, measured (idle machines, 8 articles per step): a ZO-SGD or ZO-Adam step 2.05-2.2 s on one
+machine, 2.7 s on another, Forward-Grad 3.3 s (the first), AdamW 2.75 s (the second), sparse ZO-SGD 2.6 s
+(the second) and 1.35 s on a third; so 2,000 ZO-SGD steps take 45-90 min, each method a quarter run more for
+each other lr of its sweep (and each lr swept beyond its grid), plus under half a minute per validation
+scoring (21 per full run, 6 per sweep point) and per test scoring: 12-15 h for the six default methods, over
+several sessions.
 ``--executor ray`` runs the grid points of a method's sweep side by side (with ``--keep-runs``).
 """
 

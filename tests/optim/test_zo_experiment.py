@@ -292,7 +292,8 @@ def test_checkpoints_are_chosen_on_validation_without_touching_training(exp, toy
     assert tensors.keys() == same.keys() and all(torch.equal(tensors[k], same[k]) for k in same)
     accuracy = iter([0.5, 0.1, 0.2])
     validated.train_run(loaded, task, cfg, tmp_path / "zero", stop=2, limit=0.0, validate=validate)
-    assert validated.wall_point(tmp_path / "zero")[0] == 0 and validated.best_point(tmp_path / "zero")[0] == 0  # the start
+    zero = tmp_path / "zero"
+    assert validated.wall_point(zero)[0] == 0 and validated.best_point(zero)[0] == 0  # the start
     validated.train_run(loaded, task, cfg, tmp_path / "old", stop=2)
     with pytest.raises(ConfigError, match="without validating its checkpoints"):
         validated.train_run(loaded, task, cfg, tmp_path / "old", validate=validate)
