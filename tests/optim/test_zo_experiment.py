@@ -232,8 +232,10 @@ def test_a_run_on_another_machine_is_timed_on_the_machine_that_set_the_limit(exp
 
     rising = iter(range(100))
 
-    # the sweep machine took 1e6 s for steps 1-3, and W = 1e6 s: here step 3 is the last one within W
-    validated.train_run(loaded, task, cfg, tmp_path / "slow", limit=1e6, validate=validate, reference=[3, 1e6])
+    # the sweep machine took 1e6 s for steps 1-3, and W is just above: here step 3 is the last one within W
+    # (its scaled seconds are 1e6 up to rounding; step 4's are 1e6 x its seconds / step 3's, well above)
+    validated.train_run(loaded, task, cfg, tmp_path / "slow", limit=1e6 * (1 + 1e-9), validate=validate,
+                        reference=[3, 1e6])
     assert validated.wall_point(tmp_path / "slow")[0] == 3
     rising = iter(range(100))
     validated.train_run(loaded, task, cfg, tmp_path / "own", limit=1e6, validate=validate)  # every step within W
