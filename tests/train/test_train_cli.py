@@ -23,6 +23,19 @@ def test_train_with_zo_uses_the_scheme_defaults(tiny_checkpoint, tmp_path, cli) 
     assert meta["config"]["optimizer_params"] == {"q": 2, "eps": 1e-2}
 
 
+def test_train_keeps_the_point_best_on_validation(tiny_checkpoint, tmp_path, cli) -> None:
+    out = tmp_path / "expert"
+    code, stdout, err = cli(
+        ["--quiet", "train", "leap_year", str(out), "--model", str(tiny_checkpoint("llama")), "--steps", "3",
+         "--batch-size", "2", "--select-n", "4", "--save-every", "1"])
+    assert code == 0, err
+    sel = json.loads((out / "expertkit.json").read_text())["selection"]
+    assert sel["n"] == 4 and [s for s, _ in sel["curve"]] == [0, 1, 2, 3]
+    assert f"kept step {sel['step']} of 3" in stdout
+    code, _, err = cli(["train", "leap_year", str(tmp_path / "b"), "--select-n", "4", "--save-every", "0"])
+    assert code == 2 and "save_every above 0" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("scheme,lr,eps", [("full", 1e-6, 1e-3), ("lora", 1e-4, 1e-2), ("prefix", 1e-2, 1e-1)])
 def test_resolve_settings_per_scheme(scheme: str, lr: float, eps: float) -> None:
     assert resolve_settings("zo-adam", scheme, None, None, {}) == (lr, {"eps": eps})

@@ -95,6 +95,9 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed of init, data and directions.")] = 0,
     eval_n: Annotated[int, typer.Option(min=0, help="Evaluate on this many test examples after training.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in OUT_DIR.")] = True,
+    select_n: Annotated[int, typer.Option(min=0, help="Early stopping: score the start, every checkpoint and the "
+                                          "last step on this many validation examples and write the best.")] = 0,
+    save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every this many steps (0 = never).")] = 25,
     train_examples: Annotated[int | None, typer.Option(min=1, help="Training pool size (default steps * batch size); "
                                                        "with --dp, the number of private examples n.")] = None,
     dp: Annotated[bool, typer.Option("--dp", help="Differentially private training (DP-SGD on Opacus).")] = False,
@@ -116,7 +119,7 @@ def train_cmd(
         "optimizer": optimizer, "optimizer_params": params, "scheme": scheme, "steps": steps,
         "batch_size": batch_size, "rank": rank, "num_virtual_tokens": virtual_tokens, "seed": seed,
         "prefix_init": prefix_init,
-        "eval_n": eval_n, "resume": resume,
+        "eval_n": eval_n, "resume": resume, "select_n": select_n, "save_every": save_every,
     }
     if lr is not None:
         overrides["lr"] = lr
@@ -132,6 +135,9 @@ def train_cmd(
     if res.metrics:
         m = res.metrics
         line += f"; {m['split']} accuracy {m['accuracy']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}] (n={m['n']})"
+    if sel := res.meta.get("selection"):
+        acc = dict((int(step), a) for step, a in sel["curve"])[sel["step"]]
+        line += f"; kept step {sel['step']} of {res.steps} (validation {acc:.3f}, n={sel['n']})"
     if (spent := res.meta.get("optimizer_report")) and "epsilon" in spent:
         line += (f"; privacy spent: epsilon {spent['epsilon']:.3g} at delta {spent['delta']:g} "
                  f"(noise multiplier {spent['noise_multiplier']:.3g}, {spent['accountant']})")

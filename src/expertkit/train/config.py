@@ -12,7 +12,7 @@ from expertkit.config import Config
 RESUME_FREE_FIELDS = frozenset({"resume", "save_every", "eval_n", "eval_split"})
 #: Fields added after the first release: left out of a run's identity while at their default,
 #: so experts trained before they existed are still recognised as finished.
-LATER_FIELDS = {"scheme": "lora", "num_virtual_tokens": 10}
+LATER_FIELDS = {"scheme": "lora", "num_virtual_tokens": 10, "select_n": 0}
 
 
 class LoraTrainConfig(Config):
@@ -58,6 +58,8 @@ class LoraTrainConfig(Config):
     save_every: int = Field(25, ge=0, description="checkpoint every this many steps (0 = never)")
     eval_n: int = Field(0, ge=0, description="evaluate on this many examples after training (0 = skip)")
     eval_split: Literal["validation", "test"] = Field("test", description="split used for the final evaluation")
+    select_n: int = Field(0, ge=0, description="early stopping: score the start, every checkpoint and the last "
+                          "step on this many validation examples and write the best point (0 = the last step)")
     resume: bool = Field(True, description="continue from out_dir/checkpoint, or reuse a finished adapter")
 
     @model_validator(mode="before")
@@ -84,6 +86,12 @@ class LoraTrainConfig(Config):
         if isinstance(params, dict):
             out["optimizer_params"] = {"eps": defaults["eps"], **params}
         return out
+
+    @model_validator(mode="after")
+    def _check_selection(self) -> LoraTrainConfig:
+        if self.select_n and not self.save_every:
+            raise ValueError("select_n scores the checkpoints: set save_every above 0 (e.g. steps / 20)")
+        return self
 
     @model_validator(mode="after")
     def _check_optimizer_params(self) -> LoraTrainConfig:

@@ -39,6 +39,7 @@ from expertkit.train.config import LoraTrainConfig
 from expertkit.train.data import batch_indices, encode_examples, make_loss_fn
 from expertkit.train.optimizers import build_optimizer, optimizer_entry
 from expertkit.train.schemes import output_files, save, wrap
+from expertkit.train.selection import Selection
 from expertkit.train.state import load_checkpoint, save_checkpoint
 
 META_NAME = "expertkit.json"
@@ -261,6 +262,12 @@ def _run(
         torch.set_rng_state(rng)
         start, losses, prior_seconds = record["step"], list(record["losses"]), record["seconds"]
         resumed_from = start
+    sel = Selection(config.select_n, task, tok, ckpt_path.parent) if config.select_n else None
+    if sel is not None:  # early stopping on validation: the start is a candidate too
+        if resumed_from is not None:
+            sel.restore(record)
+        else:
+            sel.observe(model, named, 0)
     started = time.perf_counter()
     pick = getattr(opt, "batch_indices", None)  # an optimizer that samples its own batches (DP-SGD)
     model.train()
@@ -274,18 +281,28 @@ def _run(
             advance(loss)
             seconds = prior_seconds + time.perf_counter() - started
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+                if sel is not None:  # scored before the checkpoint that records it; not training time
+                    scoring = time.perf_counter()
+                    sel.observe(model, named, step + 1)
+                    started += time.perf_counter() - scoring
                 save_checkpoint(
                     ckpt_path, trainable={n: p for n, p in named}, optimizer_state=opt.state_dict(),
                     rng_state=torch.get_rng_state(),
                     record={**ident, "step": step + 1, "position": (step + 1) * config.batch_size,
-                            "losses": losses, "seconds": seconds},
+                            "losses": losses, "seconds": seconds, **(sel.record() if sel else {})},
                 )
+                if sel is not None:
+                    sel.prune()
             called = time.perf_counter()
             for cb in callbacks:
                 cb(StepInfo(step=step + 1, loss=loss, lr=lr, seconds=seconds))
             started += time.perf_counter() - called  # a callback's work (e.g. a validation) is not training time
     model.eval()
     seconds = prior_seconds + time.perf_counter() - started
+    if sel is not None:  # the last step is a candidate; the adapter written is the best point
+        sel.observe(model, named, config.steps)
+        if sel.best != config.steps:
+            sel.load_best(named)
     metrics = _evaluate(model, tok, task, config) if config.eval_n else None
     meta = {
         "format": FORMAT, **ident, "base": _base_name(loaded), "steps": config.steps, "seed": config.seed,
@@ -294,6 +311,8 @@ def _run(
         "final_loss": losses[-1], "train_loss": sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10),
         "losses": losses, "metrics": metrics, "seconds": seconds, "trainable_params": sum(p.numel() for _, p in named),
     }
+    if sel is not None:
+        meta["selection"] = sel.summary()
     if (report := getattr(opt, "report", None)) is not None:
         meta["optimizer_report"] = report()  # e.g. the privacy spent
     _write_adapter(model, out_dir, meta, peft_base_path(loaded))
