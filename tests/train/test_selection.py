@@ -107,3 +107,31 @@ def test_the_train_experts_stage_takes_select_n() -> None:
     assert params.train.select_n == 50
     with pytest.raises(ValueError, match="save_every above 0"):
         TrainExpertsParams(tasks=["leap_year"], train={"select_n": 50, "save_every": 0})
+
+
+def test_with_dp_sgd_the_choice_is_on_validation_and_the_privacy_report_is_unchanged(tmp_path) -> None:
+    """The validation split is not the private training data: choosing on it spends no privacy, and the
+    DP run itself (its batches, noise and accounting) is the same as without the choice."""
+    from expertkit.cli.train_cmd import dp_settings
+
+    opt, params = dp_settings("adamw", True, {}, epsilon=8.0, delta=None, max_grad_norm=None,
+                              noise_multiplier=None, accountant=None)
+    run = {**RUN, "steps": 4, "optimizer": opt, "optimizer_params": params}
+    sel = train_lora(_loaded(), TASK, tmp_path / "sel", select_n=5, **run)
+    plain = train_lora(_loaded(), TASK, tmp_path / "plain", **run)
+    assert sel.losses == plain.losses and sel.meta["optimizer_report"] == plain.meta["optimizer_report"]
+    assert [s for s, _ in sel.meta["selection"]["curve"]] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("scheme,optimizer", [("prompt", "zo-sgd"), ("prefix", "adamw"), ("full", "zo-adam"),
+                                              ("lora", "forward-grad")])
+def test_every_scheme_and_kind_of_optimizer_takes_select_n(tmp_path, scores, scheme, optimizer) -> None:
+    run = {"optimizer": optimizer, "scheme": scheme, "steps": 4, "save_every": 2, "batch_size": 4,
+           "train_examples": 32}
+    scores([0.1, 0.9, 0.2])  # steps 0, 2, 4: step 2
+    sel = train_lora(_loaded(), TASK, tmp_path / "sel", select_n=5, **run)
+    two = train_lora(_loaded(), TASK, tmp_path / "two", **{**run, "steps": 2})
+    assert sel.meta["selection"]["step"] == 2
+    weights = "model.safetensors" if scheme == "full" else "adapter_model.safetensors"
+    a, b = (load_file(tmp_path / f / weights) for f in ("sel", "two"))
+    assert _same(a, b)

@@ -53,7 +53,7 @@ class Selection:
         scores = dict((int(s), a) for s, a in self.curve)
         if self.best is None or acc > scores.get(self.best, float("-inf")):
             self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = {n: p.detach().contiguous().clone() for n, p in named}
+            tensors = {n: p.detach().contiguous() for n, p in named}  # serialised at once: no copy kept
             write_atomic(self._file(step), save(tensors, metadata={"step": str(step)}))
             self.best = step
         return acc
