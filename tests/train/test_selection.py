@@ -44,6 +44,7 @@ def scores(monkeypatch):
         if split != "validation":
             return real(model, tokenizer, task, split=split, n=n, **kw)
         assert n == 5
+        torch.rand(3)  # a scoring that draws random numbers must not move training
         return SimpleNamespace(accuracy=queue.pop(0))
 
     monkeypatch.setattr(evaluation, "evaluate", fake)
@@ -135,3 +136,11 @@ def test_every_scheme_and_kind_of_optimizer_takes_select_n(tmp_path, scores, sch
     weights = "model.safetensors" if scheme == "full" else "adapter_model.safetensors"
     a, b = (load_file(tmp_path / f / weights) for f in ("sel", "two"))
     assert _same(a, b)
+
+
+def test_a_scoring_that_draws_random_numbers_does_not_move_a_run_with_dropout(tmp_path, scores) -> None:
+    run = {**RUN, "dropout": 0.1}  # dropout draws from the global stream the scoring would move
+    scores([0.1, 0.2, 0.3, 0.4, 0.5])
+    sel = train_lora(_loaded(), TASK, tmp_path / "sel", select_n=5, **run)
+    plain = train_lora(_loaded(), TASK, tmp_path / "plain", **run)
+    assert sel.losses == plain.losses
