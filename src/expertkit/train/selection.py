@@ -20,6 +20,18 @@ from typing import Any
 import torch
 
 
+def save_point(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write one point's weights (a safetensors file with string ``metadata``) atomically; an I/O error names
+    ``path``. Shared with :mod:`expertkit.train.validated`."""
+    from safetensors.torch import save
+
+    from expertkit.fileio import write_atomic, writing
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        write_atomic(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
 class Selection:
     """The validation curve of one run and its best point so far."""
 
@@ -42,9 +54,6 @@ class Selection:
 
     def observe(self, model: Any, named: list[tuple[str, Any]], step: int) -> float:
         """Score ``model`` at ``step`` on validation; keep its weights when it is the best so far."""
-        from safetensors.torch import save
-
-        from expertkit.fileio import write_atomic
         from expertkit.tasks.evaluate import evaluate
 
         with torch.random.fork_rng(devices=[]):  # training's random stream is not touched
@@ -52,9 +61,7 @@ class Selection:
         self.curve = [p for p in self.curve if p[0] != step] + [[step, acc]]  # a resumed step is scored again
         scores = dict((int(s), a) for s, a in self.curve)
         if self.best is None or acc > scores.get(self.best, float("-inf")):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tensors = {n: p.detach().contiguous() for n, p in named}  # serialised at once: no copy kept
-            write_atomic(self._file(step), save(tensors, metadata={"step": str(step)}))
+            save_point(self._file(step), dict(named), {"step": str(step)})
             self.best = step
         return acc
 

@@ -13,7 +13,10 @@ checkpoints, scores the LoRA weights on validation (outside the training time) a
   :func:`snapshots`.
 
 Every file is written atomically, so a run killed anywhere resumes from its last checkpoint with the same
-choices. Written for ``experiments/zo_bench.py`` (its state format: changing a file name or a rule here
+choices. For early stopping alone, ``train_lora``'s ``select_n`` (:mod:`expertkit.train.selection`) does the
+same inside one run folder; this module adds what the ZO-Bench protocol needs besides: the validation
+history and the points as files of their own, a caller-given scorer (zo_bench scores on a second copy of
+the base model and breaks ties on the right label's log-probability) and the equal-wall point. Written for ``experiments/zo_bench.py`` (its state format: changing a file name or a rule here
 orphans its committed run state).
 """
 
@@ -23,20 +26,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from expertkit.train.selection import save_point
+
 __all__ = ["best_point", "history", "rank", "snapshots", "train_run", "wall_point", "wall_scale"]
 
 
 class _Stop(Exception):
     """Raised by the snapshot callback to end a sweep run at its scoring step (its checkpoint is saved)."""
-
-
-def _write_snapshot(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    from expertkit.fileio import write_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def snapshots(run: Path) -> list[tuple[int, float, Path]]:
@@ -156,7 +152,7 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
         check = validate is not None and all(e["step"] != step for e in past)
         trainable = load_checkpoint(ckpt)[0] if step and (snap or wall or check) else {}
         if snap:
-            _write_snapshot(target, trainable, {"seconds": repr(seconds)})
+            save_point(target, trainable, {"seconds": repr(seconds)})
         meta = {"step": str(step), "seconds": repr(seconds)}
         if check:
             with torch.random.fork_rng(devices=[]):  # training's random stream is not touched
@@ -165,13 +161,13 @@ def train_run(loaded: Any, task: Any, cfg: dict, run: Path, stop: int | None = N
             run.mkdir(parents=True, exist_ok=True)
             write_atomic(_history_file(run), json.dumps(past).encode())
             if max(past, key=rank) is entry:
-                _write_snapshot(_best_file(run), trainable, meta)
+                save_point(_best_file(run), trainable, meta)
         if wall and validate is not None and _wall_file(run).is_file():  # replace only a worse point
             kept = int(_meta(_wall_file(run))["step"])  # the step only: its tensors are not needed
             scored = {e["step"]: e for e in past}
             wall = step not in scored or kept not in scored or rank(scored[step]) > rank(scored[kept])
         if wall:
-            _write_snapshot(_wall_file(run), trainable, {**meta, "limit": repr(limit)})
+            save_point(_wall_file(run), trainable, {**meta, "limit": repr(limit)})
         return next((e["validation"]["accuracy"] for e in past if e["step"] == step), None)
 
     if validate is not None and (ckpt.is_file() or finished) and not history(run):
